@@ -1,0 +1,30 @@
+"""mm1-mlx: an MM1-style multimodal LLM in MLX.
+
+Importing this package binds an optimized BLAS for MLX's Linux CPU backend before ``mlx.core``
+loads (see ``backend.py``); it is the package's only import-time action.
+"""
+
+from .backend import backend_info, bind_blas
+
+bind_blas()
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "checkpoint",
+    "save": "checkpoint",
+    "generate": "generate",
+    "stream_generate": "generate",
+}
+
+
+def __getattr__(name):
+    # heavy modules (tokenizers, transformers) load on first use, not on `import mm1_mlx`
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'mm1_mlx' has no attribute {name!r}")
+
+
+__all__ = ["backend_info", "load", "save", "generate", "stream_generate", "__version__"]

@@ -1,0 +1,132 @@
+"""Dataclass configs for the encoder, connector and decoder, stored in a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, params: dict):
+        """Build from a dict, ignoring keys this config does not know."""
+        known = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VisionConfig(_FromDict):
+    """A CLIP- or SigLIP-style ViT. Field names follow transformers' CLIPVisionConfig."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224  # the resolution images are encoded at
+    pretrain_image_size: int | None = None  # grid the position embeddings hold (interpolated if differs)
+    patch_size: int = 16
+    hidden_act: str = "quick_gelu"  # quick_gelu (CLIP/OpenAI), gelu (DFN/OpenCLIP), gelu_pytorch_tanh
+    layer_norm_eps: float = 1e-5
+    class_token: bool = True  # CLIP has one, SigLIP does not
+    pre_layernorm: bool = True  # CLIP's pre_layrnorm; SigLIP has none
+    patch_bias: bool = False  # CLIP's conv has no bias, SigLIP's has
+    post_layernorm: bool = False  # apply the final LayerNorm to the features (SigLIP, last layer)
+    feature_layer: int = -2  # hidden state fed to the connector (-2 = penultimate, as LLaVA/MM1)
+    keep_class_token: bool = False  # pass the class token on to the connector
+
+    def __post_init__(self):
+        if self.pretrain_image_size is None:
+            self.pretrain_image_size = self.image_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ConnectorConfig(_FromDict):
+    """The vision-language connector that maps patch features to image tokens."""
+
+    type: str = "c-abstractor"  # c-abstractor | avg-pool | attention-pool | mlp
+    num_image_tokens: int = 144  # for mlp: one token per patch (set from the encoder)
+    hidden_size: int = 1024  # internal width of the c-abstractor / attention pool
+    depth: int = 3  # residual blocks before and after pooling (c-abstractor)
+    mlp_depth: int = 2  # readout layers
+    num_heads: int = 8  # attention-pool
+    hidden_act: str = "silu"  # readout activation (gelu for LLaVA's mlp projector)
+    bias: bool = True
+
+
+@dataclass
+class TextConfig(_FromDict):
+    """A Llama-style decoder, optionally with MoE FFNs. Names follow transformers' Llama/Mixtral."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_traditional: bool = False
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm on per-head q and k (Qwen3, OLMoE)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    # mixture of experts: every `moe_every`-th layer (counting from 1) is sparse when num_experts > 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_every: int = 1
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights (Mixtral) or not (Qwen2-MoE)
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and (i + 1) % self.moe_every == 0
+
+
+@dataclass
+class ModelConfig(_FromDict):
+    """The whole model; written to and read from config.json."""
+
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    connector_config: ConnectorConfig = field(default_factory=ConnectorConfig)
+    text_config: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = 32000
+    model_type: str = "mm1"
+    name: str = "mm1"
+    quantization: dict | None = None  # per-module quantization, see quantize.py
+
+    def __post_init__(self):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        if isinstance(self.connector_config, dict):
+            self.connector_config = ConnectorConfig.from_dict(self.connector_config)
+        if isinstance(self.text_config, dict):
+            self.text_config = TextConfig.from_dict(self.text_config)
+        if self.connector_config.type == "mlp":  # one token per patch
+            vc = self.vision_config
+            self.connector_config.num_image_tokens = vc.num_patches + int(vc.keep_class_token)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector_config.num_image_tokens

@@ -1,0 +1,143 @@
+"""The image encoder: a CLIP- or SigLIP-style ViT. Input (N, H, W, 3) channels-last, normalized."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import VisionConfig
+
+
+def activation(name: str):
+    return {
+        "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+        "gelu": nn.gelu,
+        "gelu_pytorch_tanh": nn.gelu_approx,
+        "gelu_tanh": nn.gelu_approx,
+        "silu": nn.silu,
+        "relu": nn.relu,
+    }[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: int, num_heads: int, bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dims // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims, bias=bias)
+        self.k_proj = nn.Linear(dims, dims, bias=bias)
+        self.v_proj = nn.Linear(dims, dims, bias=bias)
+        self.out_proj = nn.Linear(dims, dims, bias=bias)
+
+    def __call__(self, x: mx.array, kv: mx.array | None = None) -> mx.array:
+        kv = x if kv is None else kv
+        B, L, D = x.shape
+        S = kv.shape[1]
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(kv).reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(kv).reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, nh, L, hs)
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.act = activation(config.hidden_act)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.self_attn = Attention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+def interpolate_grid(pos: mx.array, src: int, dst: int) -> mx.array:
+    """Resize (src*src, D) grid position embeddings to (dst*dst, D), bicubic as MM1's SFT does."""
+    D = pos.shape[-1]
+    grid = pos.reshape(1, src, src, D)
+    up = nn.Upsample(scale_factor=dst / src, mode="cubic", align_corners=False)(grid)
+    return up[:, :dst, :dst].reshape(dst * dst, D)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, D, config.patch_size, stride=config.patch_size,
+            bias=config.patch_bias,
+        )
+        if config.class_token:
+            self.class_embedding = mx.zeros((D,))
+        grid = config.pretrain_image_size // config.patch_size
+        self.position_embedding = nn.Embedding(grid * grid + int(config.class_token), D)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        x = self.patch_embedding(pixels)  # (N, h, w, D)
+        N, h, w, D = x.shape
+        x = x.reshape(N, h * w, D)
+        pos = self.position_embedding.weight
+        cls_pos, patch_pos = (pos[:1], pos[1:]) if self.config.class_token else (None, pos)
+        src = int(math.isqrt(patch_pos.shape[0]))
+        if h != src or w != src:
+            if h != w:
+                raise ValueError(f"expected square images, got a {h}x{w} patch grid")
+            patch_pos = interpolate_grid(patch_pos, src, h)
+        x = x + patch_pos.astype(x.dtype)
+        if self.config.class_token:
+            cls = mx.broadcast_to(self.class_embedding + cls_pos[0], (N, 1, D)).astype(x.dtype)
+            x = mx.concatenate([cls, x], axis=1)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = layers
+
+
+class VisionModel(nn.Module):
+    """ViT returning the hidden state of ``config.feature_layer``: (N, num_patches[+1], D)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        if config.pre_layernorm:
+            self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        n = config.num_hidden_layers
+        # layers past the feature layer never run, so they are not built
+        used = n + 1 + config.feature_layer if config.feature_layer < 0 else config.feature_layer
+        if not 0 < used <= n:
+            raise ValueError(f"feature_layer {config.feature_layer} out of range for {n} layers")
+        self.encoder = Encoder([EncoderLayer(config) for _ in range(used)])
+        if config.post_layernorm:
+            self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        x = self.embeddings(pixels)
+        if self.config.pre_layernorm:
+            x = self.pre_layrnorm(x)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        if self.config.post_layernorm:
+            x = self.post_layernorm(x)
+        if self.config.class_token and not self.config.keep_class_token:
+            x = x[:, 1:]
+        return x
