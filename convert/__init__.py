@@ -1,0 +1,11 @@
+"""Converters from PyTorch / Hugging Face / OpenCLIP weights to mm1-mlx checkpoints.
+
+``python -m convert --hf-path llava-hf/llava-1.5-7b-hf --mlx-path out`` converts a whole LLaVA
+model; ``--vision PATH --text PATH --connector c-abstractor`` assembles an MM1-style model from
+parts with a freshly initialised connector (optionally upcycling the decoder into an MoE).
+"""
+
+from .assemble import convert
+from .weights import convert_weights, upcycle_experts
+
+__all__ = ["convert", "convert_weights", "upcycle_experts"]

@@ -1,0 +1,59 @@
+"""CLI: ``python -m convert --hf-path PATH_OR_REPO --mlx-path OUT`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import mm1_mlx  # noqa: F401  (binds the BLAS before mlx.core loads)
+from mm1_mlx.errors import cli_errors
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a LLaVA model, or assemble a vision tower and a decoder, into an "
+                    "mm1-mlx checkpoint.")
+    p.add_argument("--hf-path", help="LLaVA (LlavaForConditionalGeneration) directory or hub id")
+    p.add_argument("--vision", help="vision tower: HF CLIP/SigLIP or OpenCLIP directory or hub id")
+    p.add_argument("--text", help="decoder: HF Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/OLMoE")
+    p.add_argument("--mlx-path", required=True, help="output checkpoint directory")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype (default: the source's, else float16)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--connector", default="c-abstractor",
+                   choices=["c-abstractor", "avg-pool", "attention-pool", "mlp"],
+                   help="fresh connector for --vision/--text assembly")
+    p.add_argument("--image-tokens", type=int, default=144, help="image tokens per image")
+    p.add_argument("--connector-hidden", type=int, help="connector width (default: the tower's)")
+    p.add_argument("--feature-layer", type=int, default=-2,
+                   help="vision hidden state fed to the connector (default: penultimate)")
+    p.add_argument("--upcycle-experts", type=int, default=0, metavar="E",
+                   help="turn dense FFNs into E-expert MoE layers (copies of the FFN)")
+    p.add_argument("--moe-every", type=int, default=1, metavar="K",
+                   help="with --upcycle-experts: every K-th layer becomes MoE")
+    p.add_argument("--top-k", type=int, default=2, help="with --upcycle-experts: experts per token")
+    p.add_argument("--seed", type=int, default=0, help="seed for freshly initialised weights")
+    return p
+
+
+@cli_errors
+def main(argv=None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    if args.hf_path and (args.vision or args.text):
+        setup_arg_parser().error("--hf-path cannot be combined with --vision/--text")
+    from .assemble import convert
+
+    out = convert(
+        args.mlx_path, hf_path=args.hf_path, vision=args.vision, text=args.text,
+        connector=args.connector, image_tokens=args.image_tokens,
+        connector_hidden=args.connector_hidden, feature_layer=args.feature_layer,
+        dtype=args.dtype, q_bits=args.q_bits if args.quantize else None,
+        q_group_size=args.q_group_size, upcycle=args.upcycle_experts,
+        moe_every=args.moe_every, top_k=args.top_k, seed=args.seed)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

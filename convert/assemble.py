@@ -1,0 +1,198 @@
+"""The conversion pipeline: sources -> config + converted weights -> model -> checkpoint on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from mm1_mlx.checkpoint import save
+from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.errors import MM1Error
+from mm1_mlx.model import Model
+
+from . import configs, preprocess
+from .sources import read_json, read_weights, resolve, weight_files
+from .weights import convert_weights, upcycle_experts
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclasses.dataclass
+class Source:
+    """What one input contributes: config, raw tensors (under our top-level prefix), tokenizer."""
+
+    weights: dict
+    vision: VisionConfig | None = None
+    text: TextConfig | None = None
+    model: ModelConfig | None = None
+    tokenizer: object = None
+    image_settings: object = None
+    dtype: str | None = None
+
+
+def source_dtype(cfg: dict) -> str | None:
+    for c in (cfg, cfg.get("text_config") or {}):
+        d = c.get("dtype") or c.get("torch_dtype")
+        if d in DTYPES:
+            return d
+    return None
+
+
+def model_config_json(path: Path) -> dict:
+    cfg = read_json(path, "config.json")
+    if cfg is None:
+        raise MM1Error(f"{path} has no config.json")
+    return cfg
+
+
+def llava_source(path: Path) -> Source:
+    cfg = model_config_json(path)
+    if cfg.get("model_type") != "llava":
+        raise MM1Error(f"--hf-path expects a LLaVA model (model_type 'llava'), {path} is "
+                       f"{cfg.get('model_type')!r}; build other models with --vision and --text")
+    tok = preprocess.load_tokenizer(path)
+    tok_id = preprocess.image_token_id(tok)
+    cfg_id = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if cfg_id is not None and cfg_id != tok_id:
+        raise MM1Error(f"the model's image_token_index {cfg_id} is not the tokenizer's <image> "
+                       f"id {tok_id}")
+    config = configs.llava_config(cfg, tok_id)
+    settings = preprocess.image_settings(path, config.vision_config)
+    return Source(read_weights(path), model=config, tokenizer=tok, image_settings=settings,
+                  dtype=source_dtype(cfg))
+
+
+def vision_source(path: Path, feature_layer: int) -> Source:
+    oc = read_json(path, "open_clip_config.json") if path.is_dir() else None
+    if oc is not None:
+        vc = configs.openclip_vision_config(oc)
+        files = sorted(glob.glob(str(path / "open_clip*.safetensors"))) or sorted(
+            glob.glob(str(path / "open_clip*.bin")))
+        raw = {}
+        for f in files or weight_files(path):
+            raw.update(read_weights(Path(f)))
+        dtype = None
+    else:
+        cfg = model_config_json(path)
+        vc = configs.hf_vision_config(cfg)
+        raw, dtype = read_weights(path), source_dtype(cfg)
+    vc.feature_layer = feature_layer
+    return Source({"vision_tower." + k: v for k, v in raw.items()}, vision=vc,
+                  image_settings=preprocess.image_settings(path, vc), dtype=dtype)
+
+
+def text_source(path: Path) -> Source:
+    cfg = model_config_json(path)
+    raw = read_weights(path)
+    # a bare decoder (LlamaModel) has no "model." prefix
+    prefix = "language_model." if any(k.startswith("model.") for k in raw) else \
+        "language_model.model."
+    return Source({prefix + k: v for k, v in raw.items()}, text=configs.text_config(cfg),
+                  tokenizer=preprocess.load_tokenizer(path), dtype=source_dtype(cfg))
+
+
+def pad_vocab(weights: dict, size: int) -> dict:
+    """Grow embed_tokens / lm_head with zero rows so an added token (``<image>``) has an id."""
+    out = dict(weights)
+    for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        if k in out and out[k].shape[0] < size:
+            w = out[k]
+            out[k] = mx.concatenate([w, mx.zeros((size - w.shape[0], w.shape[1]), w.dtype)])
+    return out
+
+
+def quantize(model: Model, bits: int, group_size: int) -> None:
+    """Quantize the decoder; record ``config.quantization`` for loading."""
+    try:
+        from mm1_mlx.quantize import quantize_model_config
+    except ImportError:
+        quantize_model_config = None
+    if quantize_model_config is not None:
+        quantize_model_config(model, bits=bits, group_size=group_size)
+        return
+    # fallback (mlx-lm's format): defaults plus False for every quantizable module left in float
+    def fits(_, m):
+        return hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model.language_model, group_size=group_size, bits=bits, class_predicate=fits)
+    q = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, m in model.named_modules():
+        if hasattr(m, "to_quantized") and not isinstance(
+                m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            q[path] = False
+    model.config.quantization = q
+
+
+def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
+                     hidden: int | None) -> ConnectorConfig:
+    return ConnectorConfig(type=kind, num_image_tokens=image_tokens,
+                           hidden_size=hidden or vision.hidden_size,
+                           num_heads=vision.num_attention_heads,
+                           hidden_act="gelu" if kind == "mlp" else "silu")
+
+
+def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None,
+            text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
+            connector_hidden: int | None = None, feature_layer: int = -2,
+            dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
+            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
+    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts."""
+    if hf_path:
+        src = llava_source(resolve(hf_path))
+        config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
+            src.image_settings, ()
+        dtype = dtype or src.dtype
+    else:
+        if not (vision and text):
+            raise MM1Error("give --hf-path (a LLaVA model) or both --vision and --text")
+        vs, ts = vision_source(resolve(vision), feature_layer), text_source(resolve(text))
+        tok, settings, raw, fresh = ts.tokenizer, vs.image_settings, {**vs.weights, **ts.weights}, \
+            ("connector.",)
+        config = ModelConfig(
+            vision_config=vs.vision, text_config=ts.text,
+            image_token_id=preprocess.image_token_id(tok),
+            connector_config=connector_config(connector, image_tokens, vs.vision, connector_hidden),
+            name=f"{Path(vision).name}+{Path(text).name}")
+        dtype = dtype or ts.dtype
+    dtype = dtype or "float16"
+    if dtype not in DTYPES:
+        raise MM1Error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if upcycle and config.text_config.num_experts:
+        raise MM1Error("--upcycle-experts needs a dense decoder, this one is already MoE")
+
+    weights = convert_weights(raw, config, allow_missing=fresh)
+    del raw
+    if config.image_token_id >= config.text_config.vocab_size:
+        config.text_config.vocab_size = config.image_token_id + 1
+        weights = pad_vocab(weights, config.text_config.vocab_size)
+    if upcycle:
+        weights, config.text_config = upcycle_experts(weights, config.text_config, upcycle,
+                                                      moe_every, top_k, seed)
+    weights = convert_weights(weights, config, allow_missing=fresh)  # idempotent: re-checks
+
+    mx.random.seed(seed)
+    try:
+        model = Model(config)
+    except ValueError as e:
+        raise MM1Error(str(e)) from None
+    fresh_params = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(fresh)} \
+        if fresh else {}
+    weights = {**fresh_params, **weights}
+    target = DTYPES[dtype]
+    for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False):
+        v = weights[k]
+        weights[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+        mx.eval(weights[k])
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if q_bits:
+        quantize(model, q_bits, q_group_size)
+    model.eval()
+    processor = preprocess.build_processor(tok, settings, config.num_image_tokens)
+    return save(model, processor, mlx_path)

@@ -1,0 +1,110 @@
+"""Reading a Hugging Face / OpenCLIP source: local directory or hub id, config and weight files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mm1_mlx.errors import MM1Error
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.jinja", "*.model", "*.txt",
+                "*.tiktoken"]
+
+
+def resolve(path_or_repo: str) -> Path:
+    """A local directory (or weight file) or a Hugging Face hub id -> a local path."""
+    local = Path(path_or_repo).expanduser()
+    if local.exists():
+        return local
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise MM1Error(f"{path_or_repo} is neither a local path nor a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise MM1Error(f"{path_or_repo} is not a local path and could not be fetched from the "
+                       f"Hugging Face hub{offline}: {type(e).__name__}") from None
+
+
+def read_json(path: Path, name: str) -> dict | None:
+    f = path / name
+    if not f.exists():
+        return None
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise MM1Error(f"bad JSON in {f}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a source, preferring safetensors (an index names the shards)."""
+    if path.is_file():
+        return [path]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        idx = read_json(path, index)
+        if idx is not None:
+            names = sorted(set(idx.get("weight_map", {}).values()))
+            missing = [n for n in names if not (path / n).exists()]
+            if missing:
+                raise MM1Error(f"{path / index} names missing shard(s): {', '.join(missing)}")
+            return [path / n for n in names]
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
+        files = sorted(p for p in path.glob(pattern) if not p.name.startswith("training_args"))
+        if files:
+            return files
+    raise MM1Error(f"no weights (*.safetensors, *.bin, *.pt) in {path}")
+
+
+def _read_safetensors(f: Path) -> dict:
+    try:
+        return mx.load(str(f))
+    except Exception as e:
+        raise MM1Error(f"cannot read {f} (truncated or corrupt safetensors?): "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _torch_to_mx(t) -> mx.array:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    return mx.array(np.ascontiguousarray(t.numpy()))
+
+
+def _read_pickle(f: Path) -> dict:
+    """A PyTorch pickle, loaded with weights_only=True: a file that would run code is refused."""
+    import torch
+
+    try:
+        obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MM1Error(f"refusing to load {f}: it is not a plain weights file and unpickling it "
+                       f"could run code ({first[:160]})") from None
+    except Exception as e:
+        raise MM1Error(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e)}") \
+            from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MM1Error(f"{f} holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: _torch_to_mx(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_weights(path: Path) -> dict:
+    """All tensors of a source as MLX arrays, keyed by their original names."""
+    weights = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            weights.update(_read_safetensors(f))
+        else:
+            weights.update(_read_pickle(f))
+    return weights
