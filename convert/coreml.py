@@ -183,6 +183,8 @@ def save_package(mlmodel, path: Path) -> None:
 def export(model_path: str | None, out: str, precision: str = "float16",
            compression: str = "none", compute_units: str = "all", check: bool = True):
     """Export encoder + connector of ``model_path`` to ``out``; returns (MLModel, twin diff)."""
+    import mlx.core as mx
+
     from mm1_mlx import checkpoint
     from mm1_mlx.torch_twin import TWIN_CONNECTORS, build_twin
 
@@ -204,6 +206,9 @@ def export(model_path: str | None, out: str, precision: str = "float16",
     if settings.image_size != config.vision_config.image_size:
         raise MM1Error(f"processor image_size {settings.image_size} differs from the encoder's "
                        f"{config.vision_config.image_size}")
+    # the check compares float32 with float32 (a float16 checkpoint is upcast, exactly)
+    model.vision_tower.set_dtype(mx.float32)
+    model.connector.set_dtype(mx.float32)
     twin = build_twin(model, settings.image_mean, settings.image_std)
     diff = float("nan")
     if check:

@@ -1,0 +1,388 @@
+"""A PyTorch twin of the image encoder + connector, built from an MLX model's own weights.
+
+Used to export the encoder to Core ML (``convert/coreml.py`` traces it with ``torch.jit.trace``).
+Module and parameter names equal the MLX keys (``vision_tower.*``, ``connector.*``), so loading
+asserts every key and shape. The twin's input is an RGB image in [0, 1], (N, 3, H, W): the
+checkpoint's per-channel mean/std normalisation happens inside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mlx.utils import tree_flatten
+from torch import nn as tnn
+
+from .config import ConnectorConfig, ModelConfig, VisionConfig
+from .connector import pool_matrix
+from .errors import MM1Error
+from .vision import interpolate_grid
+
+TWIN_CONNECTORS = ("c-abstractor", "avg-pool", "attention-pool", "mlp")
+
+
+def activation(name: str):
+    # mirrors mm1_mlx.vision.activation: gelu is exact (erf), gelu_approx is the tanh form
+    return {
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+        "gelu": F.gelu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "relu": F.relu,
+    }[name]
+
+
+def layer_norm_2d(norm: tnn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of an (N, C, H, W) tensor."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+# ---- encoder ----
+class Attention(tnn.Module):
+    def __init__(self, dims: int, num_heads: int, bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dims // num_heads) ** -0.5
+        self.q_proj = tnn.Linear(dims, dims, bias=bias)
+        self.k_proj = tnn.Linear(dims, dims, bias=bias)
+        self.v_proj = tnn.Linear(dims, dims, bias=bias)
+        self.out_proj = tnn.Linear(dims, dims, bias=bias)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if kv is None else kv
+        B, L, D = x.shape
+        S = kv.shape[1]
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(kv).reshape(B, S, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(kv).reshape(B, S, self.num_heads, -1).transpose(1, 2)
+        w = torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)  # (B, nh, L, S)
+        return self.out_proj((w @ v).transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(tnn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.act = activation(config.hidden_act)
+        self.fc1 = tnn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = tnn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(tnn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.self_attn = Attention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm1 = tnn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = tnn.LayerNorm(config.hidden_size, eps=eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(tnn.Module):
+    """Patch conv + position embeddings, already resized to the export resolution."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.class_token = config.class_token
+        D, p = config.hidden_size, config.patch_size
+        self.patch_embedding = tnn.Conv2d(config.num_channels, D, p, stride=p,
+                                          bias=config.patch_bias)
+        if config.class_token:
+            self.class_embedding = tnn.Parameter(torch.zeros(D))
+        grid = config.image_size // p
+        self.position_embedding = tnn.Embedding(grid * grid + int(config.class_token), D)
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (N, h*w, D)
+        pos = self.position_embedding.weight
+        if not self.class_token:
+            return x + pos
+        x = x + pos[1:]
+        cls = (self.class_embedding + pos[0]).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1)
+
+
+class Encoder(tnn.Module):
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = tnn.ModuleList(layers)
+
+
+class VisionModel(tnn.Module):
+    def __init__(self, config: VisionConfig, num_layers: int):
+        super().__init__()
+        self.config = config
+        eps = config.layer_norm_eps
+        self.embeddings = Embeddings(config)
+        if config.pre_layernorm:
+            self.pre_layrnorm = tnn.LayerNorm(config.hidden_size, eps=eps)
+        self.encoder = Encoder([EncoderLayer(config) for _ in range(num_layers)])
+        if config.post_layernorm:
+            self.post_layernorm = tnn.LayerNorm(config.hidden_size, eps=eps)
+
+    def forward(self, pixels):
+        x = self.embeddings(pixels)
+        if self.config.pre_layernorm:
+            x = self.pre_layrnorm(x)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        if self.config.post_layernorm:
+            x = self.post_layernorm(x)
+        if self.config.class_token and not self.config.keep_class_token:
+            x = x[:, 1:]
+        return x
+
+
+# ---- connectors ----
+class AdaptivePool(tnn.Module):
+    """Adaptive average pooling as two constant matmuls (torch's bin edges, exact for any size)."""
+
+    def __init__(self, src: int, dst: int):
+        super().__init__()
+        self.register_buffer("pool", torch.from_numpy(pool_matrix(src, dst)), persistent=False)
+
+    def forward(self, x):  # (N, C, src, src) -> (N, C, dst, dst)
+        return self.pool @ x @ self.pool.T
+
+
+class ConvNorm(tnn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int = 1):
+        super().__init__()
+        self.conv = tnn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
+        self.norm = tnn.LayerNorm(cout, eps=1e-6)
+
+    def forward(self, x):
+        return layer_norm_2d(self.norm, self.conv(x))
+
+
+class SqueezeExcite(tnn.Module):
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.fc1 = tnn.Conv2d(dims, hidden, 1)
+        self.fc2 = tnn.Conv2d(hidden, dims, 1)
+
+    def forward(self, x):
+        s = x.mean(dim=(2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+class ResBlock(tnn.Module):
+    def __init__(self, cin: int, cout: int, groups: int = 1):
+        super().__init__()
+        self.conv1 = ConvNorm(cin, cout, 1)
+        self.conv2 = ConvNorm(cout, cout, 3, groups=groups)
+        self.se = SqueezeExcite(cout, max(1, cin // 4))
+        self.conv3 = ConvNorm(cout, cout, 1)
+        self.shortcut = ConvNorm(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = F.silu(self.conv1(x))
+        h = self.conv3(self.se(F.silu(self.conv2(h))))
+        skip = self.shortcut(x) if self.shortcut is not None else x
+        return F.silu(h + skip)
+
+
+class Readout(tnn.Module):
+    def __init__(self, cin: int, cout: int, depth: int, act: str, bias: bool = True):
+        super().__init__()
+        self.act = activation(act)
+        self.layers = tnn.ModuleList(
+            [tnn.Linear(cin if i == 0 else cout, cout, bias=bias) for i in range(depth)])
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        for layer in self.layers[1:]:
+            x = layer(self.act(x))
+        return x
+
+
+def to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, P, C) -> (N, C, side, side)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+class CAbstractor(tnn.Module):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
+                 groups: int = 1):
+        super().__init__()
+        self.grid = grid
+        C = config.hidden_size
+        self.stage1 = tnn.ModuleList(
+            [ResBlock(vision_dims if i == 0 else C, C, groups) for i in range(config.depth)])
+        self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
+        self.stage2 = tnn.ModuleList([ResBlock(C, C, groups) for _ in range(config.depth)])
+        self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias)
+
+    def forward(self, x):
+        x = to_grid(x, self.grid)
+        for block in self.stage1:
+            x = block(x)
+        x = self.pool(x)
+        for block in self.stage2:
+            x = block(x)
+        return self.readout(x.flatten(2).transpose(1, 2))  # (N, s*s, D)
+
+
+class AvgPool(tnn.Module):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
+                 groups: int = 1):
+        super().__init__()
+        self.grid = grid
+        self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
+        self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
+                               config.bias)
+
+    def forward(self, x):
+        x = self.pool(to_grid(x, self.grid))
+        return self.readout(x.flatten(2).transpose(1, 2))
+
+
+class AttentionPool(tnn.Module):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
+                 groups: int = 1):
+        super().__init__()
+        self.queries = tnn.Parameter(torch.zeros(config.num_image_tokens, vision_dims))
+        self.norm_q = tnn.LayerNorm(vision_dims)
+        self.norm_kv = tnn.LayerNorm(vision_dims)
+        self.attn = Attention(vision_dims, config.num_heads)
+        self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
+                               config.bias)
+
+    def forward(self, x):
+        q = self.norm_q(self.queries).expand(x.shape[0], -1, -1)
+        return self.readout(q + self.attn(q, self.norm_kv(x)))
+
+
+class MLPProjector(tnn.Module):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
+                 groups: int = 1):
+        super().__init__()
+        self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
+                               config.bias)
+
+    def forward(self, x):
+        return self.readout(x)
+
+
+CONNECTORS = {
+    "c-abstractor": CAbstractor,
+    "avg-pool": AvgPool,
+    "attention-pool": AttentionPool,
+    "mlp": MLPProjector,
+}
+
+
+class ImageEncoder(tnn.Module):
+    """RGB image in [0, 1], (N, 3, S, S) -> image tokens (N, T, D_text).
+
+    ``conv_groups``: groups of the c-abstractor's 3x3 convs, as the checkpoint's weights have them.
+    """
+
+    def __init__(self, config: ModelConfig, num_layers: int, image_mean, image_std,
+                 conv_groups: int = 1):
+        super().__init__()
+        vc, cc = config.vision_config, config.connector_config
+        if cc.type not in CONNECTORS:
+            raise MM1Error(f"connector {cc.type!r} has no PyTorch twin for export; supported: "
+                           f"{', '.join(TWIN_CONNECTORS)}")
+        mean = torch.tensor(image_mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        # (x - mean) / std as one multiply-add, folded into constants by the converter
+        self.register_buffer("scale", 1.0 / std, persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+        self.vision_tower = VisionModel(vc, num_layers)
+        grid = vc.image_size // vc.patch_size
+        self.connector = CONNECTORS[cc.type](cc, vc.hidden_size, config.text_config.hidden_size,
+                                             grid, conv_groups)
+
+    def forward(self, image):
+        return self.connector(self.vision_tower(image * self.scale + self.shift))
+
+
+# ---- weights ----
+def float_weights(module: nn.Module) -> dict[str, mx.array]:
+    """Flat float parameters of an MLX module, quantized layers dequantized to their weight."""
+    out = dict(tree_flatten(module.parameters()))
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            p = f"{name}." if name else ""
+            out[f"{p}weight"] = mx.dequantize(
+                m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                mode=getattr(m, "mode", "affine"))
+            out.pop(f"{p}scales", None)
+            out.pop(f"{p}biases", None)
+    return out
+
+
+def export_weights(model) -> dict[str, np.ndarray]:
+    """MLX model -> float32 numpy weights of ``vision_tower.*`` and ``connector.*``.
+
+    The position embeddings are resized to ``image_size`` here with MLX's own interpolation, so
+    the twin holds the exact table the MLX encoder uses at that resolution.
+    """
+    vc = model.config.vision_config
+    weights = {}
+    for prefix in ("vision_tower", "connector"):
+        for k, v in float_weights(getattr(model, prefix)).items():
+            weights[f"{prefix}.{k}"] = v
+    key = "vision_tower.embeddings.position_embedding.weight"
+    pos = weights[key]
+    cls, patch = (pos[:1], pos[1:]) if vc.class_token else (None, pos)
+    src, dst = math.isqrt(patch.shape[0]), vc.image_size // vc.patch_size
+    if src != dst:
+        patch = interpolate_grid(patch, src, dst)
+        weights[key] = patch if cls is None else mx.concatenate([cls, patch], axis=0)
+    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
+
+
+def load_twin_weights(twin: tnn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load MLX-layout weights by name; MLX convs (O, kh, kw, I) become torch's (O, I, kh, kw)."""
+    own = twin.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise MM1Error(f"weights do not fit the export graph: missing {missing[:5]}, "
+                       f"unexpected {extra[:5]}")
+    state = {}
+    for k, target in own.items():
+        w = weights[k].transpose(0, 3, 1, 2) if target.ndim == 4 else weights[k]
+        if tuple(w.shape) != tuple(target.shape):
+            raise MM1Error(f"{k}: shape {tuple(w.shape)} does not fit {tuple(target.shape)}")
+        state[k] = torch.from_numpy(np.ascontiguousarray(w))
+    twin.load_state_dict(state, strict=True)
+
+
+def build_twin(model, image_mean, image_std) -> ImageEncoder:
+    """The PyTorch twin (float32, eval mode) of ``model.vision_tower`` + ``model.connector``."""
+    weights = export_weights(model)
+    conv = weights.get("connector.stage1.0.conv2.conv.weight")  # MLX layout (O, kh, kw, I/groups)
+    groups = conv.shape[0] // conv.shape[-1] if conv is not None else 1
+    twin = ImageEncoder(model.config, len(model.vision_tower.encoder.layers), image_mean,
+                        image_std, groups)
+    load_twin_weights(twin, weights)
+    return twin.eval()
+
+
+def mlx_features(model, images01: np.ndarray, image_mean, image_std) -> np.ndarray:
+    """Reference: MLX encoder + connector on (N, S, S, 3) RGB images in [0, 1]."""
+    px = (images01 - np.asarray(image_mean, np.float32)) / np.asarray(image_std, np.float32)
+    feats = model.encode_images(mx.array(px.astype(np.float32))).astype(mx.float32)
+    return np.array(feats)
+
+
+def twin_features(twin: ImageEncoder, images01: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images01.transpose(0, 3, 1, 2), np.float32))
+        return twin(x).numpy()
