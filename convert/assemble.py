@@ -7,7 +7,6 @@ import glob
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
@@ -107,28 +106,6 @@ def pad_vocab(weights: dict, size: int) -> dict:
     return out
 
 
-def quantize(model: Model, bits: int, group_size: int) -> None:
-    """Quantize the decoder; record ``config.quantization`` for loading."""
-    try:
-        from mm1_mlx.quantize import quantize_model_config
-    except ImportError:
-        quantize_model_config = None
-    if quantize_model_config is not None:
-        quantize_model_config(model, bits=bits, group_size=group_size)
-        return
-    # fallback (mlx-lm's format): defaults plus False for every quantizable module left in float
-    def fits(_, m):
-        return hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
-
-    nn.quantize(model.language_model, group_size=group_size, bits=bits, class_predicate=fits)
-    q = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for path, m in model.named_modules():
-        if hasattr(m, "to_quantized") and not isinstance(
-                m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            q[path] = False
-    model.config.quantization = q
-
-
 def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                      hidden: int | None) -> ConnectorConfig:
     return ConnectorConfig(type=kind, num_image_tokens=image_tokens,
@@ -191,8 +168,10 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
         mx.eval(weights[k])
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if q_bits:
-        quantize(model, q_bits, q_group_size)
+    if q_bits:  # the decoder; records config.quantization (per-module) for loading
+        from mm1_mlx.quantize import quantize_model
+
+        quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()
     processor = preprocess.build_processor(tok, settings, config.num_image_tokens)
     return save(model, processor, mlx_path)
