@@ -34,7 +34,8 @@ def text_config(cfg: dict) -> TextConfig:
     if kind == "mixtral":
         moe = dict(num_experts=cfg["num_local_experts"], norm_topk_prob=True)
     elif kind in MOE:
-        moe = dict(num_experts=cfg["num_experts"], norm_topk_prob=cfg.get("norm_topk_prob", False),
+        moe = dict(num_experts=cfg.get("num_experts") or cfg["num_local_experts"],
+                   norm_topk_prob=cfg.get("norm_topk_prob", False),
                    moe_every=cfg.get("decoder_sparse_step", 1) or 1,
                    moe_intermediate_size=cfg.get("moe_intermediate_size"),
                    shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0)
@@ -54,6 +55,7 @@ def text_config(cfg: dict) -> TextConfig:
         # Qwen2 always has q/k/v biases; the others say so in attention_bias
         attention_bias=kind in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
         qk_norm=kind in ("qwen3", "qwen3_moe", "olmoe"),
+        qk_norm_full=kind == "olmoe",
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         num_experts_per_tok=cfg.get("num_experts_per_tok", 2),

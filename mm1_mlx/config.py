@@ -80,6 +80,7 @@ class TextConfig(_FromDict):
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     qk_norm: bool = False  # RMSNorm on per-head q and k (Qwen3, OLMoE)
+    qk_norm_full: bool = False  # the q/k RMSNorm spans all heads jointly (OLMoE), not each head
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     # mixture of experts: every `moe_every`-th layer (counting from 1) is sparse when num_experts > 0

@@ -28,9 +28,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, D, bias=False)
+        self.qk_norm_full = args.qk_norm_full
         if args.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            full = args.qk_norm_full
+            self.q_norm = nn.RMSNorm(self.n_heads * hd if full else hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.n_kv_heads * hd if full else hd, eps=args.rms_norm_eps)
         self.rope = initialize_rope(
             hd, args.rope_theta, args.rope_traditional, args.rope_scaling,
             args.max_position_embeddings,
@@ -38,10 +40,13 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if "q_norm" in self and self.qk_norm_full:  # OLMoE: one norm over all heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if "q_norm" in self:
+        if "q_norm" in self and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, nh, L, hd)
         offset = cache.offset if cache is not None else 0

@@ -119,15 +119,23 @@ def save_vision(path, tower="clip"):
 
 
 def decoder(kind):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MixtralConfig,
-        MixtralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    import transformers as t
 
+    moe = dict(num_experts=4, num_experts_per_tok=2)
+    others = {
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**TEXT)),
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**TEXT, head_dim=16)),
+        "qwen2_moe": lambda: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(
+            **TEXT, **moe, moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+        "qwen3_moe": lambda: t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(
+            **TEXT, **moe, moe_intermediate_size=32, norm_topk_prob=True)),
+        "olmoe": lambda: t.OlmoeForCausalLM(t.OlmoeConfig(**TEXT, **moe)),
+    }
+    if kind in others:
+        return seeded(others[kind])
+    LlamaConfig, LlamaForCausalLM = t.LlamaConfig, t.LlamaForCausalLM
+    MixtralConfig, MixtralForCausalLM = t.MixtralConfig, t.MixtralForCausalLM
+    Qwen2Config, Qwen2ForCausalLM = t.Qwen2Config, t.Qwen2ForCausalLM
     if kind == "llama":
         return seeded(lambda: LlamaForCausalLM(LlamaConfig(**TEXT, rope_theta=5000.0)))
     if kind == "qwen2":
@@ -193,7 +201,8 @@ def test_vision_hidden_state_parity(tmp_path, tower):
         assert rel_err(ours, out.last_hidden_state) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "mistral", "qwen3", "qwen2_moe",
+                                  "qwen3_moe", "olmoe"])
 def test_decoder_logit_parity(kind):
     hf = decoder(kind)
     tc = text_config(hf.config.to_dict())
