@@ -1,0 +1,293 @@
+"""Train an MM1-style model from scratch on shapes world: pre-training then SFT.
+
+``python -m mm1_mlx.train --recipe tiny`` reproduces the shipped ``mm1-tiny`` (``tiny-moe`` the MoE
+one). Pre-training uses MM1's data mix (45% interleaved, 45% captions, 10% text-only) with loss on
+text tokens only (plus MoE auxiliary losses); SFT trains on chat conversations with loss on the
+assistant's tokens. State is saved atomically every ``--save-every`` steps; rerunning the same
+command resumes where it stopped. Data is a pure function of (seed, stage, step), so a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from . import data
+from .checkpoint import WEIGHTS_DIR, atomic_dir, save
+from .config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from .errors import MM1Error, cli_errors
+from .model import Model
+from .processor import ImageSettings, Processor
+from .tokenizer import train_tokenizer
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    pretrain_steps: int
+    sft_steps: int
+    batch_size: int = 16
+    learning_rate: float = 1.5e-3
+    sft_learning_rate: float = 8e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only
+    image: ImageSettings = field(default_factory=lambda: ImageSettings(
+        image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resize_mode="pad",
+        pad_color=[255, 255, 255]))
+    seed: int = 0
+    vocab_size: int = 640
+
+
+def tiny_config(moe: bool = False) -> ModelConfig:
+    text = dict(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                tie_word_embeddings=True, rope_theta=10000.0)
+    if moe:  # same active FFN size: top-2 of 4 experts of half width, every other layer
+        text.update(num_experts=4, num_experts_per_tok=2, moe_every=2, moe_intermediate_size=256)
+    return ModelConfig(
+        vision_config=VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                                   num_attention_heads=4, image_size=96, patch_size=12,
+                                   hidden_act="quick_gelu", feature_layer=-2),
+        connector_config=ConnectorConfig(type="c-abstractor", num_image_tokens=16,
+                                         hidden_size=128, depth=1, mlp_depth=2),
+        text_config=TextConfig(**text),
+        name="mm1-tiny-moe" if moe else "mm1-tiny",
+    )
+
+
+RECIPES = {
+    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=500, sft_steps=900),
+    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=500,
+                               sft_steps=900),
+    "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
+                            batch_size=8, warmup=4, learning_rate=3e-3),
+}
+
+
+# ---- batches ----
+def example(processor: Processor, rng: random.Random, stage: str, mix) -> tuple[list, list, list]:
+    """(ids, loss mask, prepared images) of one sample."""
+    if stage == "pretrain":
+        _, text, imgs = data.pretrain_sample(rng, mix)
+        prepared = [processor.prepare_image(im, max_tiles=1) for im in imgs]
+        ids = processor.tokenize(text, prepared) + [processor.tokenizer.eos_token_id]
+        mask = [i != processor.image_token_id for i in ids]
+        return ids, mask, prepared
+    msgs, imgs = data.sft_sample(rng)
+    prepared = [processor.prepare_image(im, max_tiles=1) for im in imgs]
+    ids, mask = processor.encode_conversation(msgs, prepared)
+    return ids, mask, prepared
+
+
+def make_batch(processor: Processor, recipe: Recipe, stage: str, step: int):
+    rng = random.Random(f"{recipe.seed}:{stage}:{step}")
+    samples = [example(processor, rng, stage, recipe.mix) for _ in range(recipe.batch_size)]
+    L = max(len(s[0]) for s in samples)
+    pad = processor.tokenizer.pad_token_id
+    ids = np.full((len(samples), L), pad, dtype=np.int32)
+    mask = np.zeros((len(samples), L), dtype=bool)
+    pixels = []
+    for b, (i, m, prepared) in enumerate(samples):
+        ids[b, : len(i)] = i
+        mask[b, : len(m)] = m
+        pixels += [p.pixels for p in prepared]
+    px = np.concatenate(pixels) if pixels else None
+    return ids, mask, px
+
+
+def prefetch(fn, steps, depth: int = 3):
+    """Build batches in a background thread (image drawing overlaps the training step)."""
+    q: queue.Queue = queue.Queue(depth)
+
+    def work():
+        for s in steps:
+            q.put((s, fn(s)))
+        q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not None:
+        yield item
+
+
+def loss_fn(model: Model, ids, mask, pixels):
+    logits, aux = model(ids[:, :-1], pixels)
+    targets, m = ids[:, 1:], mask[:, 1:]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * m
+    ntok = m.sum()
+    return ce.sum() / ntok + aux, ntok
+
+
+def schedule(recipe: Recipe, stage: str, total: int):
+    peak = recipe.learning_rate if stage == "pretrain" else recipe.sft_learning_rate
+    warm = optim.linear_schedule(0.0, peak, recipe.warmup)
+    cos = optim.cosine_decay(peak, max(1, total - recipe.warmup), end=0.1 * peak)
+    return optim.join_schedules([warm, cos], [recipe.warmup])
+
+
+# ---- state ----
+def save_state(run: Path, model: Model, opt, stage: str, step: int, losses: list) -> None:
+    with atomic_dir(run / "state") as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step,
+                                                       "losses": losses}))
+
+
+def load_state(run: Path, model: Model) -> tuple[str, int, list, dict | None]:
+    """(stage, step, losses, optimizer state) of the last complete save, or a fresh start."""
+    state = run / "state"
+    if not (state / "progress.json").exists():
+        return "pretrain", 0, [], None
+    model.load_weights(str(state / "model.safetensors"))
+    opt_state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
+    p = json.loads((state / "progress.json").read_text())
+    return p["stage"], p["step"], [tuple(x) for x in p["losses"]], opt_state
+
+
+def plot_losses(losses: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage, color in (("pretrain", "tab:blue"), ("sft", "tab:orange")):
+        pts = [(i, l) for i, (s, l) in enumerate(losses) if s == stage]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, color=color, label=stage, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def setup_processor(run: Path, recipe: Recipe) -> Processor:
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        texts = data.corpus_text(random.Random(f"{recipe.seed}:tokenizer"), 1500)
+        tok = train_tokenizer(texts, recipe.vocab_size)
+        with atomic_dir(tok_dir) as tmp:
+            tok.save_pretrained(str(tmp))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    return Processor(tok, recipe.image, recipe.model.num_image_tokens)
+
+
+def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = None,
+          quiet: bool = False) -> tuple[Model, Processor, list]:
+    mx.random.seed(recipe.seed)
+    run.mkdir(parents=True, exist_ok=True)
+    processor = setup_processor(run, recipe)
+    cfg = recipe.model
+    cfg.image_token_id = processor.image_token_id
+    cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
+    model = Model(cfg)
+    stage, start, losses, opt_state = load_state(run, model)
+    stages = [("pretrain", recipe.pretrain_steps), ("sft", recipe.sft_steps)]
+    names = [n for n, _ in stages]
+    for name, total in stages[names.index(stage):]:
+        opt = optim.AdamW(learning_rate=schedule(recipe, name, total),
+                          weight_decay=recipe.weight_decay)
+        if name == stage and opt_state is not None:
+            opt.state = opt_state
+        else:
+            start = 0
+        model.train()
+        step_fn = nn.value_and_grad(model, loss_fn)
+        bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
+                   dynamic_ncols=True)
+        t0, ntoks = time.perf_counter(), 0
+        for step, (ids, mask, px) in prefetch(
+                lambda s, n=name: make_batch(processor, recipe, n, s), range(start, total)):
+            (loss, ntok), grads = step_fn(model, mx.array(ids), mx.array(mask),
+                                          None if px is None else mx.array(px))
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state, loss)
+            losses.append((name, loss.item()))
+            ntoks += int(ntok.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.learning_rate.item():.1e}",
+                            tok_s=f"{ntoks / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+            if (step + 1) % save_every == 0 or step + 1 == total:
+                save_state(run, model, opt, name, step + 1, losses)
+                plot_losses(losses, run / "loss.png", recipe.name)
+        bar.close()
+    model.eval()
+    if out is not None:
+        save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")})
+    return model, processor, losses
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an MM1-style model on shapes world.")
+    p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
+    p.add_argument("--run-dir", default=None, help="state and logs (default runs/RECIPE)")
+    p.add_argument("--out", default=None, help="final checkpoint (default RUN_DIR/model)")
+    p.add_argument("--install", action="store_true",
+                   help="also install the result as a bundled model in the package")
+    p.add_argument("--pretrain-steps", type=int)
+    p.add_argument("--sft-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mix", default=None,
+                   help="interleaved,captions,text-only fractions (default 0.45,0.45,0.10)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int)
+    return p
+
+
+@cli_errors
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    recipe = RECIPES[args.recipe]()
+    for k in ("pretrain_steps", "sft_steps", "batch_size", "seed"):
+        if getattr(args, k) is not None:
+            setattr(recipe, k, getattr(args, k))
+    if args.mix:
+        try:
+            mix = tuple(float(x) for x in args.mix.split(","))
+        except ValueError:
+            raise MM1Error(f"--mix takes three numbers, got {args.mix!r}") from None
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise MM1Error(f"--mix takes three non-negative fractions, got {args.mix!r}")
+        recipe.mix = mix
+    run = Path(args.run_dir or f"runs/{args.recipe}")
+    out = Path(args.out) if args.out else run / "model"
+    t = time.perf_counter()
+    train(recipe, run, args.save_every, out)
+    print(f"saved {out} in {(time.perf_counter() - t) / 60:.1f} min")
+    if args.install:
+        dst = WEIGHTS_DIR / recipe.name
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+        print(f"installed as {dst}")
+
+
+
+if __name__ == "__main__":
+    main()
