@@ -160,7 +160,10 @@ def stream_generate(model, processor, prompt, images=(), *, system: str | None =
 
     sampler = make_sampler(temperature, top_p=top_p if top_p < 1.0 else 0.0, min_p=min_p,
                            top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    # the image placeholder (and padding) must never be generated
+    banned = {processor.image_token_id, processor.tokenizer.pad_token_id} - {None}
+    processors = make_logits_processors(logit_bias={t: -1e9 for t in banned},
+                                        repetition_penalty=repetition_penalty)
     tokenizer = TokenizerWrapper(processor.tokenizer)
     detok = tokenizer.detokenizer
     detok.reset()
