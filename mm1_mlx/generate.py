@@ -91,6 +91,25 @@ def position_keys(ids: list[int], image_token_id: int, image_keys: list[str],
     return out
 
 
+def prefill(model, ids: list[int], features: mx.array | None, first_feature: int, kv,
+            image_token_id: int, step: int = PREFILL_STEP) -> mx.array:
+    """Run ``ids`` through the model in chunks, filling ``kv``; logits of the last chunk.
+
+    ``features`` holds one row per image token of the whole prompt; ``first_feature`` is the row of
+    the first image token in ``ids`` (the earlier ones are already in the cache).
+    """
+    used = first_feature
+    for pos in range(0, len(ids), step):
+        chunk = ids[pos:pos + step]
+        n_img = sum(1 for t in chunk if t == image_token_id)
+        f = features[used: used + n_img] if n_img else None
+        logits = model(mx.array(chunk)[None], cache=kv, image_features=f)
+        used += n_img
+        if pos + step < len(ids):
+            mx.eval([c.state for c in kv])
+    return logits
+
+
 def _peak_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -142,20 +161,8 @@ def stream_generate(model, processor, prompt, images=(), *, system: str | None =
     flat = mx.concatenate(feats) if feats else None
     img_before = sum(1 for k in keys[:start] if isinstance(k, tuple))
 
-    # prefill the new part of the prompt in chunks
     t_pre = time.perf_counter()
-    pos, used = start, img_before
-    while True:
-        end = min(len(ids), pos + PREFILL_STEP)
-        chunk = ids[pos:end]
-        n_img = sum(1 for t in chunk if t == processor.image_token_id)
-        f = flat[used: used + n_img] if n_img else None
-        logits = model(mx.array(chunk)[None], cache=kv, image_features=f)
-        used += n_img
-        pos = end
-        if pos == len(ids):
-            break
-        mx.eval([c.state for c in kv])
+    logits = prefill(model, ids[start:], flat, img_before, kv, processor.image_token_id)
     cache.keys = keys
 
     sampler = make_sampler(temperature, top_p=top_p if top_p < 1.0 else 0.0, min_p=min_p,

@@ -75,10 +75,16 @@ class Processor:
             raise MM1Error(f"{path} has no {PREPROCESSOR_FILE}")
         with open(pre) as f:
             cfg = json.load(f)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # AutoTokenizer grumbles about our config.json's model_type
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as e:
             raise MM1Error(f"cannot load the tokenizer in {path}: {e}".splitlines()[0]) from None
+        finally:
+            hf_logging.set_verbosity(level)
         return cls(tok, ImageSettings.from_dict(cfg), cfg["num_image_tokens"],
                    cfg.get("image_token", IMAGE_TOKEN))
 
