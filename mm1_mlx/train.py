@@ -96,18 +96,22 @@ def example(processor: Processor, rng: random.Random, stage: str, mix) -> tuple[
     return ids, mask, prepared
 
 
+def collate(samples: list[tuple[list, list]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss mask) pairs -> right-padded (B, L) int32 ids and bool mask (also used by lora)."""
+    L = max(len(i) for i, _ in samples)
+    ids = np.full((len(samples), L), pad, dtype=np.int32)
+    mask = np.zeros((len(samples), L), dtype=bool)
+    for b, (i, m) in enumerate(samples):
+        ids[b, : len(i)] = i
+        mask[b, : len(m)] = m
+    return ids, mask
+
+
 def make_batch(processor: Processor, recipe: Recipe, stage: str, step: int):
     rng = random.Random(f"{recipe.seed}:{stage}:{step}")
     samples = [example(processor, rng, stage, recipe.mix) for _ in range(recipe.batch_size)]
-    L = max(len(s[0]) for s in samples)
-    pad = processor.tokenizer.pad_token_id
-    ids = np.full((len(samples), L), pad, dtype=np.int32)
-    mask = np.zeros((len(samples), L), dtype=bool)
-    pixels = []
-    for b, (i, m, prepared) in enumerate(samples):
-        ids[b, : len(i)] = i
-        mask[b, : len(m)] = m
-        pixels += [p.pixels for p in prepared]
+    ids, mask = collate([(i, m) for i, m, _ in samples], processor.tokenizer.pad_token_id)
+    pixels = [p.pixels for _, _, prepared in samples for p in prepared]
     px = np.concatenate(pixels) if pixels else None
     return ids, mask, px
 

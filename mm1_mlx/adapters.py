@@ -1,0 +1,163 @@
+"""LoRA adapters on the decoder (mlx-lm's LoRA layers), saved and loaded as a small directory.
+
+An adapter directory holds ``adapters.safetensors`` (the LoRA matrices, plus the whole connector when
+it was trained) and ``adapter_config.json``, which records the LoRA settings and the base model's
+identity: its name and a hash of its architecture (every config field except the name and the
+quantization, so an adapter trained on a 4-bit base also loads on its float original and back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from .checkpoint import atomic_dir
+from .errors import MM1Error
+
+ADAPTERS_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+# decoder-layer modules that get LoRA: attention, dense MLP, MoE expert stacks, shared expert
+# (not the MoE router `mlp.gate`: a low-rank change there reshuffles experts for little gain)
+LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkvo"] + [
+    f"mlp.{pre}{p}_proj" for pre in ("", "switch_mlp.", "shared_expert.") for p in ("gate", "up",
+                                                                                  "down")]
+LORA_TYPES = (LoRALinear, LoRASwitchLinear)
+
+
+def base_identity(config) -> dict:
+    """The base model's name and a hash of its architecture (quantization excluded)."""
+    arch = {k: v for k, v in config.to_dict().items() if k not in ("name", "quantization")}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": config.name, "config_hash": digest}
+
+
+def lora_config(rank: int, alpha: float, dropout: float, num_layers: int, keys: list[str]) -> dict:
+    """mlx-lm's ``lora_parameters``; ``scale`` = alpha / rank as in the LoRA paper."""
+    return {"rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": dropout,
+            "keys": keys, "num_layers": num_layers}
+
+
+def apply_lora(model: nn.Module, params: dict) -> list[str]:
+    """Wrap the listed projections of the last ``num_layers`` decoder layers (-1 = all).
+
+    Returns the wrapped modules' paths. Quantized bases (QuantizedLinear / QuantizedSwitchLinear)
+    are wrapped as they are: QLoRA.
+    """
+    if any(isinstance(m, LORA_TYPES) for _, m in model.named_modules()):
+        raise MM1Error("the model already has LoRA layers (an adapter is loaded)")
+    layers = model.language_model.layers
+    n = params["num_layers"]
+    n = len(layers) if n < 0 else n
+    if not 0 < n <= len(layers):
+        raise MM1Error(f"--lora-layers must be -1 or 1..{len(layers)}, got {params['num_layers']}")
+    present = {k for layer in layers for k, _ in layer.named_modules()}
+    keys = [k for k in params["keys"] if k in present]
+    if not keys:
+        raise MM1Error(f"none of the LoRA target modules {params['keys']} is in the decoder")
+    linear_to_lora_layers(model, n, dict(params, keys=keys))
+    return [p for p, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+
+
+def trainable_weights(model: nn.Module) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def write_adapters(directory: Path, model: nn.Module, config: dict) -> None:
+    """adapters.safetensors (trainable parameters) + adapter_config.json into ``directory``."""
+    mx.save_safetensors(str(directory / ADAPTERS_FILE), trainable_weights(model),
+                        metadata={"format": "mlx"})
+    with open(directory / CONFIG_FILE, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def adapter_config(model: nn.Module, params: dict, train_connector: bool) -> dict:
+    return {"fine_tune_type": "lora", "num_layers": params["num_layers"], "lora_parameters": params,
+            "train_connector": train_connector, "base_model": base_identity(model.config)}
+
+
+def read_config(path: Path) -> dict:
+    try:
+        with open(path / CONFIG_FILE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MM1Error(f"{path} is not an adapter directory (no {CONFIG_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise MM1Error(f"bad {CONFIG_FILE} in {path}: {e}") from None
+
+
+def check_base(model: nn.Module, config: dict, path: Path) -> None:
+    want, have = config.get("base_model") or {}, base_identity(model.config)
+    if want != have:
+        raise MM1Error(f"adapter {path} was trained on {want.get('name')} "
+                       f"(config {want.get('config_hash')}), not on this model {have['name']} "
+                       f"(config {have['config_hash']})")
+
+
+def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module:
+    """Add the adapter's LoRA layers to ``model`` (unfused) and load its weights."""
+    path = Path(adapter_path).expanduser()
+    if not path.is_dir():
+        raise MM1Error(f"adapter directory not found: {path}")
+    config = read_config(path)
+    check_base(model, config, path)
+    if not (path / ADAPTERS_FILE).exists():
+        raise MM1Error(f"{path} has no {ADAPTERS_FILE}")
+    try:
+        weights = mx.load(str(path / ADAPTERS_FILE))
+    except Exception as e:
+        raise MM1Error(f"cannot read {path / ADAPTERS_FILE}: {e}".splitlines()[0]) from None
+    apply_lora(model, config["lora_parameters"])
+    params = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        ok = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") or name.startswith("connector.")
+        if not ok or name not in params:
+            raise MM1Error(f"adapter {path} holds {name}, which this model does not have")
+        if w.shape != params[name].shape:
+            raise MM1Error(f"adapter {path}: {name} has shape {tuple(w.shape)}, the model "
+                           f"{tuple(params[name].shape)}")
+    model.load_weights(list(weights.items()), strict=False)
+    return model
+
+
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
+    """Merge every LoRA layer into its base (re-quantized with the base's settings unless
+    ``dequantize``). Returns the number of layers fused."""
+    fused = [(p, m.fuse(dequantize=dequantize)) for p, m in model.named_modules()
+             if isinstance(m, LORA_TYPES)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def recover(path: str | os.PathLike) -> bool:
+    """Restore the last complete save if a kill hit between the two renames of ``atomic_dir``
+    (the directory is gone and only its ``.NAME.old.PID`` copy remains). Leftover partial temporary
+    directories are removed. Returns True when something was restored."""
+    path = Path(path).expanduser().resolve()
+    if not path.parent.is_dir():
+        return False
+    restored = False
+    olds = sorted(path.parent.glob(f".{path.name}.old.*"), key=lambda p: p.stat().st_mtime)
+    if not path.exists() and olds and (olds[-1] / CONFIG_FILE).exists():
+        os.replace(olds.pop(), path)
+        restored = True
+    for stale in olds + list(path.parent.glob(f".{path.name}.*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored
+
+
+def save_dir(path: str | os.PathLike):
+    """``atomic_dir`` for an adapter directory, refusing to replace a directory of other files."""
+    p = Path(path).expanduser()
+    if p.is_dir() and any(p.iterdir()) and not (p / CONFIG_FILE).exists():
+        raise MM1Error(f"{p} exists and is not an adapter directory; choose another --adapter-path")
+    return atomic_dir(p)

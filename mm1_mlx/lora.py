@@ -1,0 +1,451 @@
+"""LoRA / QLoRA fine-tuning of an MM1 model on image conversations, on one machine or several.
+
+    python -m mm1_mlx.lora --model M --data train.jsonl [--valid valid.jsonl] --adapter-path OUT
+    python -m mm1_mlx.lora --config lora.yaml          # same keys as the flags (dashes or underscores)
+    mlx.launch --backend ring -n 2 --python python -- -m mm1_mlx.lora ...   # data parallel
+
+LoRA wraps the decoder's attention and MLP projections (MoE expert stacks included); a quantized base
+gives QLoRA. ``--train-connector`` also trains the whole connector. The loss falls on the assistant's
+tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains on every text token, prompts
+included (never on image tokens). Bad records are reported as FILE:LINE and left out
+(``--on-bad-data skip``, the default) or stop the run before it starts (``fail``).
+
+Every ``--save-every`` steps the adapter directory is rewritten atomically: adapters.safetensors,
+adapter_config.json, training_state.safetensors (optimizer state, step, losses), training_log.json
+and loss.png. ``--resume`` continues from the last complete save, even after a kill mid-save. The
+data order and dropout masks are pure functions of (seed, step), so a resumed run takes the same
+steps as an uninterrupted one. With several processes, each takes its share of every global batch,
+gradients are averaged with ``mx.distributed`` and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from tqdm import tqdm
+
+from . import adapters, finetune_data
+from .errors import MM1Error, cli_errors
+from .train import collate, prefetch
+
+STATE_FILE = "training_state.safetensors"
+LOG_FILE = "training_log.json"
+
+
+@dataclass
+class TrainingArgs:
+    data: str | None = None  # training data (.json LLaVA / .jsonl)
+    model: str | None = None  # base checkpoint (default mm1-tiny); quantized -> QLoRA
+    valid: str | None = None
+    adapter_path: str = "adapters"
+    iters: int = 200
+    batch_size: int = 4  # global: split across processes
+    grad_accumulation: int = 1
+    learning_rate: float = 2e-4
+    lr_schedule: str = "cosine"  # cosine (to 10%) | constant
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    rank: int = 8
+    alpha: float = 16.0  # LoRA scale = alpha / rank
+    dropout: float = 0.0
+    lora_layers: int = -1  # the last N decoder layers; -1 = all
+    lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
+    train_connector: bool = False
+    grad_checkpoint: bool = False
+    mask_prompt: bool = True
+    max_length: int | None = None  # default: the decoder's max_position_embeddings
+    save_every: int = 100
+    steps_per_eval: int = 50
+    val_batches: int = 8  # -1 = the whole validation set
+    resume: bool = False
+    on_bad_data: str = "skip"  # skip | fail
+    dtype: str = "float32"  # compute dtype of the float parameters (float32 is fastest on CPU)
+    dequantize_base: bool = False  # compute with float copies of a quantized base (see --help)
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.data:
+            raise MM1Error("no training data: pass --data FILE")
+        for k in ("iters", "batch_size", "grad_accumulation", "rank", "save_every",
+                  "steps_per_eval"):
+            if getattr(self, k) < 1:
+                raise MM1Error(f"--{k.replace('_', '-')} must be at least 1")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise MM1Error(f"--lr-schedule takes cosine or constant, got {self.lr_schedule!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise MM1Error(f"--dtype takes float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 <= self.dropout < 1:
+            raise MM1Error(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+# ---- model ----
+def setup_model(args: TrainingArgs):
+    """(model with LoRA layers, processor, LoRA parameters); only adapters (+ connector) train."""
+    from .checkpoint import load
+    from .quantize import QUANTIZED, dequantize_model, is_quantized
+
+    model, processor = load(args.model)
+    if args.dequantize_base and is_quantized(model):
+        dequantize_model(model)  # same values as the 4-bit weights; adapters still fit the base
+    model.set_dtype(getattr(mx, args.dtype))  # float params; quantized weights stay packed
+    model.freeze()
+    mx.random.seed(args.seed)  # the same LoRA initialisation on every process
+    params = adapters.lora_config(args.rank, args.alpha, args.dropout, args.lora_layers,
+                                  list(args.lora_keys or adapters.LORA_KEYS))
+    adapters.apply_lora(model, params)
+    if args.train_connector:
+        if any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules()):
+            raise MM1Error("--train-connector needs a float connector; this one is quantized")
+        model.connector.unfreeze()
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.language_model.layers[0])  # recompute each layer in the backward
+    model.train()
+    return model, processor, params
+
+
+def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
+    """Summed token cross-entropy / ``ntok`` (the global batch's loss tokens) + weighted MoE aux."""
+    logits, aux = model(ids[:, :-1], pixels)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * mask[:, 1:]
+    return ce.sum() / ntok + aux_weight * aux
+
+
+def make_optimizer(args: TrainingArgs):
+    lr = args.learning_rate
+    if args.lr_schedule == "cosine":
+        lr = optim.cosine_decay(lr, max(1, args.iters - args.warmup), end=0.1 * lr)
+    if args.warmup:
+        warm = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: args.learning_rate)],
+                                  [args.warmup])
+    return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+
+
+# ---- batches ----
+def step_batches(ds, processor, args: TrainingArgs, step: int, rank: int, size: int):
+    """This process's micro-batches of global step ``step``, and the global counts of loss tokens
+    and of all tokens (every process computes them alike from the pre-tokenized data)."""
+    out, ntok, ntotal = [], 0, 0
+    share = args.batch_size // size
+    for k in range(args.grad_accumulation):
+        idx = finetune_data.batch_order(len(ds), step * args.grad_accumulation + k,
+                                        args.batch_size, args.seed)
+        ntok += sum(sum(ds[i].mask[1:]) for i in idx)
+        ntotal += sum(len(ds[i].ids) for i in idx)
+        mine = [ds[i] for i in idx[rank * share:(rank + 1) * share]]
+        ids, mask = collate([(e.ids, e.mask) for e in mine], processor.tokenizer.pad_token_id)
+        out.append((ids, mask, finetune_data.prepare_pixels(mine, processor)))
+    return out, ntok, ntotal
+
+
+def to_mx(ids, mask, px):
+    return mx.array(ids), mx.array(mask), None if px is None else mx.array(px)
+
+
+def validation_loss(model, ds, processor, args: TrainingArgs, group) -> float:
+    """Mean token cross-entropy over (the first ``val_batches`` batches of) the validation set."""
+    model.eval()
+    rank, size = group.rank(), group.size()
+    n = len(ds) if args.val_batches < 0 else min(len(ds), args.val_batches * args.batch_size)
+    total = mx.zeros((2,))
+    for start in range(0, n, args.batch_size):
+        part = list(range(start, min(n, start + args.batch_size)))[rank::size]
+        if not part:
+            continue
+        mine = [ds[i] for i in part]
+        ids, mask = collate([(e.ids, e.mask) for e in mine], processor.tokenizer.pad_token_id)
+        ids, mask, px = to_mx(ids, mask, finetune_data.prepare_pixels(mine, processor))
+        logits = model(ids[:, :-1], px)
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * mask[:, 1:]
+        total = total + mx.stack([ce.sum(), mask[:, 1:].sum().astype(mx.float32)])
+        mx.eval(total)
+    if size > 1:
+        total = mx.distributed.all_sum(total, group=group)
+    model.train()
+    return (total[0] / mx.maximum(total[1], 1)).item()
+
+
+# ---- saving ----
+def save(args: TrainingArgs, model, opt, adapter_cfg: dict, log: dict) -> None:
+    """Rewrite the adapter directory atomically (a kill leaves the previous save intact)."""
+    with adapters.save_dir(args.adapter_path) as tmp:
+        adapters.write_adapters(tmp, model, adapter_cfg)
+        state = {f"optimizer.{k}": v for k, v in tree_flatten(opt.state)}
+        meta = {"step": log["step"], "seed": args.seed, "rng": "mx.random.seed per step"}
+        mx.save_safetensors(str(tmp / STATE_FILE), state, metadata={"state": json.dumps(meta)})
+        (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
+        plot_losses(log, tmp / "loss.png")
+
+
+def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None:
+    """Restore adapters, optimizer state and log from the last complete save (None: nothing)."""
+    path = Path(args.adapter_path).expanduser()
+    adapters.recover(path)
+    if not (path / STATE_FILE).exists():
+        return None
+    saved = adapters.read_config(path)
+    adapters.check_base(model, saved, path)
+    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or \
+            saved.get("train_connector") != adapter_cfg["train_connector"]:
+        raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
+                       f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
+    model.load_weights(list(mx.load(str(path / adapters.ADAPTERS_FILE)).items()), strict=False)
+    state = mx.load(str(path / STATE_FILE))
+    opt.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in state.items()
+                                if k.startswith("optimizer.")])
+    return json.loads((path / LOG_FILE).read_text())
+
+
+def plot_losses(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train", dict(linewidth=0.8)), ("valid", dict(marker="o"))):
+        if log[key]:
+            x, y = zip(*log[key])
+            ax.plot(x, y, label=key, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(f"LoRA on {log['base_model']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def max_rss_bytes() -> int:
+    """Peak resident memory of this process (MLX's peak counts only its own buffers)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def report_problems(problems: list[str], name: str) -> None:
+    if not problems:
+        return
+    print(f"skipped {len(problems)} bad record(s) in the {name} data:", file=sys.stderr)
+    for p in problems[:10]:
+        print(f"  {p}", file=sys.stderr)
+    if len(problems) > 10:
+        print(f"  ... and {len(problems) - 10} more (all listed in {LOG_FILE})", file=sys.stderr)
+
+
+# ---- training ----
+def train(args: TrainingArgs, quiet: bool = False) -> dict:
+    """Fine-tune; returns the training log (losses, timing, peak memory, skipped records)."""
+    args.check()
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    if args.batch_size % size:
+        raise MM1Error(f"--batch-size {args.batch_size} must be a multiple of the "
+                       f"{size} processes")
+    if rank == 0 and not args.resume:
+        adapters.save_dir(args.adapter_path)  # refuse a directory of other files before training
+    model, processor, params = setup_model(args)
+    max_length = args.max_length or model.config.text_config.max_position_embeddings
+    train_ds, problems = finetune_data.load_dataset(args.data, processor, max_length,
+                                                    args.mask_prompt, args.on_bad_data)
+    valid_ds, vproblems = [], []
+    if args.valid:
+        valid_ds, vproblems = finetune_data.load_dataset(args.valid, processor, max_length,
+                                                         args.mask_prompt, args.on_bad_data)
+    if rank == 0 and not quiet:
+        report_problems(problems, "training")
+        report_problems(vproblems, "validation")
+    opt = make_optimizer(args)
+    adapter_cfg = adapters.adapter_config(model, params, args.train_connector)
+    log = {"base_model": model.config.name, "args": dataclasses.asdict(args), "processes": size,
+           "step": 0, "train": [], "valid": [], "skipped": problems + vproblems,
+           "trainable_parameters": sum(v.size for v in adapters.trainable_weights(model).values()),
+           "train_samples": len(train_ds), "valid_samples": len(valid_ds)}
+    if args.resume:
+        saved = load_state(args, model, opt, adapter_cfg)
+        if saved is not None:
+            log.update({k: saved[k] for k in ("step", "train", "valid", "seconds") if k in saved})
+        elif rank == 0 and not quiet:
+            print(f"nothing to resume in {args.adapter_path}; starting at step 0", file=sys.stderr)
+    mx.eval(model.parameters(), opt.state)
+    step_fn = nn.value_and_grad(model, loss_fn)
+    start, saved_step = log["step"], log["step"]
+    mx.reset_peak_memory()
+    bar = tqdm(total=args.iters, initial=start, desc="lora", disable=quiet or rank != 0,
+               dynamic_ncols=True)
+    t0, tokens, run_s = time.perf_counter(), 0, log.get("seconds", 0.0)
+    step = start
+    try:
+        for step, (micro, ntok, ntotal) in prefetch(
+                lambda s: step_batches(train_ds, processor, args, s, rank, size),
+                range(start, args.iters)):
+            mx.random.seed(args.seed * 1_000_003 + step * 101 + rank)  # dropout masks by step
+            grads, loss = None, mx.array(0.0)
+            for ids, mask, px in micro:
+                lval, g = step_fn(model, *to_mx(ids, mask, px), max(ntok, 1) / size,
+                                  1.0 / args.grad_accumulation)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss = loss + lval
+                mx.eval(grads, loss)
+            grads = nn.average_gradients(grads, group=group)
+            if size > 1:
+                loss = mx.distributed.all_sum(loss, group=group) / size
+            lv = loss.item()
+            if not math.isfinite(lv):  # before the update: the adapters never hold NaNs
+                raise MM1Error(f"the loss became {lv} at step {step + 1}; stopping "
+                               "(lower --learning-rate?)")
+            if args.max_grad_norm > 0:
+                grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state)
+            log["step"] = step + 1
+            log["train"].append((step + 1, round(lv, 5)))
+            tokens += ntotal
+            dt = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{lv:.3f}", tok_s=f"{tokens / dt:.0f}",
+                            lr=f"{opt.learning_rate.item():.1e}",
+                            mem=f"{mx.get_peak_memory() / 2**20:.0f}MB")
+            bar.update(1)
+            last = step + 1 == args.iters
+            if valid_ds and ((step + 1) % args.steps_per_eval == 0 or last):
+                vl = validation_loss(model, valid_ds, processor, args, group)
+                log["valid"].append((step + 1, round(vl, 5)))
+                if rank == 0 and not quiet:
+                    bar.write(f"step {step + 1}: validation loss {vl:.4f}")
+            if (step + 1) % args.save_every == 0 or last:
+                log.update(seconds=round(run_s + time.perf_counter() - t0, 2),
+                           peak_memory_gb=round(mx.get_peak_memory() / 1e9, 4),
+                           max_rss_gb=round(max_rss_bytes() / 1e9, 4),
+                           tokens_per_second=round(tokens / dt, 1))
+                if rank == 0:
+                    save(args, model, opt, adapter_cfg, log)
+                saved_step = step + 1
+    except BaseException:
+        # a crash or Ctrl-C mid-run keeps every finished step (never NaN weights: checked above)
+        if rank == 0 and log["step"] > saved_step:
+            save(args, model, opt, adapter_cfg, log)
+            print(f"\nstopped: adapters of step {log['step']} saved in {args.adapter_path}",
+                  file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    if log["step"] == start and rank == 0 and not quiet:
+        print(f"already trained for {start} steps (--iters {args.iters})", file=sys.stderr)
+    return log
+
+
+# ---- command line ----
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mm1_mlx.lora",
+                                description="LoRA / QLoRA fine-tuning of an MM1 model.")
+    p.add_argument("--config", default=None, help="YAML file of TrainingArgs (flags override it)")
+    p.add_argument("--model", help="base checkpoint (default mm1-tiny); a quantized one = QLoRA")
+    p.add_argument("--data", help="training data: LLaVA .json, or .jsonl of messages+images / "
+                                  "image+prompt+response")
+    p.add_argument("--valid", help="validation data (same formats)")
+    p.add_argument("--adapter-path", help="output adapter directory (default ./adapters)")
+    p.add_argument("--iters", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 4)")
+    p.add_argument("--grad-accumulation", type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--max-grad-norm", type=float, help="clip gradients (0 = off; default 1)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank (default 16)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    p.add_argument("--lora-layers", type=int, help="LoRA on the last N decoder layers (-1 = all)")
+    p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
+                   help="also train the whole connector")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in the backward pass (less memory)")
+    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,
+                   help="loss on assistant tokens only (default); --no-mask-prompt: all text")
+    p.add_argument("--max-length", type=int, help="longest sample in tokens (default: context)")
+    p.add_argument("--save-every", type=int, help="save adapters every N steps (default 100)")
+    p.add_argument("--steps-per-eval", type=int, help="validation every N steps (default 50)")
+    p.add_argument("--val-batches", type=int, help="validation batches (-1 = all; default 8)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                   help="continue from the last complete save in --adapter-path")
+    p.add_argument("--on-bad-data", choices=["skip", "fail"],
+                   help="skip bad records and report them (default) or stop before training")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dequantize-base", action=argparse.BooleanOptionalAction,
+                   help="train over float copies of a quantized base's weights: the same "
+                        "values, more memory, far faster on Linux CPU (MLX's CPU quantized "
+                        "matmul is ~20x slower than float); the adapters fit the quantized base")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def args_from(ns: argparse.Namespace) -> TrainingArgs:
+    """TrainingArgs from defaults <- YAML config <- command-line flags."""
+    values = {}
+    if ns.config:
+        import yaml
+
+        try:
+            with open(ns.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise MM1Error(f"bad YAML in {ns.config}: {str(e).splitlines()[0]}") from None
+        if not isinstance(cfg, dict):
+            raise MM1Error(f"{ns.config} must hold a mapping of training settings")
+        known = {f.name for f in dataclasses.fields(TrainingArgs)}
+        for k, v in cfg.items():
+            key = str(k).replace("-", "_")
+            if key not in known:
+                raise MM1Error(f"unknown setting {k!r} in {ns.config}")
+            values[key] = v
+    for f in dataclasses.fields(TrainingArgs):
+        v = getattr(ns, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    try:
+        return TrainingArgs(**values)
+    except TypeError as e:
+        raise MM1Error(f"bad training settings: {e}") from None
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # `kill` saves the finished steps like Ctrl-C does
+
+
+@cli_errors
+def main(argv=None) -> dict:
+    ns = setup_arg_parser().parse_args(argv)
+    args = args_from(ns)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        log = train(args, quiet=ns.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if mx.distributed.init().rank() == 0:
+        last = log["train"][-1][1] if log["train"] else float("nan")
+        val = f", validation loss {log['valid'][-1][1]:.4f}" if log["valid"] else ""
+        print(f"saved {args.adapter_path}: step {log['step']}, loss {last:.4f}{val}, "
+              f"{log.get('seconds', 0):.0f} s, peak memory {log.get('peak_memory_gb', 0):.3f} GB")
+    return log
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""LoRA fine-tuning: data formats, bad input, LoRA layers, training, adapters, resume after crashes."""
+
+import json
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_config, make_model
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+from PIL import Image
+
+from mm1_mlx import adapters, checkpoint, finetune_data, lora
+from mm1_mlx.errors import MM1Error
+
+COLORS = {"red": (230, 20, 20), "blue": (20, 40, 230), "green": (20, 170, 40),
+          "yellow": (240, 220, 10)}
+
+
+def write_images(directory: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n images of one coloured square each -> [(relative path, colour)]."""
+    rng = random.Random(seed)
+    (directory / "img").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        c = rng.choice(sorted(COLORS))
+        img = Image.new("RGB", (40, 40), (250, 250, 250))
+        img.paste(COLORS[c], (8, 8, 32, 32))
+        img.save(directory / "img" / f"{i}.png")
+        out.append((f"img/{i}.png", c))
+    return out
+
+
+def write_dataset(directory: Path, n: int = 16, seed: int = 0) -> Path:
+    """A plain image/prompt/response JSONL about square colours (words the test tokenizer knows)."""
+    path = directory / "train.jsonl"
+    with open(path, "w") as f:
+        for rel, c in write_images(directory, n, seed):
+            f.write(json.dumps({"image": rel, "prompt": "what color is the square ?",
+                                "response": f"it is {c} ."}) + "\n")
+    return path
+
+
+def small_args(ckpt, data, out, **kw) -> lora.TrainingArgs:
+    base = dict(model=str(ckpt), data=str(data), adapter_path=str(out), iters=6, batch_size=4,
+                learning_rate=3e-3, save_every=3, steps_per_eval=3)
+    return lora.TrainingArgs(**{**base, **kw})
+
+
+def logits_of(model, processor, image):
+    ids, px, _ = processor("what color is the square ?", [image])
+    return model(mx.array([ids]), mx.array(px))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+# ---- data ----
+def test_three_formats_read_the_same(tmp_path):
+    (rel, c), = write_images(tmp_path / "sub", 1)
+    q, a = "what color is the square ?", f"it is {c} ."
+    (tmp_path / "sub" / "llava.json").write_text(json.dumps([{"image": rel, "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}], indent=2))
+    (tmp_path / "sub" / "messages.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+        {"role": "assistant", "content": [{"type": "text", "text": a}]}], "images": [rel]}) + "\n")
+    (tmp_path / "sub" / "plain.jsonl").write_text(
+        json.dumps({"image": rel, "prompt": q, "response": a}) + "\n")
+    got = []
+    for name in ("llava.json", "messages.jsonl", "plain.jsonl"):
+        samples, problems = finetune_data.read_samples(tmp_path / "sub" / name)
+        assert problems == [] and len(samples) == 1
+        got.append((samples[0].messages, samples[0].images))
+    assert got[0] == got[1] == got[2]
+    assert got[0][0] == [{"role": "user", "content": f"<image>\n{q}"},
+                         {"role": "assistant", "content": a}]
+    assert got[0][1] == [tmp_path / "sub" / rel]  # relative to the data file, not the cwd
+
+
+def test_bad_records_are_named_by_file_and_line(tmp_path, processor):
+    (rel, _), = write_images(tmp_path, 1)
+    good = {"image": rel, "prompt": "what color is the square ?", "response": "it is red ."}
+    lines = [
+        json.dumps(good),
+        '{"image": "img/0.png", "prompt": "what',  # 2: malformed
+        json.dumps(dict(good, image="img/missing.png")),  # 3: missing image
+        json.dumps({"messages": [{"role": "user", "content": "<image>\nhello"}],
+                    "images": [rel]}),  # 4: no assistant turn
+        json.dumps(dict(good, prompt="<image> <image> what color ?")),  # 5: 2 placeholders, 1 image
+        json.dumps(dict(good, response="it is red . " * 40)),  # 6: too long
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    ds, problems = finetune_data.load_dataset(path, processor, max_length=60)
+    assert len(ds) == 1 and ds[0].where == f"{path}:1"
+    assert len(problems) == 5
+    expect = {2: "malformed JSON", 3: "image not found", 4: "no assistant turn",
+              5: "2 <image> placeholders but 1 images", 6: "longer than the maximum length 60"}
+    for line, words in expect.items():
+        assert any(p.startswith(f"{path}:{line}: ") and words in p for p in problems), (line,
+                                                                                        problems)
+    with pytest.raises(MM1Error, match=rf"{path}:2: malformed JSON.*and 4 more"):
+        finetune_data.load_dataset(path, processor, max_length=60, on_bad_data="fail")
+    # a LLaVA JSON array: the bad item's line within the file
+    arr = tmp_path / "bad.json"
+    arr.write_text(json.dumps([{"image": rel, "conversations": [{"from": "human", "value": "hi"}, {
+        "from": "gpt", "value": "it is red ."}]}, {"image": "nope.png", "conversations": []}],
+        indent=1))
+    _, problems = finetune_data.read_samples(arr)
+    bad_line = [i for i, t in enumerate(arr.read_text().splitlines(), 1) if t == " {"][1]
+    assert len(problems) == 1 and problems[0].startswith(f"{arr}:{bad_line}: ")
+
+
+def test_mask_prompt_selects_assistant_tokens(data, processor):
+    sample = finetune_data.read_samples(data)[0][0]
+    on = finetune_data.encode(sample, processor, 512, mask_prompt=True)
+    off = finetune_data.encode(sample, processor, 512, mask_prompt=False)
+    tok = processor.tokenizer
+    answer = sample.messages[1]["content"]
+    trained = tok.convert_ids_to_tokens([i for i, m in zip(on.ids, on.mask) if m])
+    assert [t for t in trained if t != "\n"] == answer.split() + ["<|end|>"]
+    trained = tok.convert_ids_to_tokens([i for i, m in zip(off.ids, off.mask) if m])
+    assert [t for t in trained if t != "\n"] == ["<|user|>", *"what color is the square ?".split(),
+                                                  "<|end|>", "<|assistant|>", *answer.split(),
+                                                  "<|end|>"]
+    assert not any(m for i, m in zip(off.ids, off.mask) if i == processor.image_token_id)
+
+
+# ---- LoRA layers ----
+@pytest.mark.parametrize("experts", [0, 4])
+def test_lora_layers_wrap_attention_mlp_and_experts(processor, experts):
+    model = make_model(make_config(processor, experts=experts))
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    before = logits_of(model, processor, image)
+    model.freeze()
+    params = adapters.lora_config(4, 8.0, 0.0, -1, adapters.LORA_KEYS)
+    wrapped = adapters.apply_lora(model, params)
+    layer1 = "language_model.model.layers.1."
+    assert f"{layer1}self_attn.q_proj" in wrapped and f"{layer1}self_attn.o_proj" in wrapped
+    if experts:  # layer 1 is the MoE layer (moe_every=2): expert stacks wrapped, router not
+        assert isinstance(model.language_model.layers[1].mlp.switch_mlp.gate_proj,
+                          LoRASwitchLinear)
+        assert f"{layer1}mlp.gate" not in wrapped
+    else:
+        assert isinstance(model.language_model.layers[1].mlp.down_proj, LoRALinear)
+    names = adapters.trainable_weights(model)
+    assert names and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in names)
+    # lora_b starts at zero: the wrapped model computes exactly what the base did
+    assert mx.allclose(logits_of(model, processor, image), before, atol=1e-5)
+    with pytest.raises(MM1Error, match="already has LoRA"):
+        adapters.apply_lora(model, params)
+
+
+# ---- training, saving, loading ----
+def test_train_save_load_and_yaml_config(tmp_path, tiny_checkpoint, data, processor):
+    out = tmp_path / "ad"
+    log = lora.train(small_args(tiny_checkpoint, data, out, iters=10, valid=str(data)), quiet=True)
+    losses = [v for _, v in log["train"]]
+    assert log["step"] == 10 and losses[-1] < 0.5 * losses[0]
+    assert [s for s, _ in log["valid"]] == [3, 6, 9, 10]
+    assert log["valid"][-1][1] < log["valid"][0][1]
+    for f in ("adapters.safetensors", "adapter_config.json", "training_state.safetensors",
+              "training_log.json", "loss.png"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    base = checkpoint.read_config(tiny_checkpoint)
+    assert cfg["base_model"] == adapters.base_identity(base)
+    # unfused: the adapter makes the trained answer much likelier
+    model, proc = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    plain, _ = checkpoint.load(str(tiny_checkpoint))
+    image = Image.open(data.parent / "img" / "0.png")
+    ids, px, _ = proc("what color is the square ?", [image])
+    prompt = ids + proc.tokenizer.encode("it is", add_special_tokens=False)
+    want = json.loads(data.read_text().splitlines()[0])["response"].split()[2]
+    wid = proc.tokenizer.convert_tokens_to_ids(want)
+    la = model(mx.array([prompt]), mx.array(px))[0, -1]
+    lb = plain(mx.array([prompt]), mx.array(px))[0, -1]
+    pa, pb = (mx.softmax(x)[wid].item() for x in (la, lb))
+    assert pa > 5 * pb, (pa, pb)
+    # YAML config form; command-line flags override it
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text(f"model: {tiny_checkpoint}\ndata: {data}\nadapter-path: {tmp_path / 'y'}\n"
+                   "iters: 50\nbatch_size: 2\nrank: 4\nlearning_rate: 1.0e-3\n")
+    log = lora.main(["--config", str(yml), "--iters", "2", "--quiet"])
+    assert log["step"] == 2 and log["args"]["rank"] == 4 and log["args"]["batch_size"] == 2
+    yml.write_text("iterz: 3\n")
+    with pytest.raises(SystemExit):
+        lora.main(["--config", str(yml)])
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, tiny_checkpoint, data, processor):
+    out = tmp_path / "ad"
+    lora.train(small_args(tiny_checkpoint, data, out, iters=1), quiet=True)
+    other = make_model(make_config(processor, layers=3))
+    with pytest.raises(MM1Error, match=r"trained on mm1 \(config [0-9a-f]+\), not on this model"):
+        adapters.load_adapters(other, out)
+    renamed = make_model(make_config(processor))
+    renamed.config.name = "someone-else"
+    with pytest.raises(MM1Error, match="not on this model someone-else"):
+        adapters.load_adapters(renamed, out)
+    with pytest.raises(MM1Error, match="not an adapter directory"):
+        adapters.load_adapters(renamed, tmp_path)
+
+
+def test_connector_training(tmp_path, tiny_checkpoint, data):
+    out = tmp_path / "ad"
+    lora.train(small_args(tiny_checkpoint, data, out, iters=2, train_connector=True), quiet=True)
+    saved = mx.load(str(out / "adapters.safetensors"))
+    conn = {k: v for k, v in saved.items() if k.startswith("connector.")}
+    model, _ = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    plain, _ = checkpoint.load(str(tiny_checkpoint))
+    params, base = dict(tree_flatten(model.parameters())), dict(tree_flatten(plain.parameters()))
+    assert conn and all(mx.array_equal(params[k], v) for k, v in conn.items())
+    assert any(not mx.allclose(base[k], v).item() for k, v in conn.items())
+
+
+def _adapters(path):
+    return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
+
+
+def assert_same_adapters(a, b, atol=1e-6):
+    wa, wb = _adapters(a), _adapters(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_checkpoint, data):
+    """6 steps straight through (dropout on: resumed runs must replay the same masks)."""
+    out = tmp_path_factory.mktemp("ref") / "ad"
+    lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
+    return out
+
+
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch, tiny_checkpoint, data,
+                                      uninterrupted):
+    out = tmp_path / "ad"
+    real_save = lora.save
+
+    def save_then_ctrl_c(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "save", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
+    monkeypatch.setattr(lora, "save", real_save)
+    assert json.loads((out / "training_log.json").read_text())["step"] == 3
+    log = lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1, resume=True), quiet=True)
+    assert log["step"] == 6 and [s for s, _ in log["train"]] == list(range(1, 7))
+    assert_same_adapters(out, uninterrupted)
+    with pytest.raises(MM1Error, match="other LoRA settings"):
+        lora.train(small_args(tiny_checkpoint, data, out, rank=4, resume=True), quiet=True)
+
+
+def test_crash_inside_a_save_keeps_the_last_complete_one(tmp_path, monkeypatch, tiny_checkpoint,
+                                                         data, uninterrupted):
+    out = tmp_path / "ad"
+    real_plot, calls = lora.plot_losses, []
+
+    def crashing_plot(log, path):
+        calls.append(log["step"])
+        if log["step"] > 3:  # the step-6 save dies half written (adapters already in the tmp dir)
+            raise OSError(28, "No space left on device")
+        real_plot(log, path)
+
+    monkeypatch.setattr(lora, "plot_losses", crashing_plot)
+    with pytest.raises(OSError):
+        lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
+    assert calls == [3, 6, 6]  # the rescue save of step 6 is tried once more, fails alike
+    assert json.loads((out / "training_log.json").read_text())["step"] == 3
+    assert not list(tmp_path.glob(".ad.*"))  # the partial save left nothing behind
+    monkeypatch.setattr(lora, "plot_losses", real_plot)
+    lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1, resume=True), quiet=True)
+    assert_same_adapters(out, uninterrupted)
+
+
+def test_kill_between_the_renames_of_a_save(tmp_path, monkeypatch, tiny_checkpoint, data,
+                                            uninterrupted):
+    out = tmp_path / "ad"
+    real_replace, calls = checkpoint.os.replace, []
+
+    def killed_after_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) <= 2:  # step 3 saved; at step 6 the old directory moves aside...
+            real_replace(src, dst)
+        if len(calls) >= 2:  # ...and then the kill: no later rename happens
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert not out.exists() and list(tmp_path.glob(".ad.old.*"))
+    assert adapters.recover(out)
+    assert json.loads((out / "training_log.json").read_text())["step"] == 3
+    lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1, resume=True), quiet=True)
+    assert_same_adapters(out, uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
+def test_refuses_to_overwrite_other_files(tmp_path, tiny_checkpoint, data):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(MM1Error, match="not an adapter directory"):
+        lora.train(small_args(tiny_checkpoint, data, tmp_path), quiet=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
