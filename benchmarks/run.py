@@ -1,0 +1,318 @@
+"""Side-by-side benchmark: ``python -m benchmarks.run [--suite generate,lora,quant] [--size tiny|small]
+[--out DIR]``.
+
+Builds a random-weight LLaVA-1.5-shaped checkpoint offline (``checkpoint.py``), converts it with our
+converter, and runs the same image and prompt through transformers, mlx-vlm (as installed and with
+our BLAS binding) and mm1-mlx, each in its own process (``worker.py``), repetitions alternating
+between systems; medians are reported. The machine's bandwidth and matmul rate are measured in the
+same run (``machine.py``) to express decode and prefill as fractions of their bounds. Writes
+results.json, results.md and results.png into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .checkpoint import FOLLOW_UP, QUESTION, SIZES, ensure_llava, make_image
+
+GENERATE = ["transformers", "mlx-vlm", "mlx-vlm+blas", "mm1-mlx"]
+QUANT = ["mm1-mlx-q8", "mm1-mlx-q4"]
+DEFAULTS = {  # reps, max new tokens, repetitions of mlx-vlm as installed (reference BLAS: slow)
+    "small": dict(reps=3, max_tokens=32, reference_reps=1, lora_iters=3),
+    "tiny": dict(reps=2, max_tokens=8, reference_reps=2, lora_iters=2),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def child(args: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run ``python -m ARGS`` and return its ``RESULT`` JSON, or ``{"error": ...}``."""
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                           timeout=timeout, env={**os.environ, **(env or {})},
+                           cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            out = json.loads(line[len("RESULT "):])
+            out["wall_s"] = time.perf_counter() - t
+            return out
+    lines = [x for x in (p.stderr or p.stdout).strip().splitlines() if x.strip()]
+    return {"error": lines[-1] if lines else f"exit code {p.returncode}"}
+
+
+def safetensors_bytes(path: Path, keep) -> int:
+    """Bytes of the tensors whose key passes ``keep`` (read from the safetensors headers)."""
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__" and keep(k):
+                total += v["data_offsets"][1] - v["data_offsets"][0]
+    return total
+
+
+def decode_bytes(path: Path) -> int:
+    """Weights one decoded token reads: the decoder's layers, final norm and head (one embedding
+    row is negligible)."""
+    return safetensors_bytes(path, lambda k: k.startswith("language_model.")
+                             and "embed_tokens" not in k)
+
+
+def prefill_flops(size: str, prompt_tokens: int) -> float:
+    """Matmul FLOPs of a first question: the vision tower, projector and decoder over the prompt."""
+    v, t = SIZES[size]["vision"], SIZES[size]["text"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    dv, dt = v["hidden_size"], t["hidden_size"]
+    vis_layer = 4 * dv * dv + 2 * dv * v["intermediate_size"]
+    vis = 2 * patches * (v["num_hidden_layers"] * vis_layer + 3 * v["patch_size"] ** 2 * dv) \
+        + v["num_hidden_layers"] * 4 * patches**2 * dv
+    proj = 2 * (patches - 1) * (dv * dt + dt * dt)
+    kv = dt * t["num_key_value_heads"] // t["num_attention_heads"]
+    layer = 2 * dt * dt + 2 * dt * kv + 3 * dt * t["intermediate_size"]
+    dec = 2 * prompt_tokens * t["num_hidden_layers"] * layer \
+        + t["num_hidden_layers"] * 2 * prompt_tokens**2 * dt + 2 * dt * t["vocab_size"]
+    return float(vis + proj + dec)
+
+
+def median(runs: list[dict], *keys) -> float | None:
+    vals = []
+    for r in runs:
+        for k in keys:
+            r = r.get(k) if isinstance(r, dict) else None
+        if isinstance(r, (int, float)):
+            vals.append(r)
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"status": "failed", "error": runs[0]["error"] if runs else "not run",
+                "runs": len(runs)}
+    out = {"status": "ok", "runs": len(ok), "failed_runs": len(runs) - len(ok)}
+    for name, keys in {
+        "ttft_s": ("first", "ttft_s"), "prefill_tps": ("first", "prefill_tps"),
+        "decode_tps": ("first", "decode_tps"), "second_ttft_s": ("second", "ttft_s"),
+        "peak_rss_gb": ("peak_rss_gb",), "load_s": ("load_s",),
+        "prompt_tokens": ("first", "prompt_tokens"), "generated": ("first", "generated"),
+    }.items():
+        out[name] = median(ok, *keys)
+    for k in ("blas", "second_question_cache", "workaround"):
+        if k in ok[0]:
+            out[k] = ok[0][k]
+    if out["ttft_s"] and out["second_ttft_s"]:
+        out["second_over_first"] = out["second_ttft_s"] / out["ttft_s"]
+    if len(ok) < len(runs):
+        out["errors"] = sorted({r["error"] for r in runs if "error" in r})
+    return out
+
+
+def measure_machine(timeout: float) -> dict:
+    log("measuring memory bandwidth and matmul rate")
+    out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        out["cpu_model"] = next(line.split(":", 1)[1].strip()
+                                for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out["numpy"] = child(["benchmarks.machine", "numpy"], timeout)
+    out["mlx"] = child(["benchmarks.machine", "mlx"], timeout)
+    out["mlx_reference"] = child(["benchmarks.machine", "mlx-reference"], timeout)
+    out["bandwidth_gbps"] = out["numpy"].get("read_gbps")
+    out["matmul_gflops"] = out["mlx"].get("mlx_matmul_gflops")
+    return out
+
+
+def prepare(size: str, cache: Path, quant: bool, timeout: float) -> dict:
+    """HF checkpoint, the image, and our conversions (float32; 8/4-bit when ``quant``)."""
+    t = time.perf_counter()
+    hf = ensure_llava(cache, size)
+    image = make_image(cache / "image.png")
+    paths = {"hf": hf, "image": image, "mm1-mlx": cache / f"mm1-{size}"}
+    if quant:
+        paths.update({"mm1-mlx-q8": cache / f"mm1-{size}-q8", "mm1-mlx-q4": cache / f"mm1-{size}-q4"})
+    stamp = json.loads((hf / "benchmark_model.json").read_text())
+    for name, bits in (("mm1-mlx", None), ("mm1-mlx-q8", 8), ("mm1-mlx-q4", 4)):
+        if name not in paths:
+            continue
+        dst = paths[name]
+        marker = dst / "benchmark_source.json"
+        if marker.exists() and json.loads(marker.read_text()) == stamp:
+            continue
+        log(f"converting to {dst.name}")
+        args = ["convert", "--hf-path", str(hf), "--mlx-path", str(dst), "--dtype", "float32"]
+        if bits:
+            args += ["-q", "--q-bits", str(bits)]
+        p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                           timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+        if p.returncode != 0:
+            shutil.rmtree(dst, ignore_errors=True)
+            paths[name] = RuntimeError((p.stderr.strip().splitlines() or ["convert failed"])[-1])
+            continue
+        marker.write_text(json.dumps(stamp))
+    paths["prepare_s"] = time.perf_counter() - t
+    return paths
+
+
+def run_generate(systems: list[str], paths: dict, opts: dict, timeout: float) -> dict:
+    """Alternate systems within each repetition; mlx-vlm as installed gets fewer repetitions."""
+    prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in (QUESTION, FOLLOW_UP)]
+    spec = {"hf_path": str(paths["hf"]), "image": str(paths["image"]), "prompts": prompts,
+            "questions": [QUESTION, FOLLOW_UP], "max_tokens": opts["max_tokens"],
+            "threads": os.cpu_count()}
+    runs = {s: [] for s in systems}
+    for rep in range(opts["reps"]):
+        for s in systems:
+            if s == "mlx-vlm" and rep >= opts["reference_reps"]:
+                continue
+            if s.startswith("mm1-mlx"):
+                if isinstance(paths.get(s), Exception):
+                    runs[s].append({"error": f"conversion failed: {paths[s]}"})
+                    continue
+                sspec = dict(spec, mlx_path=str(paths[s]))
+            else:
+                sspec = spec
+            log(f"rep {rep + 1}/{opts['reps']}: {s}")
+            r = child(["benchmarks.worker", s, json.dumps(sspec)], timeout)
+            if "error" in r:
+                log(f"  {s} failed: {r['error']}")
+            else:
+                log(f"  ttft {r['first']['ttft_s']:.2f} s, decode "
+                    f"{r['first']['decode_tps'] or 0:.1f} tok/s, second ttft "
+                    f"{r['second']['ttft_s']:.2f} s, rss {r['peak_rss_gb']:.2f} GB")
+            runs[s].append(r)
+    return runs
+
+
+def bounds(summary: dict, machine: dict, paths: dict, size: str) -> None:
+    """Decode as a fraction of the bandwidth bound, prefill of the matmul bound (in place)."""
+    bw, mm = machine.get("bandwidth_gbps"), machine.get("matmul_gflops")
+    for s, r in summary.items():
+        if r.get("status") != "ok":
+            continue
+        src = paths.get(s) if s.startswith("mm1-mlx") else paths["hf"]
+        if isinstance(src, Path):
+            r["decode_weight_bytes"] = decode_bytes(src)
+            if bw and r.get("decode_tps"):
+                r["decode_bound_tps"] = bw * 1e9 / r["decode_weight_bytes"]
+                r["decode_fraction_of_bound"] = r["decode_tps"] / r["decode_bound_tps"]
+        if mm and r.get("prompt_tokens") and r.get("ttft_s"):
+            flops = prefill_flops(size, int(r["prompt_tokens"]))
+            r["prefill_gflop"] = flops / 1e9
+            r["ttft_bound_s"] = flops / (mm * 1e9)
+            r["prefill_fraction_of_bound"] = r["ttft_bound_s"] / r["ttft_s"]
+
+
+def targets(summary: dict) -> dict:
+    """The issue's targets, each with the measured ratio and whether it is met."""
+    us, hf, vlm = (summary.get(k, {}) for k in ("mm1-mlx", "transformers", "mlx-vlm"))
+    out = {}
+
+    def check(name, value, ok):
+        out[name] = {"value": value, "met": bool(ok) if value is not None else None}
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    d = ratio(us.get("decode_tps"), hf.get("decode_tps"))
+    check("decode >= 1.0x transformers", d, d is not None and d >= 1.0)
+    f = us.get("decode_fraction_of_bound")
+    check("decode >= 90% of bandwidth bound", f, f is not None and f >= 0.9)
+    t = ratio(us.get("ttft_s"), hf.get("ttft_s"))
+    check("first TTFT <= 1.0x transformers", t, t is not None and t <= 1.0)
+    v = ratio(vlm.get("ttft_s"), us.get("ttft_s"))
+    check("TTFT >= 2x faster than mlx-vlm as installed", v, v is not None and v >= 2.0)
+    s = us.get("second_over_first")
+    check("second TTFT <= 0.2x first", s, s is not None and s <= 0.2)
+    m = ratio(us.get("peak_rss_gb"), hf.get("peak_rss_gb"))
+    check("peak RSS <= transformers", m, m is not None and m <= 1.0)
+    return out
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="generate,lora,quant",
+                   help="comma-separated: generate, lora, quant (default all)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--out", default="benchmarks/results", help="output directory")
+    p.add_argument("--cache", default=None,
+                   help="where built checkpoints are kept (default: the user cache dir)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per system")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens decoded per question")
+    p.add_argument("--systems", default=None,
+                   help="restrict the generate suite to these systems (comma-separated)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = setup_arg_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = set(suites) - {"generate", "lora", "quant"}
+    if unknown:
+        setup_arg_parser().error(f"unknown suite(s): {', '.join(sorted(unknown))}")
+    opts = dict(DEFAULTS[args.size])
+    if args.reps:
+        opts.update(reps=args.reps, reference_reps=min(args.reps, opts["reference_reps"]))
+    if args.max_tokens:
+        opts["max_tokens"] = args.max_tokens
+    if args.cache:
+        cache = Path(args.cache)
+    else:
+        import platformdirs
+
+        cache = Path(platformdirs.user_cache_dir("mm1_mlx")) / "bench"
+    out_dir = Path(args.out)
+
+    results = {"size": args.size, "suites": suites, "options": opts,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "model": {"vision": SIZES[args.size]["vision"], "text": SIZES[args.size]["text"]}}
+    results["machine"] = measure_machine(args.timeout)
+    log(f"building the {args.size} checkpoint in {cache}")
+    paths = prepare(args.size, cache, "quant" in suites, args.timeout)
+    results["prepare_s"] = paths.pop("prepare_s")
+    results["versions"] = report.versions()
+
+    systems = []
+    if "generate" in suites:
+        systems += [s for s in GENERATE if not args.systems or s in args.systems.split(",")]
+    if "quant" in suites:
+        systems += QUANT
+    if systems:
+        runs = run_generate(systems, paths, opts, args.timeout)
+        results["runs"] = runs
+        results["summary"] = {s: summarize(r) for s, r in runs.items()}
+        bounds(results["summary"], results["machine"], paths, args.size)
+        if "generate" in suites:
+            results["targets"] = targets(results["summary"])
+    if "lora" in suites:
+        from .lora_bench import run_lora
+
+        results["lora"] = run_lora(paths, cache, opts["lora_iters"], args.timeout, log)
+    results["total_s"] = time.perf_counter() - t0
+    report.write(results, out_dir)
+    log(f"done in {results['total_s']:.0f} s: {out_dir}/results.{{json,md,png}}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The benchmark harness end to end at the ``tiny`` size (issue 10): it must finish, report every
+system (a peer that cannot run is reported failed with its error), and compute real figures."""
+
+import mm1_mlx  # noqa: F401, I001  (binds the BLAS before mlx.core loads)
+import json
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from benchmarks import run  # noqa: E402
+from benchmarks.checkpoint import QUESTION, build_tokenizer  # noqa: E402
+
+
+def test_tokenizer_is_padded_and_has_image_token():
+    tok = build_tokenizer(1024)
+    assert tok.convert_tokens_to_ids("<image>") == 1024
+    ids = tok.encode(QUESTION, add_special_tokens=False)
+    assert 20 <= len(ids) <= 60 and tok.decode(ids) == QUESTION
+
+
+def test_prefill_flops_counts_every_prompt_token():
+    a, b = run.prefill_flops("small", 600), run.prefill_flops("small", 601)
+    assert 300e9 < a < 600e9 and b > a
+
+
+@pytest.mark.slow
+def test_tiny_run(tmp_path):
+    t = time.perf_counter()
+    run.main(["--size", "tiny", "--out", str(tmp_path / "out"), "--cache",
+               str(tmp_path / "cache"), "--reps", "1", "--max-tokens", "4"])
+    assert time.perf_counter() - t < 120
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"results.json", "results.md",
+                                                              "results.png"}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = saved["summary"]
+    assert set(summary) == set(run.GENERATE + run.QUANT)
+    for name, r in summary.items():
+        assert r["status"] in ("ok", "failed")
+        if r["status"] == "failed":
+            assert r["error"] and name in (tmp_path / "out" / "results.md").read_text()
+    for name in ("transformers", "mm1-mlx", "mm1-mlx-q8", "mm1-mlx-q4"):
+        r = summary[name]
+        assert r["status"] == "ok", r
+        assert r["ttft_s"] > 0 and r["decode_tps"] > 0 and r["peak_rss_gb"] > 0.05
+        assert r["generated"] == 4
+    us, hf = summary["mm1-mlx"], summary["transformers"]
+    assert us["prompt_tokens"] == hf["prompt_tokens"]  # the same prompt and image tokens
+    assert 0 < us["decode_fraction_of_bound"] < 2
+    m = saved["machine"]
+    assert m["bandwidth_gbps"] > 0.5 and m["matmul_gflops"] > 1
+    assert m["mlx_reference"]["blas"] == "reference"
+    assert saved["lora"]["mm1-mlx"]["status"] == "ok", saved["lora"]
+    assert saved["lora"]["mm1-mlx"]["step_s"] > 0
