@@ -153,6 +153,14 @@ def step_batches(ds, processor, args: TrainingArgs, step: int, rank: int, size: 
     return out, ntok, ntotal
 
 
+def _caught(fn, *args):
+    """fn(*args), or the exception it raised (a dead prefetch thread would hang the loop)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
+
+
 def to_mx(ids, mask, px):
     return mx.array(ids), mx.array(mask), None if px is None else mx.array(px)
 
@@ -259,7 +267,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
     if args.batch_size % size:
         raise MM1Error(f"--batch-size {args.batch_size} must be a multiple of the "
                        f"{size} processes")
-    if rank == 0 and not args.resume:
+    if rank == 0:
         adapters.save_dir(args.adapter_path)  # refuse a directory of other files before training
     model, processor, params = setup_model(args)
     max_length = args.max_length or model.config.text_config.max_position_embeddings
@@ -293,9 +301,11 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
     t0, tokens, run_s = time.perf_counter(), 0, log.get("seconds", 0.0)
     step = start
     try:
-        for step, (micro, ntok, ntotal) in prefetch(
-                lambda s: step_batches(train_ds, processor, args, s, rank, size),
-                range(start, args.iters)):
+        for step, batch in prefetch(lambda s: _caught(step_batches, train_ds, processor, args, s,
+                                                      rank, size), range(start, args.iters)):
+            if isinstance(batch, Exception):  # raised while building it in the prefetch thread
+                raise batch
+            micro, ntok, ntotal = batch
             mx.random.seed(args.seed * 1_000_003 + step * 101 + rank)  # dropout masks by step
             grads, loss = None, mx.array(0.0)
             for ids, mask, px in micro:

@@ -310,3 +310,19 @@ def test_refuses_to_overwrite_other_files(tmp_path, tiny_checkpoint, data):
     with pytest.raises(MM1Error, match="not an adapter directory"):
         lora.train(small_args(tiny_checkpoint, data, tmp_path), quiet=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_error_mid_run_keeps_finished_steps(tmp_path, monkeypatch, tiny_checkpoint, data):
+    """An image that disappears during training: a clear error, and the finished steps saved."""
+    real, calls = finetune_data.prepare_pixels, []
+
+    def vanishing(items, processor):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MM1Error(f"{items[0].where}: image not found: {items[0].images[0]}")
+        return real(items, processor)
+
+    monkeypatch.setattr(finetune_data, "prepare_pixels", vanishing)
+    with pytest.raises(MM1Error, match=r"train\.jsonl:\d+: image not found"):
+        lora.train(small_args(tiny_checkpoint, data, tmp_path / "ad", save_every=10), quiet=True)
+    assert json.loads((tmp_path / "ad" / "training_log.json").read_text())["step"] == 2
