@@ -326,3 +326,19 @@ def test_error_mid_run_keeps_finished_steps(tmp_path, monkeypatch, tiny_checkpoi
     with pytest.raises(MM1Error, match=r"train\.jsonl:\d+: image not found"):
         lora.train(small_args(tiny_checkpoint, data, tmp_path / "ad", save_every=10), quiet=True)
     assert json.loads((tmp_path / "ad" / "training_log.json").read_text())["step"] == 2
+
+
+def test_generate_cli_uses_the_adapter(tmp_path, capsys, tiny_checkpoint, data):
+    from mm1_mlx import generate
+
+    out = tmp_path / "ad"
+    lora.train(small_args(tiny_checkpoint, data, out, iters=10), quiet=True)
+    image = str(data.parent / "img" / "0.png")
+    argv = ["--model", str(tiny_checkpoint), "--image", image, "--prompt",
+            "what color is the square ?", "--max-tokens", "4"]
+    generate.main(argv + ["--adapter", str(out)])
+    with_adapter = capsys.readouterr().out.strip()
+    model, processor = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    assert with_adapter == generate.generate(model, processor, "what color is the square ?",
+                                             [image], max_tokens=4).strip()
+    assert with_adapter.startswith("it is")  # learned the answer's form
