@@ -79,6 +79,9 @@ class TrainingArgs:
     def check(self) -> None:
         if not self.data:
             raise MM1Error("no training data: pass --data FILE")
+        for name, f in (("data", self.data), ("valid", self.valid)):
+            if f and not Path(f).is_file():  # before the (slow) model load
+                raise MM1Error(f"--{name} file not found: {f}")
         for k in ("iters", "batch_size", "grad_accumulation", "rank", "save_every",
                   "steps_per_eval"):
             if getattr(self, k) < 1:
