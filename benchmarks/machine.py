@@ -1,6 +1,6 @@
 """This machine's ceilings, measured in the same run: memory read bandwidth and fp32 matmul rate.
 
-``python -m benchmarks.machine numpy|mlx|mlx-reference`` prints one JSON line. ``mlx`` binds our
+``python -m benchmarks.machine numpy|mlx|mlx-reference [--quick]`` prints one JSON line. ``mlx`` binds our
 BLAS first (as ``import mm1_mlx`` does); ``mlx-reference`` is MLX as the wheel ships it
 (``MM1_MLX_BLAS=off``), giving the before/after matmul rate of the BLAS binding.
 """
@@ -15,9 +15,10 @@ import time
 N_MATMUL = 2048
 
 
-def best(fn, reps: int = 5) -> float:
+def best(fn, reps: int = 5, warmup: bool = True) -> float:
     """Fastest of ``reps`` timed calls (after one warm-up): the least disturbed by other load."""
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -26,7 +27,7 @@ def best(fn, reps: int = 5) -> float:
     return min(times)
 
 
-def numpy_figures(mb: int = 512) -> dict:
+def numpy_figures(mb: int = 512, reps: int = 5) -> dict:
     import numpy as np
 
     a = np.ones(mb * 2**20 // 4, np.float32)
@@ -40,9 +41,9 @@ def numpy_figures(mb: int = 512) -> dict:
         for t in ts:
             t.join()
 
-    read1 = a.nbytes / best(a.sum) / 1e9
-    read2 = a.nbytes / best(sum2) / 1e9
-    copy = 2 * a.nbytes / best(lambda: np.copyto(b, a)) / 1e9
+    read1 = a.nbytes / best(a.sum, reps) / 1e9
+    read2 = a.nbytes / best(sum2, reps) / 1e9
+    copy = 2 * a.nbytes / best(lambda: np.copyto(b, a), reps) / 1e9
     x = np.random.default_rng(0).standard_normal((N_MATMUL, N_MATMUL), np.float32)
     gflops = 2 * N_MATMUL**3 / best(lambda: x @ x, 3) / 1e9
     return {"read_gbps_1thread": read1, "read_gbps": max(read1, read2), "copy_gbps": copy,
@@ -60,7 +61,8 @@ def mlx_figures(bind: bool) -> dict:
 
     x = mx.random.normal((N_MATMUL, N_MATMUL))
     mx.eval(x)
-    gflops = 2 * N_MATMUL**3 / best(lambda: mx.eval(x @ x), 3 if bind else 1) / 1e9
+    # the reference BLAS takes seconds per call: one untimed warm-up would double that
+    gflops = 2 * N_MATMUL**3 / best(lambda: mx.eval(x @ x), 3 if bind else 1, warmup=bind) / 1e9
     out = {"mlx_matmul_gflops": gflops, "blas": mm1_mlx.backend_info()["blas"]}
     if bind:
         a = mx.ones((256 * 2**20 // 4,))
@@ -70,9 +72,10 @@ def mlx_figures(bind: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    what = (sys.argv[1:] if argv is None else argv)[0]
+    argv = sys.argv[1:] if argv is None else argv
+    what, quick = argv[0], "--quick" in argv
     if what == "numpy":
-        out = numpy_figures()
+        out = numpy_figures(128, 2) if quick else numpy_figures()
     else:
         out = mlx_figures(bind=what == "mlx")
     print("RESULT " + json.dumps(out), flush=True)

@@ -124,7 +124,7 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def measure_machine(timeout: float) -> dict:
+def measure_machine(timeout: float, quick: bool = False) -> dict:
     log("measuring memory bandwidth and matmul rate")
     out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "platform": platform.platform(), "python": platform.python_version()}
@@ -133,7 +133,8 @@ def measure_machine(timeout: float) -> dict:
                                 for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    out["numpy"] = child(["benchmarks.machine", "numpy"], timeout)
+    q = ["--quick"] if quick else []
+    out["numpy"] = child(["benchmarks.machine", "numpy", *q], timeout)
     out["mlx"] = child(["benchmarks.machine", "mlx"], timeout)
     out["mlx_reference"] = child(["benchmarks.machine", "mlx-reference"], timeout)
     out["bandwidth_gbps"] = out["numpy"].get("read_gbps")
@@ -286,7 +287,7 @@ def main(argv=None) -> dict:
     results = {"size": args.size, "suites": suites, "options": opts,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "model": {"vision": SIZES[args.size]["vision"], "text": SIZES[args.size]["text"]}}
-    results["machine"] = measure_machine(args.timeout)
+    results["machine"] = measure_machine(args.timeout, quick=args.size == "tiny")
     log(f"building the {args.size} checkpoint in {cache}")
     paths = prepare(args.size, cache, "quant" in suites, args.timeout)
     results["prepare_s"] = paths.pop("prepare_s")
