@@ -60,6 +60,7 @@ class ConnectorConfig(_FromDict):
     num_heads: int = 8  # attention-pool
     hidden_act: str = "silu"  # readout activation (gelu for LLaVA's mlp projector)
     bias: bool = True
+    output_norm: bool = False  # LayerNorm on the image tokens (keeps them at the text's scale)
 
 
 @dataclass

@@ -111,16 +111,19 @@ class ResBlock(nn.Module):
 class Readout(nn.Module):
     """Linear -> (act -> Linear) * (depth - 1): into the decoder's width."""
 
-    def __init__(self, cin: int, cout: int, depth: int, act: str, bias: bool = True):
+    def __init__(self, cin: int, cout: int, depth: int, act: str, bias: bool = True,
+                 norm: bool = False):
         super().__init__()
         self.act = activation(act)
         self.layers = [nn.Linear(cin if i == 0 else cout, cout, bias=bias) for i in range(depth)]
+        if norm:
+            self.norm = nn.LayerNorm(cout)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.layers[0](x)
         for layer in self.layers[1:]:
             x = layer(self.act(x))
-        return x
+        return self.norm(x) if "norm" in self else x
 
 
 class CAbstractor(nn.Module):
@@ -130,7 +133,8 @@ class CAbstractor(nn.Module):
         C = config.hidden_size
         self.stage1 = [ResBlock(vision_dims if i == 0 else C, C) for i in range(config.depth)]
         self.stage2 = [ResBlock(C, C) for _ in range(config.depth)]
-        self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias)
+        self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias,
+                               config.output_norm)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = to_grid(x)  # (N, h, w, C_vis)
@@ -148,7 +152,7 @@ class AvgPool(nn.Module):
         super().__init__()
         self.side = grid_side(config.num_image_tokens)
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = adaptive_avg_pool(to_grid(x), self.side)
@@ -166,7 +170,7 @@ class AttentionPool(nn.Module):
         self.norm_kv = nn.LayerNorm(vision_dims)
         self.attn = Attention(vision_dims, config.num_heads)
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def __call__(self, x: mx.array) -> mx.array:
         q = mx.broadcast_to(self.norm_q(self.queries), (x.shape[0], *self.queries.shape))
@@ -180,7 +184,7 @@ class MLPProjector(nn.Module):
     def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int):
         super().__init__()
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.readout(x)

@@ -195,17 +195,19 @@ class ResBlock(tnn.Module):
 
 
 class Readout(tnn.Module):
-    def __init__(self, cin: int, cout: int, depth: int, act: str, bias: bool = True):
+    def __init__(self, cin: int, cout: int, depth: int, act: str, bias: bool = True,
+                 norm: bool = False):
         super().__init__()
         self.act = activation(act)
         self.layers = tnn.ModuleList(
             [tnn.Linear(cin if i == 0 else cout, cout, bias=bias) for i in range(depth)])
+        self.norm = tnn.LayerNorm(cout, eps=1e-5) if norm else None
 
     def forward(self, x):
         x = self.layers[0](x)
         for layer in self.layers[1:]:
             x = layer(self.act(x))
-        return x
+        return self.norm(x) if self.norm is not None else x
 
 
 def to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -223,7 +225,8 @@ class CAbstractor(tnn.Module):
             [ResBlock(vision_dims if i == 0 else C, C, groups) for i in range(config.depth)])
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
         self.stage2 = tnn.ModuleList([ResBlock(C, C, groups) for _ in range(config.depth)])
-        self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias)
+        self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias,
+                               config.output_norm)
 
     def forward(self, x):
         x = to_grid(x, self.grid)
@@ -242,7 +245,7 @@ class AvgPool(tnn.Module):
         self.grid = grid
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def forward(self, x):
         x = self.pool(to_grid(x, self.grid))
@@ -258,7 +261,7 @@ class AttentionPool(tnn.Module):
         self.norm_kv = tnn.LayerNorm(vision_dims)
         self.attn = Attention(vision_dims, config.num_heads)
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def forward(self, x):
         q = self.norm_q(self.queries).expand(x.shape[0], -1, -1)
@@ -270,7 +273,7 @@ class MLPProjector(tnn.Module):
                  groups: int = 1):
         super().__init__()
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
-                               config.bias)
+                               config.bias, config.output_norm)
 
     def forward(self, x):
         return self.readout(x)

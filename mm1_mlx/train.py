@@ -43,8 +43,8 @@ class Recipe:
     pretrain_steps: int
     sft_steps: int
     batch_size: int = 16
-    learning_rate: float = 1.5e-3
-    sft_learning_rate: float = 8e-4
+    learning_rate: float = 4e-4  # above ~1e-3 the from-scratch ViT + C-Abstractor never learn
+    sft_learning_rate: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.01
     mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only
@@ -53,6 +53,7 @@ class Recipe:
         pad_color=[255, 255, 255]))
     seed: int = 0
     vocab_size: int = 640
+    tokenizer_corpus: int = 1500  # samples of each kind the tokenizer is trained on
 
 
 def tiny_config(moe: bool = False) -> ModelConfig:
@@ -73,11 +74,11 @@ def tiny_config(moe: bool = False) -> ModelConfig:
 
 
 RECIPES = {
-    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=500, sft_steps=900),
-    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=500,
-                               sft_steps=900),
+    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=400, sft_steps=800),
+    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=300,
+                               sft_steps=500),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
-                            batch_size=8, warmup=4, learning_rate=3e-3),
+                            batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150),
 }
 
 
@@ -121,12 +122,17 @@ def prefetch(fn, steps, depth: int = 3):
     q: queue.Queue = queue.Queue(depth)
 
     def work():
-        for s in steps:
-            q.put((s, fn(s)))
+        try:
+            for s in steps:
+                q.put((s, fn(s)))
+        except BaseException as e:  # hand the error to the consumer instead of hanging it
+            q.put(e)
         q.put(None)
 
     threading.Thread(target=work, daemon=True).start()
     while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
         yield item
 
 
@@ -192,7 +198,7 @@ def plot_losses(losses: list, path: Path, title: str) -> None:
 def setup_processor(run: Path, recipe: Recipe) -> Processor:
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        texts = data.corpus_text(random.Random(f"{recipe.seed}:tokenizer"), 1500)
+        texts = data.corpus_text(random.Random(f"{recipe.seed}:tokenizer"), recipe.tokenizer_corpus)
         tok = train_tokenizer(texts, recipe.vocab_size)
         with atomic_dir(tok_dir) as tmp:
             tok.save_pretrained(str(tmp))
@@ -203,7 +209,8 @@ def setup_processor(run: Path, recipe: Recipe) -> Processor:
 
 
 def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = None,
-          quiet: bool = False) -> tuple[Model, Processor, list]:
+          quiet: bool = False, max_steps: int | None = None) -> tuple[Model, Processor, list]:
+    """Run (or resume) the recipe in ``run``; ``max_steps`` stops this call early (it resumes)."""
     mx.random.seed(recipe.seed)
     run.mkdir(parents=True, exist_ok=True)
     processor = setup_processor(run, recipe)
@@ -226,8 +233,9 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
         bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
                    dynamic_ncols=True)
         t0, ntoks = time.perf_counter(), 0
+        stop = total if max_steps is None else min(total, start + max_steps)
         for step, (ids, mask, px) in prefetch(
-                lambda s, n=name: make_batch(processor, recipe, n, s), range(start, total)):
+                lambda s, n=name: make_batch(processor, recipe, n, s), range(start, stop)):
             (loss, ntok), grads = step_fn(model, mx.array(ids), mx.array(mask),
                                           None if px is None else mx.array(px))
             grads, _ = optim.clip_grad_norm(grads, 1.0)
@@ -242,6 +250,9 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
                 save_state(run, model, opt, name, step + 1, losses)
                 plot_losses(losses, run / "loss.png", recipe.name)
         bar.close()
+        if stop < total:
+            model.eval()
+            return model, processor, losses
     model.eval()
     if out is not None:
         save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")})

@@ -13,7 +13,7 @@ from conftest import make_config, make_model, make_processor
 from mlx_lm.models.cache import make_prompt_cache
 from PIL import Image
 
-from mm1_mlx.generate import PromptCache, generate, prefill, stream_generate
+from mm1_mlx.generate import PromptCache, generate, position_keys, prefill, stream_generate
 from mm1_mlx.processor import tiles_for
 
 
@@ -62,8 +62,8 @@ def test_prefix_cache_gives_identical_logits(model, processor, image_file):
     ids, px, keys = processor(second, [image_file])
     feats = cache.features[keys[0]]
     assert len(cache.features) == 1
-    kv, start = cache.reuse(model, __import__("mm1_mlx.generate").generate.position_keys(
-        ids, processor.image_token_id, keys, [processor.num_image_tokens]))
+    kv, start = cache.reuse(model, position_keys(ids, processor.image_token_id, keys,
+                                                 [processor.num_image_tokens]))
     assert start > processor.num_image_tokens  # the image and the text before it are reused
     n_before = sum(1 for t in ids[:start] if t == processor.image_token_id)
     cached = prefill(model, ids[start:], feats, n_before, kv, processor.image_token_id)[0, -1]
@@ -101,7 +101,8 @@ def test_placeholders_and_images_order(processor, image_file):
     T = processor.num_image_tokens
     assert processor.tokenizer.decode([ids[first_img + T]]) == "world"
     ids2, _, _ = processor("what color", [image_file])  # no placeholder: image first
-    assert ids2.index(processor.image_token_id) < ids2.index(processor.tokenizer.convert_tokens_to_ids("what"))
+    what = processor.tokenizer.convert_tokens_to_ids("what")
+    assert ids2.index(processor.image_token_id) < ids2.index(what)
     with pytest.raises(mm1_mlx.errors.MM1Error):
         processor("<image> <image>", [image_file])
 
