@@ -140,8 +140,22 @@ class Processor:
         return PreparedImage(np.stack(subs), key)
 
     # ---- text ----
+    def content_parts(self, text: str) -> list[dict]:
+        """"<image>\nWhat?" -> [{"type": "image"}, {"type": "text", "text": "What?"}]."""
+        parts = []
+        for i, piece in enumerate(text.split(self.image_token)):
+            if i:
+                parts.append({"type": "image"})
+            if piece.strip():
+                parts.append({"type": "text", "text": piece.strip()})
+        return parts
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            if "'type'" in template or '"type"' in template:  # templates over content parts
+                messages = [dict(m, content=self.content_parts(m["content"]))
+                            if isinstance(m["content"], str) else m for m in messages]
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         text = "".join(f"{m['role'].upper()}: {m['content']}\n" for m in messages)

@@ -162,3 +162,20 @@ def test_cli_bad_model_and_prompt(tiny_checkpoint, image_file, tmp_path):
     r = run_cli("--model", tiny_checkpoint, "--image", image_file, "--prompt", "what",
                 "--max-pixels", 100)
     assert r.returncode == 2 and "too large" in r.stderr
+
+
+def test_content_part_chat_templates(processor):
+    """llava-hf style templates iterate over typed content parts, not a string."""
+    from conftest import make_tokenizer
+
+    from mm1_mlx.processor import Processor
+
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {% for c in m['content'] | selectattr('type', "
+        "'equalto', 'image') %}<image> {% endfor %}{% for c in m['content'] | selectattr('type', "
+        "'equalto', 'text') %}{{ c['text'] }} {% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}")
+    p = Processor(tok, processor.image, processor.num_image_tokens)
+    text = p.apply_chat_template([{"role": "user", "content": "<image>\nwhat color is it ?"}])
+    assert text == "user <image> what color is it ? assistant"
