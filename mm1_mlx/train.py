@@ -74,9 +74,9 @@ def tiny_config(moe: bool = False) -> ModelConfig:
 
 
 RECIPES = {
-    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=400, sft_steps=800),
+    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=400, sft_steps=2600),
     "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=300,
-                               sft_steps=500),
+                               sft_steps=1800),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
                             batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150),
 }
