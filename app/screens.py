@@ -130,9 +130,11 @@ class FilePicker(Modal):
             thumb = thumbnail(str(path))
         except Exception as e:
             thumb, info = None, f"{path.name}\ncannot preview: {str(e).splitlines()[0]}"
-        self.app.call_from_thread(self._set_preview, thumb, info)
+        self.app.call_from_thread(self._set_preview, path, thumb, info)
 
-    async def _set_preview(self, thumb, info: str) -> None:
+    async def _set_preview(self, path: Path, thumb, info: str) -> None:
+        if path != self.highlighted:  # a slower preview of a file highlighted before: drop it
+            return
         pane = self.query_one("#preview-pane")
         await pane.query(".preview").remove()
         if thumb is not None:

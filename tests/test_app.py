@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 from textual import events
+from textual.widgets import Input, Markdown, TextArea
+from textual.widgets.markdown import MarkdownBlock
 from textual.worker import WorkerCancelled
 from textual_image.widget import UnicodeImage
 
@@ -489,8 +491,54 @@ async def test_tiny_model_streams_and_reuses_the_image_prefix(tmp_path, pics, ti
 
 
 # ---- snapshots ----
+# A snapshot must not depend on how fast the machine is: every step waits for what it started
+# (workers, mounts, the directory tree, markdown), the cursor does not blink, no toast is left.
+@pytest.fixture
+def steady_cursor(monkeypatch):
+    """Keep text cursors steady (shown while focused): a blink every 0.5 s would make the cursor's
+    state in the screenshot depend on how long the steps before it took."""
+    for cls, toggle in ((Input, "_toggle_cursor"), (TextArea, "_toggle_cursor_blink_visible")):
+        assert callable(getattr(cls, toggle, None)), f"textual renamed {cls.__name__}.{toggle}"
+        monkeypatch.setattr(cls, toggle, lambda self: None)
+
+
 def snapshot_app(tmp_path, pics):
     return make_app(tmp_path, FakeEngine("A **red** square on a *white* background.\n\n- one shape"))
+
+
+async def until(pilot, condition, what, timeout=30.0):
+    """Pause until ``condition()`` holds (a loaded machine can take far longer than an idle one)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+async def snapshot_ready(pilot):
+    """The last step before a screenshot: nothing running, nothing animating, no notifications."""
+    app = pilot.app
+    await settle(app, pilot)
+    await pilot.wait_for_scheduled_animations()
+    for markdown in app.screen.query(Markdown):  # Markdown parses off the UI thread
+        await until(pilot, lambda m=markdown: m.source.strip() == "" or m.query(MarkdownBlock),
+                    "the markdown to render")
+    await no_toasts(pilot)
+    await pilot.pause()
+
+
+async def no_toasts(pilot):
+    """Clear the notifications (say, "fake is ready", which would expire by itself after 3 s).
+
+    Only the current screen's toasts go: call this before opening a modal too."""
+    app = pilot.app
+    app.clear_notifications()
+    await until(pilot, lambda: not any(s.query("Toast") for s in app.screen_stack), "the toasts to go")
+
+
+async def open_modal(pilot, key, screen_type):
+    await no_toasts(pilot)
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(pilot.app.screen, screen_type), screen_type.__name__)
 
 
 async def _chat(pilot):
@@ -499,51 +547,54 @@ async def _chat(pilot):
     await type_and_send(app, pilot, f"/image {app.picker_root / 'red square.png'}")
     await type_and_send(app, pilot, "What is in the picture?")
     await type_and_send(app, pilot, f"/image {app.picker_root / 'blue.jpg'}")
+    assert [Path(p).name for p in app.query_one(AttachmentBar).paths] == ["blue.jpg"]
+    assert not app.generating and app.query_one(StatsLine).render()
     app.query_one("#prompt").value = "and this one?"
-    app.clear_notifications()
     app.query_one(ChatLog).scroll_end(animate=False)
-    await pilot.pause()
+    await snapshot_ready(pilot)
 
 
-def test_snapshot_chat_screen(snap_compare, tmp_path, pics):
+def test_snapshot_chat_screen(snap_compare, steady_cursor, tmp_path, pics):
     assert snap_compare(snapshot_app(tmp_path, pics), terminal_size=SIZE, run_before=_chat)
 
 
-def test_snapshot_file_picker(snap_compare, tmp_path, pics):
+def test_snapshot_file_picker(snap_compare, steady_cursor, tmp_path, pics):
     async def run_before(pilot):
-        await ready(pilot.app, pilot)
-        pilot.app.clear_notifications()
-        await pilot.press("ctrl+o")
-        await pilot.pause(0.2)
-        picker = pilot.app.screen
-        picker.query_one("#tree").focus()
-        for _ in range(8):  # the tree loads in the background: step until the file is highlighted
-            if picker.highlighted == pilot.app.picker_root / "red square.png":
+        app = pilot.app
+        await ready(app, pilot)
+        await open_modal(pilot, "ctrl+o", FilePicker)
+        picker = app.screen
+        tree = picker.query_one("#tree")
+        await until(pilot, lambda: len(tree.root.children) == 4, "the directory tree to load")
+        tree.focus()
+        target = app.picker_root / "red square.png"
+        for _ in range(8):  # step down the tree until the file is highlighted
+            if picker.highlighted == target:
                 break
             await pilot.press("down")
-            await settle(pilot.app, pilot)
-        await settle(pilot.app, pilot)
-        assert picker.query(UnicodeImage)
+            await settle(app, pilot)
+        assert picker.highlighted == target
+        await until(pilot, lambda: str(picker.query_one("#preview-info").render()).startswith(
+            "red square.png") and picker.query(UnicodeImage), "the preview")
+        await snapshot_ready(pilot)
 
     assert snap_compare(snapshot_app(tmp_path, pics), terminal_size=SIZE, run_before=run_before)
 
 
-def test_snapshot_settings(snap_compare, tmp_path, pics):
+def test_snapshot_settings(snap_compare, steady_cursor, tmp_path, pics):
     async def run_before(pilot):
         await ready(pilot.app, pilot)
-        pilot.app.clear_notifications()
-        await pilot.press("f4")
-        await pilot.pause()
+        await open_modal(pilot, "f4", SettingsScreen)
+        await snapshot_ready(pilot)
 
     assert snap_compare(snapshot_app(tmp_path, pics), terminal_size=SIZE, run_before=run_before)
 
 
-def test_snapshot_help(snap_compare, tmp_path, pics):
+def test_snapshot_help(snap_compare, steady_cursor, tmp_path, pics):
     async def run_before(pilot):
         await ready(pilot.app, pilot)
-        pilot.app.clear_notifications()
-        await pilot.press("f1")
-        await pilot.pause()
+        await open_modal(pilot, "f1", HelpScreen)
+        await snapshot_ready(pilot)
 
     assert snap_compare(snapshot_app(tmp_path, pics), terminal_size=SIZE, run_before=run_before)
 
