@@ -286,7 +286,7 @@ def main(argv=None):
             max_tiles=args.max_image_tiles, image_encoder=encoder):
         print(chunk.text, end="", flush=True)
         last = chunk
-    print()
+    print(flush=True)
     if args.stats and last is not None:
         print_stats(last)
 
