@@ -336,7 +336,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="float dtype of a dequantized checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the KL and accuracy measurements")
     p.add_argument("--eval-prompts", type=int, default=16, help="conversations for the KL")
-    p.add_argument("--eval-n", type=int, default=200, help="questions for the accuracy eval")
+    p.add_argument("--eval-n", type=int, default=50,
+                   help="held-out images (5 questions each) for the accuracy eval")
     p.add_argument("--seed", type=int, default=0)
     return p
 

