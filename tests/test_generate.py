@@ -179,3 +179,21 @@ def test_content_part_chat_templates(processor):
     p = Processor(tok, processor.image, processor.num_image_tokens)
     text = p.apply_chat_template([{"role": "user", "content": "<image>\nwhat color is it ?"}])
     assert text == "user <image> what color is it ? assistant"
+
+
+def test_cli_adapter_for_another_base(tiny_checkpoint, image_file, tmp_path):
+    from mm1_mlx import adapters, load
+
+    model, _ = load(str(tiny_checkpoint))
+    params = adapters.lora_config(4, 8.0, 0.0, -1, ["self_attn.q_proj", "self_attn.v_proj"])
+    model.freeze()
+    adapters.apply_lora(model, params)
+    (tmp_path / "ad").mkdir()
+    adapters.write_adapters(tmp_path / "ad", model, adapters.adapter_config(model, params, False))
+    ok = run_cli("--model", tiny_checkpoint, "--adapter", tmp_path / "ad", "--image", image_file,
+                 "--prompt", "what", "--max-tokens", 2)
+    assert ok.returncode == 0, ok.stderr
+    r = run_cli("--model", "mm1-tiny", "--adapter", tmp_path / "ad", "--image", image_file,
+                "--prompt", "what")
+    assert r.returncode == 2 and "not on this model" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
