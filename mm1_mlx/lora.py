@@ -156,14 +156,6 @@ def step_batches(ds, processor, args: TrainingArgs, step: int, rank: int, size: 
     return out, ntok, ntotal
 
 
-def _caught(fn, *args):
-    """fn(*args), or the exception it raised (a dead prefetch thread would hang the loop)."""
-    try:
-        return fn(*args)
-    except Exception as e:
-        return e
-
-
 def to_mx(ids, mask, px):
     return mx.array(ids), mx.array(mask), None if px is None else mx.array(px)
 
@@ -304,10 +296,9 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
     t0, tokens, run_s = time.perf_counter(), 0, log.get("seconds", 0.0)
     step = start
     try:
-        for step, batch in prefetch(lambda s: _caught(step_batches, train_ds, processor, args, s,
-                                                      rank, size), range(start, args.iters)):
-            if isinstance(batch, Exception):  # raised while building it in the prefetch thread
-                raise batch
+        # prefetch re-raises here anything raised while building a batch in its thread
+        for step, batch in prefetch(lambda s: step_batches(train_ds, processor, args, s, rank, size),
+                                    range(start, args.iters)):
             micro, ntok, ntotal = batch
             mx.random.seed(args.seed * 1_000_003 + step * 101 + rank)  # dropout masks by step
             grads, loss = None, mx.array(0.0)
