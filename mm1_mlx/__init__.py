@@ -23,7 +23,9 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        obj = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = obj  # importing .generate just bound the submodule to this name
+        return obj
     raise AttributeError(f"module 'mm1_mlx' has no attribute {name!r}")
 
 

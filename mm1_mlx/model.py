@@ -46,6 +46,8 @@ class Model(nn.Module):
         ``input_ids`` (a suffix of an image's tokens is fine, as in prefix-cache reuse).
         """
         embeds = self.language_model.embed(input_ids)
+        if image_features is None and input_ids.size == 1:
+            return embeds  # a decode step: no host sync, so mx.async_eval can pipeline tokens
         is_img = input_ids == self.config.image_token_id
         n_img = int(is_img.sum().item())
         if image_features is None:

@@ -197,3 +197,13 @@ def test_cli_adapter_for_another_base(tiny_checkpoint, image_file, tmp_path):
                 "--prompt", "what")
     assert r.returncode == 2 and "not on this model" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_package_api_names_are_the_functions():
+    code = ("from mm1_mlx import load, generate, stream_generate, save\n"
+            "import types\n"
+            "assert not any(isinstance(f, types.ModuleType) for f in "
+            "(load, generate, stream_generate, save))\n"
+            "import mm1_mlx\nassert callable(mm1_mlx.generate)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
