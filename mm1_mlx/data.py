@@ -163,6 +163,15 @@ def random_scene(rng: random.Random, shapes=SHAPES, colors=COLORS, n: int | None
     return Scene(objs, render(rng, objs))
 
 
+def slot_labels(scene: Scene, shapes=SHAPES, colors=COLORS) -> tuple[list[int], list[int]]:
+    """Per position slot (``POSITIONS`` order): 1 + shape index and 1 + colour index, 0 if empty."""
+    kinds, cols = [0] * len(POSITIONS), [0] * len(POSITIONS)
+    for s in scene.shapes:
+        k = POSITIONS.index(s.position)
+        kinds[k], cols[k] = 1 + list(shapes).index(s.kind), 1 + list(colors).index(s.color)
+    return kinds, cols
+
+
 def caption(scene: Scene) -> str:
     phrases = [s.phrase for s in scene.shapes]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]

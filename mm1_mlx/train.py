@@ -1,11 +1,15 @@
-"""Train an MM1-style model from scratch on shapes world: pre-training then SFT.
+"""Train an MM1-style model from scratch on shapes world: encoder, pre-training, then SFT.
 
 ``python -m mm1_mlx.train --recipe tiny`` reproduces the shipped ``mm1-tiny`` (``tiny-moe`` the MoE
-one). Pre-training uses MM1's data mix (45% interleaved, 45% captions, 10% text-only) with loss on
-text tokens only (plus MoE auxiliary losses); SFT trains on chat conversations with loss on the
-assistant's tokens. State is saved atomically every ``--save-every`` steps; rerunning the same
-command resumes where it stopped. Data is a pure function of (seed, stage, step), so a resumed run
-sees exactly the batches an uninterrupted one would.
+one). MM1 starts from a contrastively pre-trained image encoder; with no such encoder for shapes
+world, stage 0 pre-trains ours (ViT + connector) with a supervised objective instead: a throw-away
+linear head reads every position slot's shape and colour from the connector's tokens (as ViTs were
+first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. Pre-training uses MM1's
+data mix (45% interleaved, 45% captions, 10% text-only) with loss on text tokens only (plus MoE
+auxiliary losses); SFT trains on chat conversations with loss on the assistant's tokens. State is
+saved atomically every ``--save-every`` steps; rerunning the same command resumes where it stopped.
+Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class Recipe:
     image: ImageSettings = field(default_factory=lambda: ImageSettings(
         image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resize_mode="pad",
         pad_color=[255, 255, 255]))
+    encoder_steps: int = 0  # stage 0: supervised image-encoder pre-training (0: skip)
+    encoder_batch_size: int = 32
+    encoder_learning_rate: float = 1e-3
+    freeze_vision: bool = True  # keep the stage-0 ViT fixed afterwards (the connector trains on)
     seed: int = 0
     vocab_size: int = 640
     tokenizer_corpus: int = 1500  # samples of each kind the tokenizer is trained on
@@ -78,8 +86,12 @@ RECIPES = {
     "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=300,
                                sft_steps=1800),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
-                            batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150),
+                            batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150,
+                            encoder_steps=24, encoder_batch_size=8, encoder_learning_rate=5e-4),
 }
+
+
+STAGES = ("encoder", "pretrain", "sft")
 
 
 # ---- batches ----
@@ -136,6 +148,46 @@ def prefetch(fn, steps, depth: int = 3):
         yield item
 
 
+class SlotHead(nn.Module):
+    """Stage 0's linear probe: image tokens -> shape and colour logits of every position slot."""
+
+    def __init__(self, num_tokens: int, dims: int):
+        super().__init__()
+        self.sizes = (1 + len(data.SHAPES), 1 + len(data.COLORS))
+        self.proj = nn.Linear(num_tokens * dims, len(data.POSITIONS) * sum(self.sizes))
+
+    def __call__(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        N = tokens.shape[0]
+        out = self.proj(tokens.reshape(N, -1)).reshape(N, len(data.POSITIONS), -1)
+        return out[..., : self.sizes[0]], out[..., self.sizes[0]:]
+
+
+class EncoderTrainer(nn.Module):
+    """The model's image encoder (ViT + connector) with the stage-0 head on top."""
+
+    def __init__(self, model: Model, head: SlotHead):
+        super().__init__()
+        self.model, self.head = model, head
+        self.freeze()
+        for m in (model.vision_tower, model.connector, head):
+            m.unfreeze()
+
+
+def make_encoder_batch(processor: Processor, recipe: Recipe, step: int):
+    rng = random.Random(f"{recipe.seed}:encoder:{step}")
+    scenes = [data.random_scene(rng) for _ in range(recipe.encoder_batch_size)]
+    px = np.concatenate([processor.prepare_image(sc.image, max_tiles=1).pixels for sc in scenes])
+    kinds, cols = zip(*(data.slot_labels(sc) for sc in scenes))
+    return px, np.array(kinds, np.int32), np.array(cols, np.int32)
+
+
+def encoder_loss(trainer: EncoderTrainer, pixels, kinds, cols):
+    shape_logits, color_logits = trainer.head(trainer.model.encode_images(pixels))
+    loss = (nn.losses.cross_entropy(shape_logits, kinds).mean()
+            + nn.losses.cross_entropy(color_logits, cols).mean())
+    return loss, mx.array(kinds.shape[0])
+
+
 def loss_fn(model: Model, ids, mask, pixels):
     logits, aux = model(ids[:, :-1], pixels)
     targets, m = ids[:, 1:], mask[:, 1:]
@@ -145,27 +197,34 @@ def loss_fn(model: Model, ids, mask, pixels):
 
 
 def schedule(recipe: Recipe, stage: str, total: int):
-    peak = recipe.learning_rate if stage == "pretrain" else recipe.sft_learning_rate
+    peak = {"encoder": recipe.encoder_learning_rate, "pretrain": recipe.learning_rate,
+            "sft": recipe.sft_learning_rate}[stage]
     warm = optim.linear_schedule(0.0, peak, recipe.warmup)
     cos = optim.cosine_decay(peak, max(1, total - recipe.warmup), end=0.1 * peak)
     return optim.join_schedules([warm, cos], [recipe.warmup])
 
 
 # ---- state ----
-def save_state(run: Path, model: Model, opt, stage: str, step: int, losses: list) -> None:
+def save_state(run: Path, model: Model, opt, stage: str, step: int, losses: list,
+               head: nn.Module | None = None) -> None:
     with atomic_dir(run / "state") as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        if head is not None:
+            mx.save_safetensors(str(tmp / "head.safetensors"), dict(tree_flatten(head.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
         (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step,
                                                        "losses": losses}))
 
 
-def load_state(run: Path, model: Model) -> tuple[str, int, list, dict | None]:
+def load_state(run: Path, model: Model, head: nn.Module | None = None
+               ) -> tuple[str, int, list, dict | None]:
     """(stage, step, losses, optimizer state) of the last complete save, or a fresh start."""
     state = run / "state"
     if not (state / "progress.json").exists():
-        return "pretrain", 0, [], None
+        return STAGES[0], 0, [], None
     model.load_weights(str(state / "model.safetensors"))
+    if head is not None and (state / "head.safetensors").exists():
+        head.load_weights(str(state / "head.safetensors"))
     opt_state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
     p = json.loads((state / "progress.json").read_text())
     return p["stage"], p["step"], [tuple(x) for x in p["losses"]], opt_state
@@ -178,7 +237,7 @@ def plot_losses(losses: list, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for stage, color in (("pretrain", "tab:blue"), ("sft", "tab:orange")):
+    for stage, color in (("encoder", "tab:green"), ("pretrain", "tab:blue"), ("sft", "tab:orange")):
         pts = [(i, l) for i, (s, l) in enumerate(losses) if s == stage]
         if pts:
             x, y = zip(*pts)
@@ -218,10 +277,13 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
     cfg.image_token_id = processor.image_token_id
     cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
     model = Model(cfg)
-    stage, start, losses, opt_state = load_state(run, model)
-    stages = [("pretrain", recipe.pretrain_steps), ("sft", recipe.sft_steps)]
-    names = [n for n, _ in stages]
-    for name, total in stages[names.index(stage):]:
+    head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
+    stage, start, losses, opt_state = load_state(run, model, head)
+    steps = dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    for name in STAGES[STAGES.index(stage):]:
+        total = steps[name]
+        if total == 0:
+            continue
         opt = optim.AdamW(learning_rate=schedule(recipe, name, total),
                           weight_decay=recipe.weight_decay)
         if name == stage and opt_state is not None:
@@ -229,30 +291,43 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
         else:
             start = 0
         model.train()
-        step_fn = nn.value_and_grad(model, loss_fn)
+        if name == "encoder":
+            trained = EncoderTrainer(model, head)
+            step_fn = nn.value_and_grad(trained, encoder_loss)
+            batches = lambda s: make_encoder_batch(processor, recipe, s)  # noqa: E731
+        else:
+            trained = model
+            model.unfreeze()
+            if recipe.freeze_vision and recipe.encoder_steps:
+                model.vision_tower.freeze()
+            step_fn = nn.value_and_grad(model, loss_fn)
+            batches = lambda s, n=name: make_batch(processor, recipe, n, s)  # noqa: E731
         bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
                    dynamic_ncols=True)
         t0, ntoks = time.perf_counter(), 0
         stop = total if max_steps is None else min(total, start + max_steps)
-        for step, (ids, mask, px) in prefetch(
-                lambda s, n=name: make_batch(processor, recipe, n, s), range(start, stop)):
-            (loss, ntok), grads = step_fn(model, mx.array(ids), mx.array(mask),
-                                          None if px is None else mx.array(px))
+        for step, arrays in prefetch(batches, range(start, stop)):
+            (loss, ntok), grads = step_fn(trained, *(None if a is None else mx.array(a)
+                                                     for a in arrays))
             grads, _ = optim.clip_grad_norm(grads, 1.0)
-            opt.update(model, grads)
-            mx.eval(model.parameters(), opt.state, loss)
+            opt.update(trained, grads)
+            mx.eval(trained.trainable_parameters(), opt.state, loss)
             losses.append((name, loss.item()))
             ntoks += int(ntok.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.learning_rate.item():.1e}",
-                            tok_s=f"{ntoks / (time.perf_counter() - t0):.0f}")
+            unit = "img_s" if name == "encoder" else "tok_s"
+            bar.set_postfix({"loss": f"{loss.item():.3f}", "lr": f"{opt.learning_rate.item():.1e}",
+                             unit: f"{ntoks / (time.perf_counter() - t0):.0f}"})
             bar.update(1)
             if (step + 1) % save_every == 0 or step + 1 == total:
-                save_state(run, model, opt, name, step + 1, losses)
+                save_state(run, model, opt, name, step + 1, losses,
+                           head if name == "encoder" else None)
                 plot_losses(losses, run / "loss.png", recipe.name)
         bar.close()
         if stop < total:
+            model.unfreeze()
             model.eval()
             return model, processor, losses
+    model.unfreeze()
     model.eval()
     if out is not None:
         save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")})

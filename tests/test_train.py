@@ -5,10 +5,12 @@ import mm1_mlx  # noqa: F401, I001
 import json
 import random
 
+import mlx.core as mx
 import numpy as np
 
 from mm1_mlx import data
 from mm1_mlx.checkpoint import load
+from mm1_mlx.model import Model
 from mm1_mlx.train import RECIPES, make_batch, setup_processor, train
 
 
@@ -51,7 +53,9 @@ def test_smoke_recipe_learns_and_resumes(tmp_path):
     recipe.pretrain_steps, recipe.sft_steps = 12, 8
     run = tmp_path / "run"
     model, proc, losses = train(recipe, run, save_every=4, out=tmp_path / "model", quiet=True)
+    enc = [loss for stage, loss in losses if stage == "encoder"]
     pre = [loss for stage, loss in losses if stage == "pretrain"]
+    assert len(enc) == 24 and np.mean(enc[-4:]) < 0.9 * np.mean(enc[:4])  # stage 0 learns
     assert np.mean(pre[-3:]) < 0.7 * np.mean(pre[:3])  # loss falls
     assert (run / "loss.png").stat().st_size > 1000
     m2, _ = load(str(tmp_path / "model"))  # the final checkpoint opens with mm1_mlx.load
@@ -66,15 +70,40 @@ def test_smoke_recipe_learns_and_resumes(tmp_path):
     assert np.array_equal(ids_a, ids_b)
 
 
+def test_encoder_stage_trains_the_image_encoder_then_freezes_the_vit(tmp_path):
+    from mlx.utils import tree_flatten
+
+    r = RECIPES["smoke"]()
+    r.encoder_steps, r.pretrain_steps, r.sft_steps, r.encoder_batch_size = 4, 0, 0, 4
+    mx.random.seed(r.seed)  # as train() does before building the model
+    fresh = dict(tree_flatten(Model(r.model).parameters()))
+    model, _, _ = train(r, tmp_path, save_every=2, quiet=True)
+    after0 = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert (tmp_path / "state" / "head.safetensors").exists()
+    changed = {k for k in after0 if not np.allclose(after0[k], np.array(fresh[k]))}
+    assert changed and all(k.startswith(("vision_tower.", "connector.")) for k in changed)
+    r.pretrain_steps, r.batch_size = 3, 4  # the same run goes on into pre-training
+    model, _, losses = train(r, tmp_path, save_every=2, quiet=True)
+    assert [s for s, _ in losses] == ["encoder"] * 4 + ["pretrain"] * 3
+    after1 = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    for k in after0:
+        same = np.array_equal(after0[k], after1[k])
+        assert same == k.startswith("vision_tower."), k  # ViT frozen, everything else trains
+
+
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     def recipe(steps):
         r = RECIPES["smoke"]()
         r.pretrain_steps, r.sft_steps, r.batch_size = steps, 0, 4
+        r.encoder_steps, r.encoder_batch_size = 4, 4
         return r
 
     full, _, _ = train(recipe(6), tmp_path / "a", save_every=3, quiet=True)
-    train(recipe(6), tmp_path / "b", save_every=3, quiet=True, max_steps=3)  # stops after a save
     state = tmp_path / "b" / "state" / "progress.json"
+    train(recipe(6), tmp_path / "b", save_every=3, quiet=True, max_steps=3)  # stops after a save
+    assert json.loads(state.read_text())["stage"] == "encoder"
+    train(recipe(6), tmp_path / "b", save_every=3, quiet=True, max_steps=5)  # the last save: step 3
+    assert json.loads(state.read_text())["stage"] == "pretrain"
     assert json.loads(state.read_text())["step"] == 3
     resumed, _, _ = train(recipe(6), tmp_path / "b", save_every=3, quiet=True)
     from mlx.utils import tree_flatten
