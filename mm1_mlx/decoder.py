@@ -16,6 +16,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import TextConfig
+from .linear import Linear, matmul_t
 
 
 class Attention(nn.Module):
@@ -24,10 +25,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         hd, D, bias = args.head_dim, args.hidden_size, args.attention_bias
         self.scale = hd**-0.5
-        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=False)
+        self.q_proj = Linear(D, self.n_heads * hd, bias=bias)
+        self.k_proj = Linear(D, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(D, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * hd, D, bias=False)
         self.qk_norm_full = args.qk_norm_full
         if args.qk_norm:
             full = args.qk_norm_full
@@ -60,9 +61,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dims: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dims, hidden, bias=bias)
-        self.up_proj = nn.Linear(dims, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dims, bias=bias)
+        self.gate_proj = Linear(dims, hidden, bias=bias)
+        self.up_proj = Linear(dims, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -91,12 +92,12 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts,
                                     bias=args.mlp_bias)
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(args.hidden_size, 1, bias=False)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Router logits (..., E), chosen experts (..., k) and their weights (..., k)."""
@@ -164,7 +165,7 @@ class LanguageModel(nn.Module):
         self.args = args
         self.model = LlamaModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     @property
     def layers(self):
@@ -173,11 +174,17 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: mx.array) -> mx.array:
         return self.model.embed_tokens(input_ids)
 
-    def __call__(self, embeds: mx.array, cache=None) -> tuple[mx.array, mx.array | None]:
-        """Logits (B, L, V), and in training mode the weighted MoE auxiliary loss (None if dense)."""
+    def __call__(self, embeds: mx.array, cache=None, last_only: bool = False
+                 ) -> tuple[mx.array, mx.array | None]:
+        """Logits (B, L, V) (or (B, 1, V) with ``last_only``, as prefill needs), and in training
+        mode the weighted MoE auxiliary loss (None if dense)."""
         h, auxes = self.model(embeds, cache)
+        if last_only:
+            h = h[:, -1:]
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
+            emb = self.model.embed_tokens
+            logits = (matmul_t(h, emb.weight) if isinstance(emb, nn.Embedding)
+                      else emb.as_linear(h))
         else:
             logits = self.lm_head(h)
         aux = None

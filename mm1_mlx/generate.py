@@ -103,7 +103,7 @@ def prefill(model, ids: list[int], features: mx.array | None, first_feature: int
         chunk = ids[pos:pos + step]
         n_img = sum(1 for t in chunk if t == image_token_id)
         f = features[used: used + n_img] if n_img else None
-        logits = model(mx.array(chunk)[None], cache=kv, image_features=f)
+        logits = model(mx.array(chunk)[None], cache=kv, image_features=f, last_only=True)
         used += n_img
         if pos + step < len(ids):
             mx.eval([c.state for c in kv])

@@ -68,10 +68,10 @@ class Model(nn.Module):
         return table[idx].reshape(B, L, D)
 
     def __call__(self, input_ids: mx.array, pixel_values: mx.array | None = None, cache=None,
-                 image_features: mx.array | None = None):
+                 image_features: mx.array | None = None, last_only: bool = False):
         if pixel_values is not None and image_features is None:
             image_features = self.encode_images(pixel_values)
-        logits, aux = self.language_model(self.embed(input_ids, image_features), cache)
+        logits, aux = self.language_model(self.embed(input_ids, image_features), cache, last_only)
         if self.training:
             return logits, aux if aux is not None else mx.array(0.0)
         return logits

@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .errors import MM1Error, cli_errors
+from .linear import Linear
 
 RECIPES = ["mixed_4_8"]
 MODES = {"affine": ({2, 3, 4, 5, 6, 8}, {32, 64, 128}), "mxfp4": ({4}, {32})}
@@ -181,7 +182,7 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Modu
         elif isinstance(m, QuantizedSwitchLinear):
             f = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias=has_bias)
         else:
-            f = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+            f = Linear(w.shape[1], w.shape[0], bias=has_bias)
         f.weight = w
         if has_bias:
             f.bias = m.bias

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
+from .linear import Linear
 
 
 def activation(name: str):
@@ -26,10 +27,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dims // num_heads) ** -0.5
-        self.q_proj = nn.Linear(dims, dims, bias=bias)
-        self.k_proj = nn.Linear(dims, dims, bias=bias)
-        self.v_proj = nn.Linear(dims, dims, bias=bias)
-        self.out_proj = nn.Linear(dims, dims, bias=bias)
+        self.q_proj = Linear(dims, dims, bias=bias)
+        self.k_proj = Linear(dims, dims, bias=bias)
+        self.v_proj = Linear(dims, dims, bias=bias)
+        self.out_proj = Linear(dims, dims, bias=bias)
 
     def __call__(self, x: mx.array, kv: mx.array | None = None) -> mx.array:
         kv = x if kv is None else kv
@@ -46,8 +47,8 @@ class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.act = activation(config.hidden_act)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.act(self.fc1(x)))

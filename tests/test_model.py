@@ -229,3 +229,31 @@ def test_half_precision_close_to_float32(processor, dtype):
     out = np.array(model(ids, px).astype(mx.float32))
     scale = np.abs(ref).max()
     assert np.abs(out - ref).max() < (0.02 if dtype == mx.float16 else 0.08) * max(scale, 1)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_cpu_linear_fast_paths_equal_mlx_layers(rows):
+    from mm1_mlx.linear import Linear, QuantizedLinear
+
+    mx.random.seed(3)
+    ours = Linear(128, 96)
+    ref = nn.Linear(128, 96)
+    ref.update(ours.parameters())
+    x = mx.random.normal((1, rows, 128))
+    np.testing.assert_allclose(np.array(ours(x)), np.array(ref(x)), rtol=1e-5, atol=1e-5)
+    ours.eval()
+    q = ours.to_quantized(group_size=64, bits=4)
+    assert type(q) is QuantizedLinear and not q.training  # the mode carries over
+    q_ref = nn.QuantizedLinear.from_linear(ref, 64, 4)
+    want = np.array(q_ref(x))  # quantized_matmul
+    np.testing.assert_allclose(np.array(q(x)), want, rtol=1e-4, atol=1e-4)
+    q.train()  # training (QLoRA) keeps the quantized product: no dequantized copy in the graph
+    np.testing.assert_array_equal(np.array(q(x)), want)
+
+
+def test_last_only_logits_equal_the_last_row(processor):
+    model = make_model(processor)
+    ids = mx.array([[5, 9, 11, 4, 7, 3]])
+    full = model(ids)
+    np.testing.assert_allclose(np.array(model(ids, last_only=True)), np.array(full[:, -1:]),
+                               rtol=1e-5, atol=1e-5)
