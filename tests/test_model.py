@@ -251,9 +251,12 @@ def test_cpu_linear_fast_paths_equal_mlx_layers(rows):
     np.testing.assert_array_equal(np.array(q(x)), want)
 
 
-def test_last_only_logits_equal_the_last_row(processor):
-    model = make_model(processor)
-    ids = mx.array([[5, 9, 11, 4, 7, 3]])
+@pytest.mark.parametrize("tied", [True, False])
+def test_last_only_logits_equal_the_last_row(processor, tied):
+    cfg = make_config(processor)
+    cfg.text_config.tie_word_embeddings = tied
+    model = make_model(cfg)
+    ids = mx.array([[5, 9, 11, 4, 7, 3]]) % (processor.image_token_id - 1)
     full = model(ids)
     np.testing.assert_allclose(np.array(model(ids, last_only=True)), np.array(full[:, -1:]),
                                rtol=1e-5, atol=1e-5)
