@@ -45,6 +45,8 @@ class Shape:
     kind: str
     color: str
     position: str
+    center: tuple[float, float] | None = None  # where it was drawn, as fractions of the image
+    radius: float | None = None
 
     @property
     def phrase(self) -> str:
@@ -116,6 +118,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, rng: random.Random, shape: Shape, size
     cx = (fx + rng.uniform(-0.05, 0.05)) * size * scale
     cy = (fy + rng.uniform(-0.05, 0.05)) * size * scale
     r = rng.uniform(0.09, 0.14) * size * scale
+    shape.center, shape.radius = (cx / (size * scale), cy / (size * scale)), r / (size * scale)
     fill = jitter_color(rng, shape.color)
     outline = None
     if rng.random() < 0.15:  # a darker outline, as some drawing code adds
@@ -169,6 +172,28 @@ def slot_labels(scene: Scene, shapes=SHAPES, colors=COLORS) -> tuple[list[int], 
     for s in scene.shapes:
         k = POSITIONS.index(s.position)
         kinds[k], cols[k] = 1 + list(shapes).index(s.kind), 1 + list(colors).index(s.color)
+    return kinds, cols
+
+
+def token_labels(scene: Scene, side: int, shapes=SHAPES, colors=COLORS, samples: int = 6,
+                 min_cover: float = 0.08) -> tuple[list[int], list[int]]:
+    """Per cell of a side x side grid (row-major): 1 + shape index and 1 + colour index of the
+    shape covering most of the cell (its disc, sampled at samples^2 points), 0 below min_cover."""
+    kinds, cols = [0] * (side * side), [0] * (side * side)
+    offsets = [(i + 0.5) / samples for i in range(samples)]
+    for row in range(side):
+        for col in range(side):
+            best, best_n = None, min_cover * samples * samples
+            for s in scene.shapes:
+                (cx, cy), r = s.center, s.radius
+                n = sum((((col + u) / side - cx) ** 2 + ((row + v) / side - cy) ** 2) <= r * r
+                        for u in offsets for v in offsets)
+                if n >= best_n:
+                    best, best_n = s, n
+            if best is not None:
+                k = row * side + col
+                kinds[k] = 1 + list(shapes).index(best.kind)
+                cols[k] = 1 + list(colors).index(best.color)
     return kinds, cols
 
 

@@ -82,9 +82,10 @@ def tiny_config(moe: bool = False) -> ModelConfig:
 
 
 RECIPES = {
-    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), pretrain_steps=400, sft_steps=2600),
-    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), pretrain_steps=300,
-                               sft_steps=1800),
+    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), encoder_steps=2000, pretrain_steps=500,
+                           sft_steps=2400),
+    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), encoder_steps=2000,
+                               pretrain_steps=400, sft_steps=2000),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
                             batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150,
                             encoder_steps=24, encoder_batch_size=8, encoder_learning_rate=5e-4),
@@ -149,17 +150,21 @@ def prefetch(fn, steps, depth: int = 3):
 
 
 class SlotHead(nn.Module):
-    """Stage 0's linear probe: image tokens -> shape and colour logits of every position slot."""
+    """Stage 0's throw-away heads on the image tokens: every position slot's shape and colour read
+    from all tokens at once, and each token's own cell (so a token carries what it covers, which
+    the decoder's attention can then find by shape as well as by colour)."""
 
     def __init__(self, num_tokens: int, dims: int):
         super().__init__()
         self.sizes = (1 + len(data.SHAPES), 1 + len(data.COLORS))
         self.proj = nn.Linear(num_tokens * dims, len(data.POSITIONS) * sum(self.sizes))
+        self.token_proj = nn.Linear(dims, sum(self.sizes))
 
     def __call__(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """(N, slots, shapes+colours) and (N, tokens, shapes+colours) logits."""
         N = tokens.shape[0]
-        out = self.proj(tokens.reshape(N, -1)).reshape(N, len(data.POSITIONS), -1)
-        return out[..., : self.sizes[0]], out[..., self.sizes[0]:]
+        return (self.proj(tokens.reshape(N, -1)).reshape(N, len(data.POSITIONS), -1),
+                self.token_proj(tokens))
 
 
 class EncoderTrainer(nn.Module):
@@ -174,18 +179,27 @@ class EncoderTrainer(nn.Module):
 
 
 def make_encoder_batch(processor: Processor, recipe: Recipe, step: int):
+    """Pixels, (N, slots, 2) slot labels and (N, tokens, 2) token-cell labels (shape, colour)."""
     rng = random.Random(f"{recipe.seed}:encoder:{step}")
     scenes = [data.random_scene(rng) for _ in range(recipe.encoder_batch_size)]
     px = np.concatenate([processor.prepare_image(sc.image, max_tiles=1).pixels for sc in scenes])
-    kinds, cols = zip(*(data.slot_labels(sc) for sc in scenes))
-    return px, np.array(kinds, np.int32), np.array(cols, np.int32)
+    side = int(round(recipe.model.num_image_tokens ** 0.5))
+    slots = np.array([data.slot_labels(sc) for sc in scenes], np.int32).transpose(0, 2, 1)
+    cells = np.array([data.token_labels(sc, side) for sc in scenes], np.int32).transpose(0, 2, 1)
+    return px, slots, cells
 
 
-def encoder_loss(trainer: EncoderTrainer, pixels, kinds, cols):
-    shape_logits, color_logits = trainer.head(trainer.model.encode_images(pixels))
-    loss = (nn.losses.cross_entropy(shape_logits, kinds).mean()
-            + nn.losses.cross_entropy(color_logits, cols).mean())
-    return loss, mx.array(kinds.shape[0])
+def _shape_color_ce(logits: mx.array, labels: mx.array, split: int) -> mx.array:
+    return (nn.losses.cross_entropy(logits[..., :split], labels[..., 0]).mean()
+            + nn.losses.cross_entropy(logits[..., split:], labels[..., 1]).mean())
+
+
+def encoder_loss(trainer: EncoderTrainer, pixels, slots, cells):
+    slot_logits, token_logits = trainer.head(trainer.model.encode_images(pixels))
+    split = trainer.head.sizes[0]
+    loss = (_shape_color_ce(slot_logits, slots, split)
+            + _shape_color_ce(token_logits, cells, split))
+    return loss, mx.array(slots.shape[0])
 
 
 def loss_fn(model: Model, ids, mask, pixels):
