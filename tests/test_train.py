@@ -48,6 +48,30 @@ def test_pixels_match_named_colours():
         assert len(shape_px) > 50, color
 
 
+def test_stage0_labels_follow_the_drawing():
+    rng = random.Random(11)
+    scene = data.random_scene(rng, n=2)
+    kinds, cols = data.slot_labels(scene)
+    for s in scene.shapes:
+        k = data.POSITIONS.index(s.position)
+        assert (kinds[k], cols[k]) == (1 + data.SHAPES.index(s.kind), 1 + data.COLORS.index(s.color))
+        x, y = s.center  # recorded while drawing: near its slot, and the drawn pixels are there
+        assert abs(x - data.SLOTS[s.position][0]) <= 0.06 and abs(y - data.SLOTS[s.position][1]) <= 0.06
+        img = np.asarray(scene.image.convert("RGB")).astype(int)
+        h = img.shape[0]
+        bg = img[1, 1]
+        assert np.abs(img[int(y * h), int(x * h)] - bg).sum() > 60
+    assert sum(k == 0 for k in kinds) == len(data.POSITIONS) - 2
+    # 4x4 token cells: a cell takes the shape covering most of it; the cell holding a centre is it
+    cells, cell_cols = data.token_labels(scene, 4)
+    for s in scene.shapes:
+        x, y = s.center
+        k = int(y * 4) * 4 + int(x * 4)
+        assert (cells[k], cell_cols[k]) == (1 + data.SHAPES.index(s.kind),
+                                           1 + data.COLORS.index(s.color))
+    assert sum(c > 0 for c in cells) < 16  # the background stays "nothing"
+
+
 def test_smoke_recipe_learns_and_resumes(tmp_path):
     recipe = RECIPES["smoke"]()
     recipe.pretrain_steps, recipe.sft_steps = 12, 8
