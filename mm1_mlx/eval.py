@@ -12,7 +12,7 @@ import random
 import re
 import sys
 
-from . import data
+from . import data, redraw
 from .errors import cli_errors
 
 SPLITS = {"test": "heldout-test", "valid": "heldout-valid"}
@@ -80,13 +80,18 @@ def caption_f1(answer: str, scene: data.Scene) -> float:
     return 2 * p * r / (p + r)
 
 
-def heldout(n: int, seed: str, shapes=None, colors=None, must_include=(None, None)):
-    """n held-out scenes, each with one question of every type (targeting ``must_include``)."""
+DRAWINGS = {"ours": data.random_scene, "independent": redraw.random_scene}
+
+
+def heldout(n: int, seed: str, shapes=None, colors=None, must_include=(None, None),
+            drawing: str = "ours"):
+    """n held-out scenes, each with one question of every type (targeting ``must_include``).
+    ``drawing="independent"`` draws them with ``redraw`` (code the training data never used)."""
     shapes, colors = shapes or data.SHAPES, colors or data.COLORS
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        scene = data.random_scene(rng, shapes, colors, must_include=must_include)
+        scene = DRAWINGS[drawing](rng, shapes, colors, must_include=must_include)
         qs = {}
         for _ in range(12):  # draw until each question is about the focus shape, if any
             for kind, q, a in data.questions(rng, scene, shapes, colors):
@@ -102,7 +107,7 @@ def heldout(n: int, seed: str, shapes=None, colors=None, must_include=(None, Non
 
 def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], shapes=None,
              colors=None, must_include=(None, None), max_tokens: int = 48,
-             types: list[str] | None = None, failures: int = 5) -> dict:
+             types: list[str] | None = None, failures: int = 5, drawing: str = "ours") -> dict:
     """Accuracy per question type and overall (caption F1 reported apart), greedy decoding."""
     from .generate import PromptCache, generate
 
@@ -110,7 +115,7 @@ def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], s
     totals = {k: 0.0 for k in types}
     counts = {k: 0 for k in types}
     bad = []
-    for scene, qs in heldout(n, str(seed), shapes, colors, must_include):
+    for scene, qs in heldout(n, str(seed), shapes, colors, must_include, drawing):
         cache = PromptCache()
         for kind in types:
             if kind not in qs:
@@ -128,7 +133,8 @@ def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], s
     result = {"accuracy": acc,
               "overall": round(sum(acc[k] * counts[k] for k in qa) / max(1, sum(counts[k] for k in qa)),
                                2),
-              "questions": sum(counts[k] for k in qa), "images": n, "seed": str(seed)}
+              "questions": sum(counts[k] for k in qa), "images": n, "seed": str(seed),
+              "drawing": drawing}
     if counts.get("describe"):
         result["caption_f1"] = round(100 * totals["describe"] / counts["describe"], 2)
     result["failures"] = bad
@@ -143,6 +149,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="held-out images (6 questions each)")
     p.add_argument("--new-concepts", action="store_true",
                    help="questions about the LoRA demo's teal/hexagon instead")
+    p.add_argument("--drawing", default="ours", choices=sorted(DRAWINGS),
+                   help="independent: images drawn by other code (mm1_mlx.redraw), for robustness")
     return p
 
 
@@ -156,7 +164,8 @@ def main(argv=None):
     if args.new_concepts:
         kw = dict(shapes=data.SHAPES + data.NEW_SHAPES, colors=data.COLORS + data.NEW_COLORS,
                   must_include=(data.NEW_SHAPES[0], data.NEW_COLORS[0]))
-    result = evaluate(model, processor, n=args.n, seed=SPLITS[args.split], **kw)
+    result = evaluate(model, processor, n=args.n, seed=SPLITS[args.split], drawing=args.drawing,
+                      **kw)
     result["model"] = args.model or "mm1-tiny"
     json.dump(result, sys.stdout, indent=2)
     print()

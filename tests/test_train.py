@@ -135,3 +135,22 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     a, b = dict(tree_flatten(full.parameters())), dict(tree_flatten(resumed.parameters()))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-4, err_msg=k)
+
+
+def test_independent_drawing_for_the_robustness_check():
+    from mm1_mlx import redraw
+    from mm1_mlx.eval import heldout
+
+    a = heldout(3, "x", drawing="independent")
+    b = heldout(3, "x", drawing="independent")
+    for (sa, qa), (sb, qb) in zip(a, b):  # deterministic by seed, with every question type
+        assert qa == qb and np.array_equal(np.asarray(sa.image), np.asarray(sb.image))
+        assert set(qa) == {"color", "shape", "count", "exists", "where", "describe"}
+    rng = random.Random(2)
+    for kind in data.SHAPES:
+        scene = redraw.random_scene(rng, shapes=[kind], colors=["red"], n=1)
+        img = np.asarray(scene.image).astype(int)
+        h = img.shape[0]
+        x, y = redraw.CENTERS[scene.shapes[0].position]
+        r, g, b = img[int(y * h), int(x * h)]  # the middle of its place is red
+        assert r > 150 and g < 90 and b < 90, (kind, r, g, b)
