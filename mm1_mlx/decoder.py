@@ -16,7 +16,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import TextConfig
-from .linear import Linear, matmul_t
+from .cpu import Linear, attention, matmul_t, silu
 
 
 class Attention(nn.Module):
@@ -54,7 +54,10 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
+            o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        else:
+            o = attention(q, k, v, self.scale, mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -66,7 +69,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def router_losses(logits: mx.array, inds: mx.array, num_experts: int) -> tuple[mx.array, mx.array]:

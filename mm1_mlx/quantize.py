@@ -31,8 +31,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .cpu import Linear
 from .errors import MM1Error, cli_errors
-from .linear import Linear
 
 RECIPES = ["mixed_4_8"]
 MODES = {"affine": ({2, 3, 4, 5, 6, 8}, {32, 64, 128}), "mxfp4": ({4}, {32})}

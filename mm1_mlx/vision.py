@@ -8,16 +8,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
-from .linear import Linear
+from .cpu import Linear, attention, sigmoid, silu
 
 
 def activation(name: str):
     return {
-        "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+        "quick_gelu": lambda x: x * sigmoid(1.702 * x),
         "gelu": nn.gelu,
         "gelu_pytorch_tanh": nn.gelu_approx,
         "gelu_tanh": nn.gelu_approx,
-        "silu": nn.silu,
+        "silu": silu,
         "relu": nn.relu,
     }[name]
 
@@ -39,7 +39,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(kv).reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(kv).reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, nh, L, hs)
+        o = attention(q, k, v, self.scale)  # (B, nh, L, hs)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

@@ -233,7 +233,7 @@ def test_half_precision_close_to_float32(processor, dtype):
 
 @pytest.mark.parametrize("rows", [1, 7])
 def test_cpu_linear_fast_paths_equal_mlx_layers(rows):
-    from mm1_mlx.linear import Linear, QuantizedLinear
+    from mm1_mlx.cpu import Linear, QuantizedLinear
 
     mx.random.seed(3)
     ours = Linear(128, 96)
@@ -260,3 +260,29 @@ def test_last_only_logits_equal_the_last_row(processor, tied):
     full = model(ids)
     np.testing.assert_allclose(np.array(model(ids, last_only=True)), np.array(full[:, -1:]),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_cpu_attention_equals_the_fused_kernel(mask, heads):
+    from mm1_mlx.cpu import attention
+
+    mx.random.seed(1)
+    (hq, hkv), L, S = heads, 5, 9  # S > L: queries are the last L positions (a cache prefix)
+    q, k, v = (mx.random.normal((2, h, n, 16)) for h, n in ((hq, L), (hkv, S), (hkv, S)))
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(2, 1, L, S)) > 0.3
+        mask[..., -1] = True  # every query keeps at least one key
+    elif mask == "additive":
+        mask = mx.random.normal((hq, L, S))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    np.testing.assert_allclose(np.array(attention(q, k, v, 0.25, mask)), np.array(want),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_activations_equal_mlx():
+    from mm1_mlx.cpu import sigmoid, silu
+
+    x = mx.linspace(-30, 30, 2001)
+    np.testing.assert_allclose(np.array(sigmoid(x)), np.array(mx.sigmoid(x)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.array(silu(x)), np.array(nn.silu(x)), rtol=1e-6, atol=1e-6)
