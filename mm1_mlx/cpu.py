@@ -39,6 +39,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     multiple of Hkv; mask None, "causal" (the last L of S positions) or a bool/additive array."""
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    dtype = q.dtype
+    q, k, v = (a.astype(mx.float32) for a in (q, k, v))  # BLAS products; no half GEMM on the CPU
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = Hq // Hkv
@@ -56,16 +58,28 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
             s = mx.where(m, s, mx.array(-mx.inf, s.dtype))
         else:
             s = s + (m * LOG2E).astype(s.dtype)
-    p = mx.power(2.0, s - s.max(axis=-1, keepdims=True)).astype(v.dtype)
+    p = mx.power(2.0, s - s.max(axis=-1, keepdims=True))
     o = (p @ v[:, :, None]) / p.sum(axis=-1, keepdims=True)
-    return o.reshape(B, Hq, L, D)
+    return o.reshape(B, Hq, L, D).astype(dtype)
+
+
+HALF = (mx.float16, mx.bfloat16)
 
 
 def matmul_t(x: mx.array, weight: mx.array) -> mx.array:
-    """``x @ weight.T``; one row (a decode step) runs as the faster GEMV ``weight @ x`` on the CPU."""
-    if x.size == x.shape[-1] and on_cpu():
-        return (weight @ x.reshape(-1, 1)).reshape(*x.shape[:-1], weight.shape[0])
-    return x @ weight.T
+    """``x @ weight.T``. On the CPU: half precision is multiplied in float32 (BLAS has no half
+    GEMM; MLX's own loop is orders of magnitude slower), and one row (a decode step) runs as the
+    faster GEMV ``weight @ x``."""
+    if not on_cpu():
+        return x @ weight.T
+    dtype = x.dtype
+    if dtype in HALF or weight.dtype in HALF:
+        x, weight = x.astype(mx.float32), weight.astype(mx.float32)
+    if x.size == x.shape[-1]:
+        y = (weight @ x.reshape(-1, 1)).reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        y = x @ weight.T
+    return y.astype(dtype)
 
 
 class Linear(nn.Linear):
@@ -88,5 +102,5 @@ class QuantizedLinear(nn.QuantizedLinear):
             return super().__call__(x)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
                           self.bits, mode=self.mode)
-        y = matmul_t(x, w.astype(x.dtype))
+        y = matmul_t(x, w)
         return y + self["bias"] if "bias" in self else y
