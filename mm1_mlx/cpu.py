@@ -4,7 +4,8 @@ Measured on the 2-core development machine (``../shared/CPU-NOTES.md``, ``benchm
 OpenBLAS bound:
 - a one-row product written ``w @ x`` reads the weight 3-5x faster than ``x @ w.T`` (the
   orientation ``nn.Linear`` uses);
-- ``quantized_matmul`` runs at ~1 GB/s, so a quantized layer is faster as "dequantize, then BLAS";
+- ``quantized_matmul`` runs at ~1 GB/s, so a quantized layer's many-row products (prefill) are
+  faster as "dequantize, then BLAS" (one-row products stay quantized: less to read);
 - ``exp`` and ``sigmoid`` run scalar (softmax over 16x632x632: ~110 ms) while ``power(2, x)`` is
   2-2.5x faster, so softmax, sigmoid and SiLU are written with base-2 exponentials (same results
   to ~1e-7). Attention then is ``2^(s - max) @ v / sum`` instead of the fused kernel's fallback.
@@ -98,9 +99,18 @@ class Linear(nn.Linear):
 
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        if self.training or not on_cpu():  # QLoRA keeps the small quantized weights in the graph
+        if not on_cpu():
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size,
-                          self.bits, mode=self.mode)
-        y = matmul_t(x, w)
+        dtype = x.dtype
+        if self.training or x.size == x.shape[-1]:
+            # QLoRA keeps the small quantized weights in the graph; one row (decode) reads less
+            # through quantized_matmul. In float32: with half inputs it is ~30x slower here.
+            y = mx.quantized_matmul(x.astype(mx.float32), self["weight"], self["scales"],
+                                    self.get("biases"), transpose=True,
+                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
+        else:
+            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
+                              self.group_size, self.bits, mode=self.mode)
+            y = matmul_t(x, w)
+        y = y.astype(dtype)
         return y + self["bias"] if "bias" in self else y
