@@ -55,9 +55,10 @@ def mlx_figures(bind: bool) -> dict:
 
     if not bind:
         os.environ["MM1_MLX_BLAS"] = "off"
+    # isort: off
+    import mm1_mlx  # binds OpenBLAS (unless off): must load before mlx.core
     import mlx.core as mx
-
-    import mm1_mlx
+    # isort: on
 
     x = mx.random.normal((N_MATMUL, N_MATMUL))
     mx.eval(x)
