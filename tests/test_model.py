@@ -286,3 +286,23 @@ def test_cpu_activations_equal_mlx():
     x = mx.linspace(-30, 30, 2001)
     np.testing.assert_allclose(np.array(sigmoid(x)), np.array(mx.sigmoid(x)), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.array(silu(x)), np.array(nn.silu(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_half_precision_products_run_in_float32():
+    from mm1_mlx.cpu import attention, matmul_t
+
+    mx.random.seed(4)
+    x, w = mx.random.normal((1, 3, 64)), mx.random.normal((48, 64))
+    x16, w16 = x.astype(mx.float16), w.astype(mx.float16)
+    want = x16.astype(mx.float32) @ w16.astype(mx.float32).T
+    for rows in (x16, x16[:, :1]):  # prefill and decode orientations
+        got = matmul_t(rows, w16)
+        assert got.dtype == mx.float16
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)),
+                                   np.array(want[:, : rows.shape[1]]), rtol=2e-3, atol=2e-2)
+    q, k, v = (mx.random.normal((1, 2, 4, 16)).astype(mx.float16) for _ in range(3))
+    ref = mx.fast.scaled_dot_product_attention(*(a.astype(mx.float32) for a in (q, k, v)),
+                                               scale=0.25, mask="causal")
+    got = attention(q, k, v, 0.25, "causal")
+    assert got.dtype == mx.float16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), atol=2e-3)
