@@ -150,8 +150,8 @@ def render(rng: random.Random, shapes: list[Shape], size: int | None = None) -> 
 
 
 def random_scene(rng: random.Random, shapes=SHAPES, colors=COLORS, n: int | None = None,
-                 must_include: tuple[str | None, str | None] = (None, None)) -> Scene:
-    """1-4 shapes, each of a distinct kind and colour, in distinct positions."""
+                 must_include: tuple[str | None, str | None] = (None, None), draw=render) -> Scene:
+    """1-4 shapes, each of a distinct kind and colour, in distinct positions, drawn by ``draw``."""
     n = n or rng.randint(1, 4)
     kinds = rng.sample(list(shapes), n)
     cols = rng.sample(list(colors), n)
@@ -163,7 +163,7 @@ def random_scene(rng: random.Random, shapes=SHAPES, colors=COLORS, n: int | None
     spots = rng.sample(POSITIONS, n)
     objs = [Shape(k, c, p) for k, c, p in zip(kinds, cols, spots)]
     objs.sort(key=lambda s: POSITIONS.index(s.position))
-    return Scene(objs, render(rng, objs))
+    return Scene(objs, draw(rng, objs))
 
 
 def slot_labels(scene: Scene, shapes=SHAPES, colors=COLORS) -> tuple[list[int], list[int]]:

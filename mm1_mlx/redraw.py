@@ -104,14 +104,5 @@ def draw(rng: random.Random, shapes: list[data.Shape]) -> Image.Image:
 
 def random_scene(rng: random.Random, shapes=data.SHAPES, colors=data.COLORS, n: int | None = None,
                  must_include: tuple[str | None, str | None] = (None, None)) -> data.Scene:
-    """Same scene semantics as ``data.random_scene`` (1-4 distinct shapes, colours, places)."""
-    n = n or rng.randint(1, 4)
-    kinds, cols = rng.sample(list(shapes), n), rng.sample(list(colors), n)
-    kind, color = must_include
-    if kind is not None and kind not in kinds:
-        kinds[0] = kind
-    if color is not None and color not in cols:
-        cols[0] = color
-    objs = [data.Shape(k, c, p) for k, c, p in zip(kinds, cols, rng.sample(data.POSITIONS, n))]
-    objs.sort(key=lambda s: data.POSITIONS.index(s.position))
-    return data.Scene(objs, draw(rng, objs))
+    """``data.random_scene``'s scenes (same choices for the same rng), drawn by ``draw``."""
+    return data.random_scene(rng, shapes, colors, n, must_include, draw=draw)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import WEIGHTS_DIR, atomic_dir, save
 from .config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from .connector import grid_side
 from .errors import MM1Error, cli_errors
 from .model import Model
 from .processor import ImageSettings, Processor
@@ -183,7 +184,7 @@ def make_encoder_batch(processor: Processor, recipe: Recipe, step: int):
     rng = random.Random(f"{recipe.seed}:encoder:{step}")
     scenes = [data.random_scene(rng) for _ in range(recipe.encoder_batch_size)]
     px = np.concatenate([processor.prepare_image(sc.image, max_tiles=1).pixels for sc in scenes])
-    side = int(round(recipe.model.num_image_tokens ** 0.5))
+    side = grid_side(recipe.model.num_image_tokens)
     slots = np.array([data.slot_labels(sc) for sc in scenes], np.int32).transpose(0, 2, 1)
     cells = np.array([data.token_labels(sc, side) for sc in scenes], np.int32).transpose(0, 2, 1)
     return px, slots, cells
@@ -294,6 +295,7 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
     head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
     stage, start, losses, opt_state = load_state(run, model, head)
     steps = dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    stopped = False
     for name in STAGES[STAGES.index(stage):]:
         total = steps[name]
         if total == 0:
@@ -337,13 +339,12 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
                            head if name == "encoder" else None)
                 plot_losses(losses, run / "loss.png", recipe.name)
         bar.close()
-        if stop < total:
-            model.unfreeze()
-            model.eval()
-            return model, processor, losses
+        stopped = stop < total
+        if stopped:  # by max_steps: the next call resumes
+            break
     model.unfreeze()
     model.eval()
-    if out is not None:
+    if out is not None and not stopped:
         save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")})
     return model, processor, losses
 
