@@ -8,12 +8,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
-from .cpu import Linear, attention, sigmoid, silu
+from .cpu import Linear, attention, quick_gelu, silu
 
 
 def activation(name: str):
     return {
-        "quick_gelu": lambda x: x * sigmoid(1.702 * x),
+        "quick_gelu": quick_gelu,
         "gelu": nn.gelu,
         "gelu_pytorch_tanh": nn.gelu_approx,
         "gelu_tanh": nn.gelu_approx,

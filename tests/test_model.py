@@ -262,30 +262,51 @@ def test_last_only_logits_equal_the_last_row(processor, tied):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("numpy_path", [False, True])
 @pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
-def test_cpu_attention_equals_the_fused_kernel(mask, heads):
-    from mm1_mlx.cpu import attention
+def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, monkeypatch):
+    from mm1_mlx import cpu
 
+    # the numpy softmax runs for long attention only; here for every size
+    monkeypatch.setattr(cpu, "NUMPY_SCORES", 1 if numpy_path else 1 << 60)
     mx.random.seed(1)
-    (hq, hkv), L, S = heads, 5, 9  # S > L: queries are the last L positions (a cache prefix)
+    (hq, hkv), L, S = heads, 19, 23  # S > L: queries are the last L positions (a cache prefix)
     q, k, v = (mx.random.normal((2, h, n, 16)) for h, n in ((hq, L), (hkv, S), (hkv, S)))
     if mask == "bool":
         mask = mx.random.uniform(shape=(2, 1, L, S)) > 0.3
         mask[..., -1] = True  # every query keeps at least one key
     elif mask == "additive":
         mask = mx.random.normal((hq, L, S))
-    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    np.testing.assert_allclose(np.array(attention(q, k, v, 0.25, mask)), np.array(want),
+
+    def fused(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+
+    def ours(q, k, v):
+        return cpu.attention(q, k, v, 0.25, mask)
+
+    np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(fused(q, k, v)),
                                rtol=1e-5, atol=1e-5)
+    # gradients (training, LoRA) are MLX's own in both paths
+    want = mx.grad(lambda *a: (fused(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    got = mx.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_activations_equal_mlx():
-    from mm1_mlx.cpu import sigmoid, silu
+@pytest.mark.parametrize("numpy_path", [False, True])
+def test_cpu_activations_equal_mlx(numpy_path, monkeypatch):
+    from mm1_mlx import cpu
 
-    x = mx.linspace(-30, 30, 2001)
-    np.testing.assert_allclose(np.array(sigmoid(x)), np.array(mx.sigmoid(x)), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.array(silu(x)), np.array(nn.silu(x)), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(cpu, "NUMPY_ELEMENTS", 1 if numpy_path else 1 << 60)
+    x = mx.linspace(-120, 120, 4001)
+    pairs = [(cpu.sigmoid, mx.sigmoid), (cpu.silu, nn.silu),
+             (cpu.quick_gelu, lambda a: a * mx.sigmoid(1.702 * a))]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), rtol=1e-6, atol=1e-7)
+        got = mx.grad(lambda a, f=ours: (f(a) ** 2).sum())(x)  # finite where 2^x overflows
+        want = mx.grad(lambda a, f=theirs: (f(a) ** 2).sum())(x)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_half_precision_products_run_in_float32():
