@@ -203,6 +203,36 @@ def caption(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def by_shape(scene: Scene) -> list[Shape]:
+    return sorted(scene.shapes, key=lambda s: SHAPES.index(s.kind) if s.kind in SHAPES else 99)
+
+
+def shape_caption(scene: Scene) -> str:
+    """The caption's facts keyed by shape, in a fixed shape order: "The circle is red and on the
+    left." Reading a colour or place *from* a named shape is what "What color is the star?" needs;
+    colour-first captions only ever teach reading a shape from a colour or a place."""
+    return " ".join(f"The {s.kind} is {s.color} and {WHERE[s.position]}." for s in by_shape(scene))
+
+
+def shape_tags(scene: Scene) -> str:
+    """Alt-text style tags, "star blue top, circle red left.": each colour straight after its
+    shape word. A small decoder learns to look a colour up at the shape word itself quickly; it
+    does not learn the two-step lookup ("The star is" -> red) until it has that first step."""
+    return ", ".join(f"{s.kind} {s.color} {s.position}" for s in by_shape(scene)) + "."
+
+
+DESCRIPTIONS = {"caption": 0.5, "sentences": 0.25, "tags": 0.25}  # pre-training description forms
+
+
+def describe(rng: random.Random, scene: Scene, forms: dict | None = None) -> tuple[str, str]:
+    """(form, text) of a pre-training description: the caption, its shape-keyed sentences, or
+    tags, drawn with the weights in ``forms``."""
+    forms = forms or DESCRIPTIONS
+    form = rng.choices(list(forms), weights=list(forms.values()))[0]
+    text = {"caption": caption, "sentences": shape_caption, "tags": shape_tags}[form](scene)
+    return form, text
+
+
 def count_text(n: int) -> str:
     return f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}."
 
@@ -247,9 +277,13 @@ def interleaved(rng: random.Random) -> tuple[str, list[Image.Image]]:
     ordinals = ["first", "second", "third"]
     parts = []
     for i, sc in enumerate(scenes):
-        intro = rng.choice([f"The {ordinals[i]} picture shows", f"Picture {i + 1} has",
-                            f"In the {ordinals[i]} image we see"])
-        body = caption(sc)
+        form, body = describe(rng, sc)
+        intro = rng.choice({
+            "caption": [f"The {ordinals[i]} picture shows", f"Picture {i + 1} has",
+                        f"In the {ordinals[i]} image we see"],
+            "sentences": [f"In the {ordinals[i]} picture,", f"In picture {i + 1},"],
+            "tags": [f"Tags of picture {i + 1}:", f"The {ordinals[i]} picture is tagged"],
+        }[form])
         parts.append(f"<image>\n{intro} {body[0].lower()}{body[1:]}")
     a, b = rng.sample(range(len(scenes)), 2)
     na, nb = len(scenes[a].shapes), len(scenes[b].shapes)
@@ -293,7 +327,7 @@ def pretrain_sample(rng: random.Random, mix: tuple[float, float, float]):
         return "interleaved", text, imgs
     if r < mix[0] + mix[1]:
         sc = random_scene(rng)
-        return "caption", "<image>\n" + caption(sc), [sc.image]
+        return "caption", "<image>\n" + describe(rng, sc)[1], [sc.image]
     return "text", text_only(rng), []
 
 

@@ -38,6 +38,20 @@ def test_questions_answer_from_the_scene():
         assert (kinds[shape].color if kind == "color" else data.WHERE[kinds[shape].position]) in a
 
 
+def test_pretraining_describes_scenes_keyed_by_colour_and_by_shape():
+    rng = random.Random(4)
+    scene = data.Scene([data.Shape("star", "blue", "top"), data.Shape("circle", "red", "left")],
+                       None)
+    assert data.shape_caption(scene) == ("The circle is red and on the left. "
+                                          "The star is blue and at the top.")
+    assert data.shape_tags(scene) == "circle red left, star blue top."
+    forms = {data.describe(rng, scene)[0] for _ in range(50)}
+    assert forms == {"caption", "sentences", "tags"}
+    texts = [data.pretrain_sample(rng, (0.45, 0.45, 0.1))[1] for _ in range(300)]
+    assert any(" is tagged " in t or "Tags of picture" in t for t in texts)
+    assert any(t.startswith("<image>\nThe ") for t in texts)
+
+
 def test_pixels_match_named_colours():
     rng = random.Random(5)
     for color in data.COLORS:
