@@ -100,11 +100,20 @@ def build(config: ModelConfig, weights: dict | None = None) -> Model:
 
 
 def load(path_or_repo: str | None = None, adapter_path: str | None = None,
-         lazy: bool = False) -> tuple[Model, Processor]:
-    """Open a checkpoint (default: the bundled mm1-tiny). Returns (model in eval mode, processor)."""
+         lazy: bool = False, compute_dtype: str | None = "auto") -> tuple[Model, Processor]:
+    """Open a checkpoint (default: the bundled mm1-tiny). Returns (model in eval mode, processor).
+
+    ``compute_dtype="auto"``: on the CPU, a quantized model's float parts (norms, biases, scales,
+    the patch embedding) become float32, the CPU's fast type (half-precision convolutions and
+    element-wise ops run several times slower there); they are a few percent of its size.
+    ``None`` keeps the stored types (tools that write the model back, like fuse)."""
+    from .cpu import on_cpu
+
     path = resolve(path_or_repo)
     config = read_config(path)
     model = build(config, read_weights(path))
+    if compute_dtype == "auto" and config.quantization and on_cpu():
+        model.set_dtype(mx.float32)
     if adapter_path is not None:
         from .adapters import load_adapters
 

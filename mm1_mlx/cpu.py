@@ -19,6 +19,8 @@ Parameters, keys and results are those of the MLX layers; only the evaluation di
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -205,20 +207,52 @@ class Linear(nn.Linear):
         return q
 
 
+_STREAMS: list = []
+QUANT_SPLIT = 1 << 18  # quantized weights with this many elements are split over the streams
+
+
+def streams() -> list:
+    """One CPU stream per usable core, made once (``MM1_MLX_CPU_STREAMS`` overrides). MLX runs
+    each stream on its own thread: its own kernels (quantized products, dequantize) split across
+    them run in parallel. (BLAS calls from two streams serialize: products are not split.)"""
+    if not _STREAMS:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = int(os.environ.get("MM1_MLX_CPU_STREAMS", 0)) or min(cores or 1, 8)
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(max(1, n)))
+    return _STREAMS
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():
             return super().__call__(x)
         dtype = x.dtype
-        if self.training or x.size == x.shape[-1]:
-            # QLoRA keeps the small quantized weights in the graph; one row (decode) reads less
-            # through quantized_matmul. In float32: with half inputs it is ~30x slower here.
-            y = mx.quantized_matmul(x.astype(mx.float32), self["weight"], self["scales"],
-                                    self.get("biases"), transpose=True,
-                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
-        else:
-            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                              self.group_size, self.bits, mode=self.mode)
-            y = matmul_t(x, w)
+        x = x.astype(mx.float32)  # quantized_matmul with half inputs is ~30x slower here
+        quantized = self.training or x.size == x.shape[-1]
+        # QLoRA keeps the small quantized weights in the graph, and one row (decode) reads less
+        # through quantized_matmul; many rows (prefill) dequantize into BLAS products.
+        parts = []
+        for stream, (a, b) in self._row_blocks():
+            w, scales = self["weight"][a:b], self["scales"][a:b]
+            biases = None if self.get("biases") is None else self["biases"][a:b]
+            with mx.stream(stream):
+                if quantized:
+                    parts.append(mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                                     group_size=self.group_size, bits=self.bits,
+                                                     mode=self.mode))
+                else:
+                    w = mx.dequantize(w, scales, biases, self.group_size, self.bits,
+                                      mode=self.mode)
+            if not quantized:
+                parts.append(matmul_t(x, w))  # on the caller's stream: BLAS, multi-threaded
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
         y = y.astype(dtype)
         return y + self["bias"] if "bias" in self else y
+
+    def _row_blocks(self) -> list:
+        """(stream, (first, end) output row) per stream; one block for small layers."""
+        rows = self["weight"].shape[0]
+        n = len(streams()) if rows * self["scales"].shape[-1] * self.group_size >= QUANT_SPLIT else 1
+        bounds = [round(rows * i / n) for i in range(n + 1)]
+        return [(streams()[i] if n > 1 else mx.default_stream(mx.cpu), (bounds[i], bounds[i + 1]))
+                for i in range(n)]

@@ -28,7 +28,7 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
     src = resolve(model_path)
     if Path(out).expanduser().resolve() == src.resolve():
         raise MM1Error("--out must differ from --model")
-    model, processor = load(str(src), adapter_path=adapter_path)
+    model, processor = load(str(src), adapter_path=adapter_path, compute_dtype=None)
     fuse_lora(model, dequantize=dequantize)
     if dequantize and is_quantized(model):
         dequantize_model(model, getattr(mx, dtype))

@@ -361,7 +361,7 @@ def main(argv=None) -> dict:
         _check_settings(args.bits, group_size, args.mode, args.vision_bits, args.connector_bits,
                         args.recipe)
     t0 = time.time()
-    model, processor = load(str(src))
+    model, processor = load(str(src), compute_dtype=None)  # written back: keep stored types
     report = {"input": str(src), "output": str(Path(args.out))}
     if args.dequantize:
         dequantize_model(model, getattr(mx, args.dtype))

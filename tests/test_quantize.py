@@ -86,11 +86,18 @@ def test_quantize_save_load_is_bit_exact(processor, inputs, tmp_path):
         q = quantize_model(model, bits=4, group_size=gs, mode=mode)
         assert json.loads(json.dumps(q)) == q  # JSON-serialisable
         save(model, processor, tmp_path / mode)
-        loaded, _ = load(str(tmp_path / mode))
+        loaded, _ = load(str(tmp_path / mode), compute_dtype=None)  # as stored
         assert loaded.config.quantization == q
         ids, px = inputs
         a, b = model(ids, pixel_values=px), loaded(ids, pixel_values=px)
         assert np.array_equal(np.array(a), np.array(b))
+        # by default the CPU computes a quantized model's float parts in float32: same values
+        cpu_loaded, _ = load(str(tmp_path / mode))
+        floats = [v for _, v in tree_flatten(cpu_loaded.parameters())
+                  if mx.issubdtype(v.dtype, mx.floating)]
+        assert floats and all(v.dtype == mx.float32 for v in floats)
+        np.testing.assert_allclose(np.array(cpu_loaded(ids, pixel_values=px)), np.array(a),
+                                   rtol=2e-2, atol=2e-2)
         q_proj = loaded.language_model.model.layers[0].self_attn.q_proj
         assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.mode == mode
 
@@ -130,7 +137,7 @@ def test_moe_experts_quantize(processor, inputs, tmp_path):
     quantize_model(model4, bits=4)
     assert mean_kl([ref], [logprobs(model4, inputs)]) < 0.1
     save(model4, processor, tmp_path / "moe4")
-    loaded, _ = load(str(tmp_path / "moe4"))
+    loaded, _ = load(str(tmp_path / "moe4"), compute_dtype=None)  # as stored
     assert np.array_equal(np.array(logprobs(loaded, inputs)), np.array(logprobs(model4, inputs)))
 
 
