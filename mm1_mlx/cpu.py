@@ -25,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import backend
+
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
@@ -187,10 +189,37 @@ def matmul_t(x: mx.array, weight: mx.array) -> mx.array:
     if dtype in HALF or weight.dtype in HALF:
         x, weight = x.astype(mx.float32), weight.astype(mx.float32)
     if x.size == x.shape[-1]:
-        y = (weight @ x.reshape(-1, 1)).reshape(*x.shape[:-1], weight.shape[0])
+        y = _gemv(x.reshape(-1), weight).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = x @ weight.T
     return y.astype(dtype)
+
+
+def _gemv(x: mx.array, weight: mx.array) -> mx.array:
+    """``weight @ x`` through BLAS ``sgemv`` (1.4x MLX's ``sgemm`` here: decode reads every
+    weight once per token); MLX's own product where there is no bound OpenBLAS. The gradient is
+    MLX's, through ``mx.custom_function``."""
+    sgemv = backend.sgemv()
+    if sgemv is None or x.dtype != mx.float32 or weight.dtype != mx.float32:
+        return weight @ x
+
+    def forward(x, weight):
+        mx.eval(x, weight)
+        w, v = np.asarray(weight), np.ascontiguousarray(np.asarray(x))
+        if not w.flags.c_contiguous:
+            return weight @ x
+        y = np.empty(w.shape[0], np.float32)
+        sgemv(101, 111, w.shape[0], w.shape[1], 1.0, w.ctypes.data, w.shape[1],  # row-major, N
+              v.ctypes.data, 1, 0.0, y.ctypes.data, 1)
+        return mx.array(y)
+
+    fn = mx.custom_function(forward)
+
+    @fn.vjp
+    def backward(primals, cotangent, output):
+        return mx.vjp(lambda x, w: w @ x, list(primals), [cotangent])[1]
+
+    return fn(x, weight)
 
 
 class Linear(nn.Linear):

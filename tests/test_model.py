@@ -232,7 +232,8 @@ def test_half_precision_close_to_float32(processor, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 7])
-def test_cpu_linear_fast_paths_equal_mlx_layers(rows):
+def test_cpu_linear_fast_paths_equal_mlx_layers(rows, monkeypatch):
+    from mm1_mlx import cpu
     from mm1_mlx.cpu import Linear, QuantizedLinear
 
     mx.random.seed(3)
@@ -241,6 +242,11 @@ def test_cpu_linear_fast_paths_equal_mlx_layers(rows):
     ref.update(ours.parameters())
     x = mx.random.normal((1, rows, 128))
     np.testing.assert_allclose(np.array(ours(x)), np.array(ref(x)), rtol=1e-5, atol=1e-5)
+    # one row runs through BLAS sgemv; gradients stay MLX's
+    grads = [nn.value_and_grad(m, lambda m, x: (m(x) ** 2).sum())(m, x)[1] for m in (ours, ref)]
+    for (k, g), (_, w) in zip(tree_flatten(grads[0]), tree_flatten(grads[1])):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4, err_msg=k)
+    monkeypatch.setattr(cpu, "QUANT_SPLIT", 1)  # quantized layers split over the CPU streams
     ours.eval()
     q = ours.to_quantized(group_size=64, bits=4)
     assert type(q) is QuantizedLinear and not q.training  # the mode carries over
