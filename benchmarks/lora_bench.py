@@ -34,9 +34,10 @@ def write_data(folder: Path, image: Path, n: int = 8) -> Path:
 
 
 def run_ours(spec: dict) -> dict:
+    # isort: off
+    from mm1_mlx import lora  # first: binds OpenBLAS before mlx.core loads
     import mlx.core as mx
-
-    from mm1_mlx import lora
+    # isort: on
 
     times = []
 
