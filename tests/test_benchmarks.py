@@ -55,3 +55,42 @@ def test_tiny_run(tmp_path):
     assert m["mlx_reference"]["blas"] == "reference"
     assert saved["lora"]["mm1-mlx"]["status"] == "ok", saved["lora"]
     assert saved["lora"]["mm1-mlx"]["step_s"] > 0
+
+
+def _first_mlx_import(body) -> str | None:
+    """The first mlx / mm1_mlx / mlx-vlm / mlx-lm module imported by these statements."""
+    import ast
+
+    for node in body:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        hit = [n for n in names if n.split(".")[0] in ("mlx", "mm1_mlx", "mlx_vlm", "mlx_lm")]
+        if hit:
+            return hit[0]
+    return None
+
+
+# measures MLX as installed on purpose (it binds only when asked to)
+AS_INSTALLED = {("worker.py", "run_mlx_vlm")}
+
+
+def test_benchmarks_bind_blas_before_mlx_loads():
+    """A benchmark process's first MLX-related import must be mm1_mlx (which binds OpenBLAS),
+    else MLX keeps the wheel's reference BLAS: our LoRA child once ran 4 steps in > 600 s so."""
+    import ast
+    from pathlib import Path
+
+    bad = []
+    for path in sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = _first_mlx_import(tree.body)
+        if top is not None and top.startswith("mm1_mlx"):
+            continue  # bound at import, before any function runs
+        if top is not None:
+            bad.append(f"{path.name} imports {top} first")
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and (path.name, fn.name) not in AS_INSTALLED:
+                first = _first_mlx_import(fn.body)
+                if first is not None and not first.startswith("mm1_mlx"):
+                    bad.append(f"{path.name}:{fn.lineno} {fn.name} imports {first} first")
+    assert not bad, bad
