@@ -44,7 +44,7 @@ def sigmoid(x: mx.array) -> mx.array:
     if not on_cpu():
         return mx.sigmoid(x)
     if _large(x):
-        return _numpy_unary(lambda a: _np_silu(np.ones_like(a), a), _sigmoid, x)
+        return _numpy_unary(lambda a: _np_silu(np.float32(1), a), _sigmoid, x)
     return _sigmoid(x)
 
 
@@ -75,7 +75,7 @@ def _large(x: mx.array) -> bool:
     return x.dtype == mx.float32 and x.size >= NUMPY_ELEMENTS
 
 
-def _np_silu(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+def _np_silu(x, z: np.ndarray) -> np.ndarray:
     """``x * sigmoid(z)`` as ``x / (1 + 2^(-z log2 e))``, in place in a new buffer."""
     t = z * np.float32(-LOG2E)
     with np.errstate(over="ignore"):  # 2^big = inf gives x / inf = 0, sigmoid's limit
@@ -84,20 +84,28 @@ def _np_silu(x: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.divide(x, t, out=t)
 
 
+def _with_mlx_gradient(forward, reference, *args: mx.array) -> mx.array:
+    """``forward(*args)`` (computed outside MLX's ops: numpy, BLAS) with the gradient of the MLX
+    function ``reference``, which computes the same values (training, LoRA)."""
+    fn = mx.custom_function(forward)
+
+    @fn.vjp
+    def backward(primals, cotangent, output):
+        one = len(args) == 1  # one input: MLX passes the array itself, not a tuple
+        grads = mx.vjp(reference, [primals] if one else list(primals), [cotangent])[1]
+        return grads[0] if one else grads
+
+    return fn(*args)
+
+
 def _numpy_unary(np_fn, mx_fn, x: mx.array) -> mx.array:
-    """``mx_fn(x)`` computed as ``np_fn`` on x's buffer; the gradient is ``mx_fn``'s."""
+    """``mx_fn(x)`` computed as ``np_fn`` on x's buffer."""
 
     def forward(x):
         mx.eval(x)
         return mx.array(np_fn(np.asarray(x)))
 
-    fn = mx.custom_function(forward)
-
-    @fn.vjp
-    def backward(primal, cotangent, output):  # one input: the arrays themselves, not tuples
-        return mx.vjp(mx_fn, [primal], [cotangent])[1][0]
-
-    return fn(x)
+    return _with_mlx_gradient(forward, mx_fn, x)
 
 
 NUMPY_SCORES = 1 << 20  # attention with this many scores (prefill, not decode) runs in numpy
@@ -145,7 +153,7 @@ def _mlx_attention(q, k, v, mask) -> mx.array:
 def _numpy_attention(q, k, v, mask) -> mx.array:
     """``_mlx_attention`` with its softmax in numpy (vectorized exp: ~10x MLX's here), causal rows
     in blocks that skip masked-only keys. Products stay in MLX: numpy's own BLAS threads would
-    fight the bound one's. The gradient is MLX's, through ``mx.custom_function``."""
+    fight the bound one's."""
 
     def forward(q, k, v):
         L, S = q.shape[3], k.shape[3]
@@ -169,13 +177,7 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
             parts.append((mx.array(s) @ v[..., :end, :]) / mx.array(s.sum(axis=-1, keepdims=True)))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=3)
 
-    fn = mx.custom_function(forward)
-
-    @fn.vjp
-    def backward(primals, cotangent, output):
-        return mx.vjp(lambda *a: _mlx_attention(*a, mask), list(primals), [cotangent])[1]
-
-    return fn(q, k, v)
+    return _with_mlx_gradient(forward, lambda *a: _mlx_attention(*a, mask), q, k, v)
 
 
 HALF = (mx.float16, mx.bfloat16)
@@ -199,8 +201,7 @@ def matmul_t(x: mx.array, weight: mx.array) -> mx.array:
 
 def _gemv(x: mx.array, weight: mx.array) -> mx.array:
     """``weight @ x`` through BLAS ``sgemv`` (1.4x MLX's ``sgemm`` here: decode reads every
-    weight once per token); MLX's own product where there is no bound OpenBLAS. The gradient is
-    MLX's, through ``mx.custom_function``."""
+    weight once per token); MLX's own product where there is no bound OpenBLAS."""
     sgemv = backend.sgemv()
     if sgemv is None or x.dtype != mx.float32 or weight.dtype != mx.float32:
         return weight @ x
@@ -215,13 +216,7 @@ def _gemv(x: mx.array, weight: mx.array) -> mx.array:
               v.ctypes.data, 1, 0.0, y.ctypes.data, 1)
         return mx.array(y)
 
-    fn = mx.custom_function(forward)
-
-    @fn.vjp
-    def backward(primals, cotangent, output):
-        return mx.vjp(lambda x, w: w @ x, list(primals), [cotangent])[1]
-
-    return fn(x, weight)
+    return _with_mlx_gradient(forward, lambda x, w: w @ x, x, weight)
 
 
 class Linear(nn.Linear):
@@ -271,11 +266,9 @@ class QuantizedLinear(nn.QuantizedLinear):
                     parts.append(mx.quantized_matmul(x, w, scales, biases, transpose=True,
                                                      group_size=self.group_size, bits=self.bits,
                                                      mode=self.mode))
-                else:
-                    w = mx.dequantize(w, scales, biases, self.group_size, self.bits,
-                                      mode=self.mode)
-            if not quantized:
-                parts.append(matmul_t(x, w))  # on the caller's stream: BLAS, multi-threaded
+                    continue
+                w = mx.dequantize(w, scales, biases, self.group_size, self.bits, mode=self.mode)
+            parts.append(matmul_t(x, w))  # on the caller's stream: BLAS, multi-threaded
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
         y = y.astype(dtype)
         return y + self["bias"] if "bias" in self else y

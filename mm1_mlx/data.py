@@ -224,11 +224,10 @@ def shape_tags(scene: Scene) -> str:
 DESCRIPTIONS = {"caption": 0.5, "sentences": 0.25, "tags": 0.25}  # pre-training description forms
 
 
-def describe(rng: random.Random, scene: Scene, forms: dict | None = None) -> tuple[str, str]:
+def describe(rng: random.Random, scene: Scene) -> tuple[str, str]:
     """(form, text) of a pre-training description: the caption, its shape-keyed sentences, or
-    tags, drawn with the weights in ``forms``."""
-    forms = forms or DESCRIPTIONS
-    form = rng.choices(list(forms), weights=list(forms.values()))[0]
+    tags, drawn with the weights in ``DESCRIPTIONS``."""
+    form = rng.choices(list(DESCRIPTIONS), weights=list(DESCRIPTIONS.values()))[0]
     text = {"caption": caption, "sentences": shape_caption, "tags": shape_tags}[form](scene)
     return form, text
 
