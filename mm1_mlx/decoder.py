@@ -15,8 +15,9 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from . import cpu_step
 from .config import TextConfig
-from .cpu import Linear, attention, matmul_t, silu
+from .cpu import Linear, attention, matmul_t, rope, silu
 
 
 class Attention(nn.Module):
@@ -51,7 +52,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, nh, L, hd)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k = rope(self.rope, q, offset), rope(self.rope, k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
@@ -181,6 +182,9 @@ class LanguageModel(nn.Module):
                  ) -> tuple[mx.array, mx.array | None]:
         """Logits (B, L, V) (or (B, 1, V) with ``last_only``, as prefill needs), and in training
         mode the weighted MoE auxiliary loss (None if dense)."""
+        logits = cpu_step.decode(self, embeds, cache)  # a decode step on the CPU, if it can
+        if logits is not None:
+            return logits, None
         h, auxes = self.model(embeds, cache)
         if last_only:
             h = h[:, -1:]

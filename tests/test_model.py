@@ -333,3 +333,144 @@ def test_cpu_half_precision_products_run_in_float32():
     got = attention(q, k, v, 0.25, "causal")
     assert got.dtype == mx.float16
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), atol=2e-3)
+
+
+ROPES = {
+    "default": (dict(), 16),
+    "traditional": (dict(rope_traditional=True), 16),
+    "partial": (dict(), 8),  # rotates 8 of 16 features (rotary_pct-style)
+    "llama3": (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 64}), 16),
+    "yarn": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0,
+                                "mscale_all_dim": 0.5, "original_max_position_embeddings": 64}), 16),
+    "longrope": (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0,
+                                    "long_factor": [1.5] * 8, "short_factor": [1.0] * 8,
+                                    "original_max_position_embeddings": 64}), 16),
+}
+
+
+def _rope_module(name):
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    kw, dims = ROPES[name]
+    if name == "partial":
+        return nn.RoPE(dims, base=500.0)
+    return initialize_rope(dims, 10000.0, kw.get("rope_traditional", False),
+                           kw.get("rope_scaling"), 4096)
+
+
+@pytest.mark.parametrize("name", sorted(ROPES))
+def test_cpu_rope_tables_equal_the_module(name, monkeypatch):
+    from mm1_mlx import cpu
+
+    monkeypatch.setattr(cpu, "ROPE_MIN_POSITIONS", 16)  # tables must grow past their first size
+    module = _rope_module(name)
+    for offset, L, dtype in [(0, 19, mx.float32), (37, 1, mx.float32), (300, 3, mx.float32),
+                             (5, 4, mx.bfloat16)]:
+        x = (mx.random.normal((2, 3, L, 16), key=mx.random.key(offset)) * 4).astype(dtype)
+        got, want = cpu.rope(module, x, offset), module(x, offset=offset)
+        assert got.dtype == want.dtype
+        tol = 1e-5 if dtype == mx.float32 else 3e-2
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)),
+                                   np.array(want.astype(mx.float32)), rtol=tol, atol=tol)
+    assert cpu.rope_tables(module, 16, 301)[0].shape[0] >= 301  # the table path did run
+
+    class Reversed(nn.Module):  # not a rotation of feature pairs: keeps its own path
+        dims = 16
+
+        def __call__(self, x, offset=0):
+            return x[..., ::-1] * (offset + 1)
+
+    x = mx.random.normal((1, 2, 3, 16))
+    assert cpu.rope_tables(Reversed(), 16, 8) is None
+    np.testing.assert_array_equal(np.array(cpu.rope(Reversed(), x, 2)), np.array(x[..., ::-1] * 3))
+
+
+def _decode_logits(lm, prompt, steps, cache_factory=None):
+    cache = cache_factory() if cache_factory else make_prompt_cache(lm)
+    logits, _ = lm(lm.embed(mx.array([prompt])), cache, last_only=True)
+    out, tok = [np.array(logits[0, -1])], mx.array([[prompt[-1]]])
+    for _ in range(steps):
+        logits, _ = lm(lm.embed(tok), cache)
+        out.append(np.array(logits[0, -1]))
+        tok = logits[:, -1].argmax(-1, keepdims=True)
+    return np.stack(out), cache
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied", "traditional", "partial",
+                                     "llama3"])
+def test_numpy_decode_step_equals_the_mlx_layers(variant, monkeypatch):
+    from mm1_mlx import cpu_step
+    from mm1_mlx.decoder import LanguageModel
+
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if variant == "mha-bias-untied":
+        kw.update(num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                  tie_word_embeddings=False)
+    elif variant in ("traditional", "llama3"):
+        kw.update(ROPES[variant][0])
+    mx.random.seed(7)
+    lm = LanguageModel(TextConfig(**kw))
+    if variant == "partial":
+        for layer in lm.layers:
+            layer.self_attn.rope = nn.RoPE(8, base=500.0)
+    lm.update(tree_map_scaled(lm.parameters(), 3.0))  # logits far from uniform
+    mx.eval(lm.parameters())
+    lm.eval()
+    calls = []
+    real = cpu_step.decode
+    monkeypatch.setattr(cpu_step, "decode", lambda *a: calls.append(r := real(*a)) or r)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    monkeypatch.setattr(cpu_step, "ENABLED", False)
+    want, want_cache = _decode_logits(lm, prompt, 12)
+    monkeypatch.setattr(cpu_step, "ENABLED", True)
+    calls.clear()
+    got, got_cache = _decode_logits(lm, prompt, 12)
+    assert len(calls) == 13 and calls[0] is None and all(c is not None for c in calls[1:])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    for a, b in zip(got_cache, want_cache):  # the caches hold the same keys and values
+        assert a.offset == b.offset == len(prompt) + 12
+        for x, y in zip(a.state, b.state):
+            np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-4, atol=1e-4)
+
+
+def tree_map_scaled(params, s):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda p: p * s if p.ndim == 2 else p, params)
+
+
+def test_numpy_decode_step_leaves_other_models_to_mlx(processor):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mm1_mlx import cpu_step
+    from mm1_mlx.adapters import apply_lora, lora_config
+    from mm1_mlx.quantize import quantize_model
+
+    def runs_numpy(model, cache=None):
+        lm = model.language_model
+        cache = cache or make_prompt_cache(lm)
+        lm(lm.embed(mx.array([[3, 4, 5]])), cache)
+        return cpu_step.decode(lm, lm.embed(mx.array([[6]])), cache) is not None
+
+    cfg = make_config(processor)
+    assert runs_numpy(make_model(cfg))
+    assert not runs_numpy(make_model(make_config(processor, experts=4)))  # MoE layers
+    rotating = [RotatingKVCache(max_size=64) for _ in range(2)]
+    assert not runs_numpy(make_model(cfg), rotating)
+    model = make_model(cfg)
+    model.train()
+    assert not runs_numpy(model)
+    model = make_model(cfg)
+    apply_lora(model, lora_config(4, 8.0, 0.0, -1, ["self_attn.q_proj"]))
+    model.eval()
+    assert not runs_numpy(model)  # LoRA-wrapped projections
+    model = make_model(cfg)
+    quantize_model(model, bits=4, group_size=32)
+    assert not runs_numpy(model)
+    model = make_model(cfg)
+    model.set_dtype(mx.float16)
+    assert not runs_numpy(model)
