@@ -153,7 +153,8 @@ def _mlx_attention(q, k, v, mask) -> mx.array:
 def _numpy_attention(q, k, v, mask) -> mx.array:
     """``_mlx_attention`` with its softmax in numpy (vectorized exp: ~10x MLX's here), causal rows
     in blocks that skip masked-only keys. Products stay in MLX: numpy's own BLAS threads would
-    fight the bound one's."""
+    fight the bound one's. The softmax runs in place in the scores' own MLX buffer, which then
+    feeds the second product: no copies between MLX and numpy."""
 
     def forward(q, k, v):
         L, S = q.shape[3], k.shape[3]
@@ -166,18 +167,44 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
             end = S - L + b if causal else S  # causal row i sees keys up to S - L + i
             s = q[..., a:b, :] @ kt[..., :end]
             mx.eval(s)
-            s = np.array(s)
+            p = shared_view(s)
+            shared = p is not None
+            if not shared:  # MLX did not lend its buffer: work on a copy
+                p = np.array(s)
             if causal:
-                s[..., np.arange(end)[None] > np.arange(S - L + a, S - L + b)[:, None]] = -np.inf
+                p[..., np.arange(end)[None] > np.arange(S - L + a, S - L + b)[:, None]] = -np.inf
             elif mask is not None:
                 m = np.asarray(mask[..., a:b, :])
-                s = np.where(m, s, -np.inf) if m.dtype == np.bool_ else s + m * np.float32(LOG2E)
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp2(s, out=s)
-            parts.append((mx.array(s) @ v[..., :end, :]) / mx.array(s.sum(axis=-1, keepdims=True)))
+                if m.dtype == np.bool_:
+                    np.copyto(p, -np.inf, where=~m)
+                else:
+                    p += m * np.float32(LOG2E)
+            p -= p.max(axis=-1, keepdims=True)
+            np.exp2(p, out=p)
+            sums = mx.array(p.sum(axis=-1, keepdims=True))
+            parts.append(((s if shared else mx.array(p)) @ v[..., :end, :]) / sums)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=3)
 
     return _with_mlx_gradient(forward, lambda *a: _mlx_attention(*a, mask), q, k, v)
+
+
+_SHARES: list = []
+
+
+def shared_view(a: mx.array) -> np.ndarray | None:
+    """A writable numpy view of evaluated, contiguous ``a``'s own buffer (writes change ``a``), or
+    None where this MLX hands numpy a copy. Only for arrays nothing else has seen yet."""
+    if not _SHARES:
+        probe = mx.zeros((4,))
+        mx.eval(probe)
+        view = np.asarray(probe)
+        if view.flags.writeable:
+            view[1] = 1
+        _SHARES.append(probe[1].item() == 1)
+    if not _SHARES[0]:
+        return None
+    view = np.asarray(a)
+    return view if view.flags.writeable and view.flags.c_contiguous else None
 
 
 _ROPE_TABLES: dict = {}
