@@ -106,9 +106,13 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     ``compute_dtype="auto"``: on the CPU, a quantized model's float parts (norms, biases, scales,
     the patch embedding) become float32, the CPU's fast type (half-precision convolutions and
     element-wise ops run several times slower there); they are a few percent of its size.
-    ``None`` keeps the stored types (tools that write the model back, like fuse)."""
+    ``None`` keeps the stored types (tools that write the model back, like fuse). On the CPU,
+    loading also lets glibc keep freed memory for reuse (``backend.retain_freed_memory``)."""
+    from .backend import retain_freed_memory
     from .cpu import on_cpu
 
+    if on_cpu():
+        retain_freed_memory()
     path = resolve(path_or_repo)
     config = read_config(path)
     model = build(config, read_weights(path))
