@@ -26,6 +26,7 @@ Parameters, keys and results are those of the MLX layers; only the evaluation di
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -69,6 +70,39 @@ def quick_gelu(x: mx.array) -> mx.array:
         return _numpy_unary(lambda a: _np_silu(a, a * np.float32(1.702)),
                             lambda a: a * _sigmoid(1.702 * a), x)
     return x * _sigmoid(1.702 * x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact GELU, ``x * Phi(x)`` (LLaVA's projector): MLX's ``erf`` runs scalar here (~25 ns per
+    element), so large inputs use Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) in numpy."""
+    if on_cpu() and _large(x):
+        return _numpy_unary(_np_gelu, nn.gelu, x)
+    return nn.gelu(x)
+
+
+def gelu_approx(x: mx.array) -> mx.array:
+    """Tanh-approximated GELU (SigLIP): ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``."""
+    if on_cpu() and _large(x):
+        return _numpy_unary(lambda a: _np_silu(a, (a + np.float32(0.044715) * a * a * a)
+                                               * np.float32(2 * math.sqrt(2 / math.pi))),
+                            nn.gelu_approx, x)
+    return nn.gelu_approx(x)
+
+
+_ERF = (0.3275911, 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _np_gelu(x: np.ndarray) -> np.ndarray:
+    p, *a = (np.float32(c) for c in _ERF)
+    z = np.abs(x) * np.float32(1 / math.sqrt(2))
+    t = np.float32(1) / (np.float32(1) + p * z)
+    poly = ((((a[4] * t + a[3]) * t + a[2]) * t + a[1]) * t + a[0]) * t
+    np.multiply(z, z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    poly *= z  # 1 - erf(|x| / sqrt 2)
+    # x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2, erf odd
+    return x * np.where(x >= 0, np.float32(1) - np.float32(0.5) * poly, np.float32(0.5) * poly)
 
 
 def _sigmoid(x: mx.array) -> mx.array:

@@ -22,7 +22,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import MM1Error, cli_errors
 
-PREFILL_STEP = 512
+# tokens per prefill chunk (mlx-lm's default): a 622-token LLaVA prompt in one chunk prefills in
+# 1.63 s against 1.78 s in two of 512 (every weight is read once per chunk)
+PREFILL_STEP = 2048
 
 
 @dataclass

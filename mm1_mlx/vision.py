@@ -8,15 +8,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
-from .cpu import Linear, attention, quick_gelu, silu
+from .cpu import Linear, attention, gelu, gelu_approx, quick_gelu, silu
 
 
 def activation(name: str):
     return {
         "quick_gelu": quick_gelu,
-        "gelu": nn.gelu,
-        "gelu_pytorch_tanh": nn.gelu_approx,
-        "gelu_tanh": nn.gelu_approx,
+        "gelu": gelu,
+        "gelu_pytorch_tanh": gelu_approx,
+        "gelu_tanh": gelu_approx,
         "silu": silu,
         "relu": nn.relu,
     }[name]

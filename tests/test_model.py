@@ -335,7 +335,8 @@ def test_cpu_activations_equal_mlx(numpy_path, monkeypatch):
     monkeypatch.setattr(cpu, "NUMPY_ELEMENTS", 1 if numpy_path else 1 << 60)
     x = mx.linspace(-120, 120, 4001)
     pairs = [(cpu.sigmoid, mx.sigmoid), (cpu.silu, nn.silu),
-             (cpu.quick_gelu, lambda a: a * mx.sigmoid(1.702 * a))]
+             (cpu.quick_gelu, lambda a: a * mx.sigmoid(1.702 * a)), (cpu.gelu, nn.gelu),
+             (cpu.gelu_approx, nn.gelu_approx)]
     for ours, theirs in pairs:
         np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), rtol=1e-6, atol=1e-7)
         got = mx.grad(lambda a, f=ours: (f(a) ** 2).sum())(x)  # finite where 2^x overflows
