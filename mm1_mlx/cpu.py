@@ -148,6 +148,7 @@ def _numpy_unary(np_fn, mx_fn, x: mx.array) -> mx.array:
 
 
 NUMPY_SCORES = 1 << 20  # attention with this many scores (prefill, not decode) runs in numpy
+SHIFT_FREE = 64.0  # base-2 scores within +-64 exponentiate and sum in float32 unshifted
 BLOCKS = 8  # causal row blocks: each skips the key columns it would only mask out
 
 
@@ -218,7 +219,9 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
                     np.copyto(p, -np.inf, where=~m)
                 else:
                     p += m * np.float32(LOG2E)
-            p -= p.max(axis=-1, keepdims=True)
+            m = p.max(axis=-1, keepdims=True)
+            if not -SHIFT_FREE <= m.min() <= m.max() <= SHIFT_FREE:
+                p -= m  # softmax is shift-invariant: shift only when 2^s could overflow
             np.exp2(p, out=p)
             sums = mx.array(p.sum(axis=-1, keepdims=True))
             parts.append(((s if shared else mx.array(p)) @ v[..., :end, :]) / sums)

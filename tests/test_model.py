@@ -299,7 +299,8 @@ def test_last_only_logits_equal_the_last_row(processor, tied):
 @pytest.mark.parametrize("numpy_path", [False, True])
 @pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
-def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, monkeypatch):
+@pytest.mark.parametrize("loud", [False, True])
+def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, loud, monkeypatch):
     from mm1_mlx import cpu
 
     # the numpy softmax runs for long attention only; here for every size
@@ -307,6 +308,9 @@ def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, monkeypa
     mx.random.seed(1)
     (hq, hkv), L, S = heads, 19, 23  # S > L: queries are the last L positions (a cache prefix)
     q, k, v = (mx.random.normal((2, h, n, 16)) for h, n in ((hq, L), (hkv, S), (hkv, S)))
+    tol = 1e-5
+    if loud:  # base-2 scores past 64 (to ~140): the softmax must shift by the row maximum
+        q, tol = q * 20, 1e-4  # float32 rounding of such scores alone is ~1e-5 (both kernels)
     if mask == "bool":
         mask = mx.random.uniform(shape=(2, 1, L, S)) > 0.3
         mask[..., -1] = True  # every query keeps at least one key
@@ -320,12 +324,12 @@ def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, monkeypa
         return cpu.attention(q, k, v, 0.25, mask)
 
     np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(fused(q, k, v)),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
     # gradients (training, LoRA) are MLX's own in both paths
     want = mx.grad(lambda *a: (fused(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
     got = mx.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=10 * tol, atol=10 * tol)
 
 
 @pytest.mark.parametrize("numpy_path", [False, True])
