@@ -50,7 +50,7 @@ def sigmoid(x: mx.array) -> mx.array:
     if not on_cpu():
         return mx.sigmoid(x)
     if _large(x):
-        return _numpy_unary(lambda a: _np_silu(np.float32(1), a), _sigmoid, x)
+        return _numpy_unary(lambda a: np_silu(np.float32(1), a), _sigmoid, x)
     return _sigmoid(x)
 
 
@@ -58,7 +58,7 @@ def silu(x: mx.array) -> mx.array:
     if not on_cpu():
         return nn.silu(x)
     if _large(x):
-        return _numpy_unary(lambda a: _np_silu(a, a), lambda a: a * _sigmoid(a), x)
+        return _numpy_unary(lambda a: np_silu(a, a), lambda a: a * _sigmoid(a), x)
     return x * _sigmoid(x)
 
 
@@ -67,7 +67,7 @@ def quick_gelu(x: mx.array) -> mx.array:
     if not on_cpu():
         return x * mx.sigmoid(1.702 * x)
     if _large(x):
-        return _numpy_unary(lambda a: _np_silu(a, a * np.float32(1.702)),
+        return _numpy_unary(lambda a: np_silu(a, a * np.float32(1.702)),
                             lambda a: a * _sigmoid(1.702 * a), x)
     return x * _sigmoid(1.702 * x)
 
@@ -83,7 +83,7 @@ def gelu(x: mx.array) -> mx.array:
 def gelu_approx(x: mx.array) -> mx.array:
     """Tanh-approximated GELU (SigLIP): ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``."""
     if on_cpu() and _large(x):
-        return _numpy_unary(lambda a: _np_silu(a, (a + np.float32(0.044715) * a * a * a)
+        return _numpy_unary(lambda a: np_silu(a, (a + np.float32(0.044715) * a * a * a)
                                                * np.float32(2 * math.sqrt(2 / math.pi))),
                             nn.gelu_approx, x)
     return nn.gelu_approx(x)
@@ -114,7 +114,7 @@ def _large(x: mx.array) -> bool:
     return x.dtype == mx.float32 and x.size >= NUMPY_ELEMENTS
 
 
-def _np_silu(x, z: np.ndarray) -> np.ndarray:
+def np_silu(x, z: np.ndarray) -> np.ndarray:
     """``x * sigmoid(z)`` as ``x / (1 + 2^(-z log2 e))``, in place in a new buffer."""
     t = z * np.float32(-LOG2E)
     with np.errstate(over="ignore"):  # 2^big = inf gives x / inf = 0, sigmoid's limit

@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from . import backend
-from .cpu import LOG2E, Linear, gemv_numpy, on_cpu, rope_tables
+from .cpu import LOG2E, Linear, gemv_numpy, np_silu, on_cpu, rope_tables
 
 ENABLED = True  # tests compare against the MLX layers by switching it off
 
@@ -85,11 +85,7 @@ def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
     x = x + _linear(at.o_proj, o.reshape(-1))
     h = _rms_norm(x, layer.post_attention_layernorm)
     g = _linear(mlp.gate_proj, h)
-    t = g * np.float32(-LOG2E)  # silu(g) = g / (1 + 2^(-g log2 e))
-    with np.errstate(over="ignore"):
-        np.exp2(t, out=t)
-    t += 1
-    return x + _linear(mlp.down_proj, np.divide(g, t, out=t) * _linear(mlp.up_proj, h))
+    return x + _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h))
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) -> np.ndarray:
