@@ -211,8 +211,8 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
             shared = p is not None
             if not shared:  # MLX did not lend its buffer: work on a copy
                 p = np.array(s)
-            if causal:
-                p[..., np.arange(end)[None] > np.arange(S - L + a, S - L + b)[:, None]] = -np.inf
+            if causal:  # only the block's last b - a keys are hidden from some of its rows
+                np.copyto(p[..., S - L + a:end], -np.inf, where=np.tri(b - a, k=-1, dtype=bool).T)
             elif mask is not None:
                 m = np.asarray(mask[..., a:b, :])
                 if m.dtype == np.bool_:
