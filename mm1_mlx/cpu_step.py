@@ -93,19 +93,30 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
     itself, before the cache holds it: (Hq, D)."""
     Hkv, D = k.shape
     q = q.reshape(Hkv, -1, D) * np.float32(scale * LOG2E)  # base-2 scores
-    s_new = (q * k[:, None]).sum(-1, keepdims=True)  # (Hkv, rep, 1)
-    pos = cache.offset
-    if pos:
-        keys = np.asarray(cache.keys)[0, :, :pos]  # (Hkv, pos, D) views of the evaluated cache
-        values = np.asarray(cache.values)[0, :, :pos]
-        s = np.concatenate([np.matmul(q, keys.transpose(0, 2, 1)), s_new], axis=-1)
-    else:
-        s = s_new
+    rep, pos = q.shape[1], cache.offset
+    s = np.empty((Hkv, rep, pos + 1), np.float32)  # cached positions, then the new one
+    s[..., pos] = (q * k[:, None]).sum(-1)
+    keys = np.asarray(cache.keys) if pos else None  # views of the evaluated cache
+    values = np.asarray(cache.values) if pos else None
+    batched = backend.sgemm_batch_strided()
+    if pos and batched is not None and keys.flags.c_contiguous and values.flags.c_contiguous:
+        stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
+        batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,  # q k^T
+                keys.ctypes.data, D, stride, 0.0, s.ctypes.data, pos + 1, rep * (pos + 1), Hkv)
+    elif pos:
+        batched = None
+        s[..., :pos] = np.matmul(q, keys[0, :, :pos].transpose(0, 2, 1))
     s -= s.max(axis=-1, keepdims=True)
     np.exp2(s, out=s)
-    o = s[..., -1:] * v[:, None]
-    if pos:
-        o += np.matmul(s[..., :pos], values)
+    o = np.empty((Hkv, rep, D), np.float32)
+    if batched is not None:  # p v over the cached positions
+        batched(101, 111, 111, rep, D, pos, 1.0, s.ctypes.data, pos + 1, rep * (pos + 1),
+                values.ctypes.data, D, stride, 0.0, o.ctypes.data, D, rep * D, Hkv)
+    elif pos:
+        o[...] = np.matmul(s[..., :pos], values[0, :, :pos])
+    else:
+        o[...] = 0
+    o += s[..., pos:] * v[:, None]
     return (o / s.sum(axis=-1, keepdims=True)).reshape(-1, D)
 
 

@@ -431,11 +431,17 @@ def _decode_logits(lm, prompt, steps, cache_factory=None):
     return np.stack(out), cache
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied", "traditional", "partial",
                                      "llama3"])
-def test_numpy_decode_step_equals_the_mlx_layers(variant, monkeypatch):
-    from mm1_mlx import cpu_step
+def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
+    from mm1_mlx import backend, cpu_step
     from mm1_mlx.decoder import LanguageModel
+
+    if batched:  # the cache is read by OpenBLAS's batched GEMM (where it has one), else numpy
+        assert backend.sgemm_batch_strided() is not None or backend.sgemv() is None
+    else:
+        monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
 
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
