@@ -98,14 +98,15 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
     s[..., pos] = (q * k[:, None]).sum(-1)
     keys = np.asarray(cache.keys) if pos else None  # views of the evaluated cache
     values = np.asarray(cache.values) if pos else None
-    batched = backend.sgemm_batch_strided()
-    if pos and batched is not None and keys.flags.c_contiguous and values.flags.c_contiguous:
+    batched = backend.sgemm_batch_strided() if pos else None
+    if batched is None or not (keys.flags.c_contiguous and values.flags.c_contiguous):
+        batched = None
+        if pos:
+            s[..., :pos] = np.matmul(q, keys[0, :, :pos].transpose(0, 2, 1))
+    else:
         stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
         batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,  # q k^T
                 keys.ctypes.data, D, stride, 0.0, s.ctypes.data, pos + 1, rep * (pos + 1), Hkv)
-    elif pos:
-        batched = None
-        s[..., :pos] = np.matmul(q, keys[0, :, :pos].transpose(0, 2, 1))
     s -= s.max(axis=-1, keepdims=True)
     np.exp2(s, out=s)
     o = np.empty((Hkv, rep, D), np.float32)

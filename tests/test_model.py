@@ -476,6 +476,29 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
             np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_numpy_decode_step_from_an_empty_cache(batched, monkeypatch):
+    # a one-token prompt is "prefilled" by the decode step itself, with nothing cached yet
+    from mm1_mlx import backend, cpu_step
+    from mm1_mlx.decoder import LanguageModel
+
+    if not batched:
+        monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
+    mx.random.seed(8)
+    lm = LanguageModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4))
+    mx.eval(lm.parameters())
+    lm.eval()
+    outs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu_step, "ENABLED", enabled)
+        cache = make_prompt_cache(lm)
+        steps = [lm(lm.embed(mx.array([[t]])), cache)[0] for t in (3, 9, 4)]
+        outs.append(np.array(mx.concatenate(steps, axis=1)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert cpu_step.decode(lm, lm.embed(mx.array([[1]])), make_prompt_cache(lm)) is not None
+
+
 def tree_map_scaled(params, s):
     from mlx.utils import tree_map
 
