@@ -8,9 +8,10 @@ same step runs as numpy operations on zero-copy views of the MLX weights and the
 written with its ``update_and_fetch`` after the layer attended to them, and evaluated once per step.
 
 ``decode`` applies only where it computes what the MLX layers compute (to float32 rounding): the
-CPU, inference, one sequence of one token, float32 weights in our plain ``Linear`` layers (not
-LoRA-wrapped, not quantized), dense MLPs, no q/k norms, RMS norms, plain ``KVCache``\\ s and a RoPE
-``cpu.rope`` can tabulate. Anything else returns None and the model runs its MLX layers.
+CPU, inference, one sequence of one token, float32 weights in our plain ``Linear`` layers and
+mlx-lm's ``SwitchLinear`` experts (dense or top-k MoE feed-forwards; not LoRA-wrapped, not
+quantized), no q/k norms, RMS norms, plain ``KVCache``\\ s and a RoPE ``cpu.rope`` can tabulate.
+Anything else returns None and the model runs its MLX layers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchLinear
 
 from . import backend
 from .cpu import LOG2E, Linear, gemv_numpy, np_silu, on_cpu, rope_tables
@@ -51,17 +53,57 @@ def _layer_parts(layer, cache):
     at, mlp = layer.self_attn, layer.mlp
     if type(cache) is not KVCache or (cache.keys is not None and cache.keys.dtype != mx.float32):
         return None
-    if "q_norm" in at or not hasattr(mlp, "gate_proj"):  # q/k norms, MoE
+    if "q_norm" in at or not _ffn_ok(mlp):
         return None
-    linears = (at.q_proj, at.k_proj, at.v_proj, at.o_proj,
-               mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if not all(type(m) is Linear and _plain(m) for m in linears):
+    if not all(type(m) is Linear and _plain(m)
+               for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
         return None
     if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
                                                layer.post_attention_layernorm)):
         return None
     tables = rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, cache.offset + 1)
     return None if tables is None else (layer, tables)
+
+
+def _ffn_ok(mlp) -> bool:
+    """A dense SwiGLU MLP, or a top-k MoE block of them (mlx-lm's SwitchGLU), plain weights."""
+    if "switch_mlp" not in mlp:
+        return "gate_proj" in mlp and all(type(m) is Linear and _plain(m)
+                                          for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    sw = mlp.switch_mlp
+    experts = (sw.gate_proj, sw.up_proj, sw.down_proj)
+    return (type(sw) is SwitchGLU and type(sw.activation) is SwiGLU
+            and all(type(m) is SwitchLinear and m.weight.dtype == mx.float32
+                    and np.asarray(m.weight).flags.c_contiguous for m in experts)
+            and type(mlp.gate) is Linear and _plain(mlp.gate)
+            and ("shared_expert" not in mlp
+                 or (_ffn_ok(mlp.shared_expert) and _plain(mlp.shared_expert_gate))))
+
+
+def _ffn(mlp, h: np.ndarray) -> np.ndarray:
+    """The layer's feed-forward: SwiGLU, or the routed mix of the top-k experts' SwiGLUs."""
+    if "switch_mlp" not in mlp:
+        g = _linear(mlp.gate_proj, h)
+        return _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h))
+    logits = _linear(mlp.gate, h)
+    experts = np.argpartition(-logits, mlp.top_k - 1)[: mlp.top_k]
+    probs = np.exp(logits - logits.max())
+    scores = probs[experts] / probs.sum()
+    if mlp.norm_topk_prob:
+        scores /= scores.sum()
+    sw, y = mlp.switch_mlp, np.zeros_like(h)
+    for e, score in zip(experts, scores):
+        g = _expert(sw.gate_proj, e, h)
+        y += score * _expert(sw.down_proj, e, np_silu(g, g) * _expert(sw.up_proj, e, h))
+    if "shared_expert" in mlp:
+        gate = np_silu(np.float32(1), _linear(mlp.shared_expert_gate, h))  # sigmoid
+        y += gate * _ffn(mlp.shared_expert, h)
+    return y
+
+
+def _expert(layer, e: int, x: np.ndarray) -> np.ndarray:
+    y = gemv_numpy(np.asarray(layer.weight)[e], x)
+    return y + np.asarray(layer.bias)[e] if "bias" in layer else y
 
 
 def _plain(layer) -> bool:
@@ -71,7 +113,7 @@ def _plain(layer) -> bool:
 
 
 def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
-    at, mlp = layer.self_attn, layer.mlp
+    at = layer.self_attn
     h = _rms_norm(x, layer.input_layernorm)
     q = _linear(at.q_proj, h).reshape(at.n_heads, -1)
     k = _linear(at.k_proj, h).reshape(at.n_kv_heads, -1)
@@ -83,9 +125,7 @@ def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
     o = _attend(q, k, v, cache, at.scale)
     cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])  # lazy
     x = x + _linear(at.o_proj, o.reshape(-1))
-    h = _rms_norm(x, layer.post_attention_layernorm)
-    g = _linear(mlp.gate_proj, h)
-    return x + _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h))
+    return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) -> np.ndarray:

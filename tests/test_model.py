@@ -433,7 +433,7 @@ def _decode_logits(lm, prompt, steps, cache_factory=None):
 
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied", "traditional", "partial",
-                                     "llama3"])
+                                     "llama3", "moe-bias", "moe-shared-every-2"])
 def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
     from mm1_mlx import backend, cpu_step
     from mm1_mlx.decoder import LanguageModel
@@ -450,6 +450,11 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
                   tie_word_embeddings=False)
     elif variant in ("traditional", "llama3"):
         kw.update(ROPES[variant][0])
+    elif variant == "moe-bias":  # every layer routes its token to 2 of 4 experts
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_bias=True)
+    elif variant == "moe-shared-every-2":  # Qwen2-MoE style: gated shared expert, raw top-k
+        kw.update(num_experts=5, num_experts_per_tok=2, moe_every=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=40, norm_topk_prob=False)
     mx.random.seed(7)
     lm = LanguageModel(TextConfig(**kw))
     if variant == "partial":
@@ -520,7 +525,7 @@ def test_numpy_decode_step_leaves_other_models_to_mlx(processor):
 
     cfg = make_config(processor)
     assert runs_numpy(make_model(cfg))
-    assert not runs_numpy(make_model(make_config(processor, experts=4)))  # MoE layers
+    assert runs_numpy(make_model(make_config(processor, experts=4)))  # MoE layers too
     rotating = [RotatingKVCache(max_size=64) for _ in range(2)]
     assert not runs_numpy(make_model(cfg), rotating)
     model = make_model(cfg)
