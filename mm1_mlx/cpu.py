@@ -19,7 +19,7 @@ OpenBLAS bound:
   The softmax runs in place in the scores' own MLX buffer (no copies either way).
 - ``mx.fast.rope`` computes exp, cos and sin per call (~170 us for one decode step's 16 heads):
   ``rope`` applies the module from per-position tables it made once.
-- every evaluated MLX op costs ~15-80 us here: a decode step of a dense decoder (~50 small ops per
+- every evaluated MLX op costs ~15-80 us here: a decode step of the decoder (~50 small ops per
   layer around its products) runs in numpy instead (``cpu_step.py``).
 Parameters, keys and results are those of the MLX layers; only the evaluation differs.
 """
