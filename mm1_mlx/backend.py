@@ -121,31 +121,32 @@ def bind_blas() -> str:
 def sgemv():
     """The bound OpenBLAS's ``cblas_sgemv`` (ctypes), or None. MLX computes a one-row product
     with ``sgemm``, which reads the weight at ~20 GB/s here against ~29 GB/s for ``sgemv``."""
-    if _STATE["path"] is None:
-        return None
-    if _STATE.get("sgemv") is None:
-        fn = ctypes.CDLL(_STATE["path"]).cblas_sgemv
-        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        fn.argtypes = [i, i, i, i, f, p, i, p, i, f, p, i]
-        fn.restype = None
-        _STATE["sgemv"] = fn
-    return _STATE["sgemv"]
+    return _blas_function("cblas_sgemv", "iiiifpipifpi")
 
 
 def sgemm_batch_strided():
     """The bound OpenBLAS's ``cblas_sgemm_batch_strided`` (ctypes; OpenBLAS >= 0.3.28), or None.
     A decode step's attention reads each head's cached keys and values with it: its threads split
     the heads (~27 GB/s here, against ~17 for numpy's one-thread matmul loop)."""
+    return _blas_function("cblas_sgemm_batch_strided", "iiiiiifpiipiifpiii")
+
+
+_CTYPES = {"i": ctypes.c_int, "f": ctypes.c_float, "p": ctypes.c_void_p}
+
+
+def _blas_function(name: str, signature: str):
+    """``name`` from the bound OpenBLAS as a ctypes function (arguments: i int, f float, p
+    pointer; returns nothing), looked up once; None without a bound OpenBLAS or that symbol."""
     if _STATE["path"] is None:
         return None
-    if "sgemm_batch" not in _STATE:
-        fn = getattr(ctypes.CDLL(_STATE["path"]), "cblas_sgemm_batch_strided", None)
+    functions = _STATE.setdefault("functions", {})
+    if name not in functions:
+        fn = getattr(ctypes.CDLL(_STATE["path"]), name, None)
         if fn is not None:
-            i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-            fn.argtypes = [i, i, i, i, i, i, f, p, i, i, p, i, i, f, p, i, i, i]
+            fn.argtypes = [_CTYPES[c] for c in signature]
             fn.restype = None
-        _STATE["sgemm_batch"] = fn
-    return _STATE["sgemm_batch"]
+        functions[name] = fn
+    return functions[name]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

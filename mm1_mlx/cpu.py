@@ -47,46 +47,40 @@ NUMPY_ELEMENTS = 1 << 18  # float32 activations at least this large run in numpy
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    if not on_cpu():
-        return mx.sigmoid(x)
-    if _large(x):
-        return _numpy_unary(lambda a: np_silu(np.float32(1), a), _sigmoid, x)
-    return _sigmoid(x)
+    return _activation(x, mx.sigmoid, _sigmoid, lambda a: np_silu(np.float32(1), a))
 
 
 def silu(x: mx.array) -> mx.array:
-    if not on_cpu():
-        return nn.silu(x)
-    if _large(x):
-        return _numpy_unary(lambda a: np_silu(a, a), lambda a: a * _sigmoid(a), x)
-    return x * _sigmoid(x)
+    return _activation(x, nn.silu, lambda a: a * _sigmoid(a), lambda a: np_silu(a, a))
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """CLIP's ``x * sigmoid(1.702 x)``."""
-    if not on_cpu():
-        return x * mx.sigmoid(1.702 * x)
-    if _large(x):
-        return _numpy_unary(lambda a: np_silu(a, a * np.float32(1.702)),
-                            lambda a: a * _sigmoid(1.702 * a), x)
-    return x * _sigmoid(1.702 * x)
+    return _activation(x, lambda a: a * mx.sigmoid(1.702 * a), lambda a: a * _sigmoid(1.702 * a),
+                       lambda a: np_silu(a, a * np.float32(1.702)))
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact GELU, ``x * Phi(x)`` (LLaVA's projector): MLX's ``erf`` runs scalar here (~25 ns per
     element), so large inputs use Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) in numpy."""
-    if on_cpu() and _large(x):
-        return _numpy_unary(_np_gelu, nn.gelu, x)
-    return nn.gelu(x)
+    return _activation(x, nn.gelu, nn.gelu, _np_gelu)
 
 
 def gelu_approx(x: mx.array) -> mx.array:
     """Tanh-approximated GELU (SigLIP): ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``."""
-    if on_cpu() and _large(x):
-        return _numpy_unary(lambda a: np_silu(a, (a + np.float32(0.044715) * a * a * a)
-                                               * np.float32(2 * math.sqrt(2 / math.pi))),
-                            nn.gelu_approx, x)
-    return nn.gelu_approx(x)
+    return _activation(x, nn.gelu_approx, nn.gelu_approx,
+                       lambda a: np_silu(a, (a + np.float32(0.044715) * a * a * a)
+                                         * np.float32(2 * math.sqrt(2 / math.pi))))
+
+
+def _activation(x: mx.array, metal, cpu_mlx, cpu_numpy) -> mx.array:
+    """An element-wise function: MLX's op on Metal; on the CPU ``cpu_numpy`` for large float32
+    inputs (with ``cpu_mlx``'s gradient), else ``cpu_mlx`` (MLX ops, base-2 exponentials)."""
+    if not on_cpu():
+        return metal(x)
+    if _large(x):
+        return _numpy_unary(cpu_numpy, cpu_mlx, x)
+    return cpu_mlx(x)
 
 
 _ERF = (0.3275911, 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)

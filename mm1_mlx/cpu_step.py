@@ -34,22 +34,20 @@ def decode(lm, embeds: mx.array, cache) -> mx.array | None:
     if not (ENABLED and on_cpu() and cache is not None and embeds.shape[:2] == (1, 1)
             and embeds.dtype == mx.float32 and not lm.training and backend.sgemv() is not None):
         return None
-    layers = [_layer_parts(layer, c) for layer, c in zip(lm.layers, cache)]
+    tables = [_rope_tables(layer, c) for layer, c in zip(lm.layers, cache)]
     head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
-    if (any(p is None for p in layers) or type(lm.model.norm) is not nn.RMSNorm
+    if (any(t is None for t in tables) or type(lm.model.norm) is not nn.RMSNorm
             or not _plain(head)):
         return None
     x = np.array(embeds, dtype=np.float32).reshape(-1)
-    for parts, c in zip(layers, cache):
-        x = _layer(x, c, *parts)
+    for layer, t, c in zip(lm.layers, tables, cache):
+        x = _layer(x, c, layer, t)
     mx.eval([(c.keys, c.values) for c in cache])
-    x = _rms_norm(x, lm.model.norm)
-    logits = gemv_numpy(np.asarray(head.weight), x)
-    return mx.array(logits + np.asarray(head.bias) if "bias" in head else logits)[None, None]
+    return mx.array(_linear(head, _rms_norm(x, lm.model.norm)))[None, None]
 
 
-def _layer_parts(layer, cache):
-    """(layer, its RoPE tables) if this step can run the layer, else None."""
+def _rope_tables(layer, cache):
+    """The layer's RoPE tables if this step can run the layer, else None."""
     at, mlp = layer.self_attn, layer.mlp
     if type(cache) is not KVCache or (cache.keys is not None and cache.keys.dtype != mx.float32):
         return None
@@ -61,8 +59,7 @@ def _layer_parts(layer, cache):
     if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
                                                layer.post_attention_layernorm)):
         return None
-    tables = rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, cache.offset + 1)
-    return None if tables is None else (layer, tables)
+    return rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, cache.offset + 1)
 
 
 def _ffn_ok(mlp) -> bool:
@@ -139,24 +136,22 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
     keys = np.asarray(cache.keys) if pos else None  # views of the evaluated cache
     values = np.asarray(cache.values) if pos else None
     batched = backend.sgemm_batch_strided() if pos else None
-    if batched is None or not (keys.flags.c_contiguous and values.flags.c_contiguous):
+    if batched is not None and not (keys.flags.c_contiguous and values.flags.c_contiguous):
         batched = None
-        if pos:
-            s[..., :pos] = np.matmul(q, keys[0, :, :pos].transpose(0, 2, 1))
-    else:
-        stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
-        batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,  # q k^T
+    stride = keys.shape[2] * D if pos else 0  # one head of the (1, Hkv, capacity, D) cache
+    if batched is not None:  # q k^T
+        batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,
                 keys.ctypes.data, D, stride, 0.0, s.ctypes.data, pos + 1, rep * (pos + 1), Hkv)
+    elif pos:
+        s[..., :pos] = np.matmul(q, keys[0, :, :pos].transpose(0, 2, 1))
     s -= s.max(axis=-1, keepdims=True)
     np.exp2(s, out=s)
-    o = np.empty((Hkv, rep, D), np.float32)
+    o = np.zeros((Hkv, rep, D), np.float32)
     if batched is not None:  # p v over the cached positions
         batched(101, 111, 111, rep, D, pos, 1.0, s.ctypes.data, pos + 1, rep * (pos + 1),
                 values.ctypes.data, D, stride, 0.0, o.ctypes.data, D, rep * D, Hkv)
     elif pos:
         o[...] = np.matmul(s[..., :pos], values[0, :, :pos])
-    else:
-        o[...] = 0
     o += s[..., pos:] * v[:, None]
     return (o / s.sum(axis=-1, keepdims=True)).reshape(-1, D)
 
