@@ -107,9 +107,11 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     the patch embedding) become float32, the CPU's fast type (half-precision convolutions and
     element-wise ops run several times slower there); they are a few percent of its size.
     ``None`` keeps the stored types (tools that write the model back, like fuse). On the CPU,
-    loading also lets glibc keep freed memory for reuse (``backend.retain_freed_memory``)."""
+    loading also lets glibc keep freed memory for reuse (``backend.retain_freed_memory``) and,
+    unless ``lazy``, packs each decoder layer's weights into one buffer (``cpu_step.pack_layers``)."""
     from .backend import retain_freed_memory
     from .cpu import on_cpu
+    from .cpu_step import pack_layers
 
     if on_cpu():
         retain_freed_memory()
@@ -123,6 +125,8 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
 
         load_adapters(model, adapter_path)
     if not lazy:
+        if on_cpu():
+            pack_layers(model.language_model)
         mx.eval(model.parameters())
     model.eval()
     return model, Processor.from_pretrained(str(path))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchLinear
 
@@ -44,6 +45,31 @@ def decode(lm, embeds: mx.array, cache) -> mx.array | None:
         x = _layer(x, c, layer, t)
     mx.eval([(c.keys, c.values) for c in cache])
     return mx.array(_linear(head, _rms_norm(x, lm.model.norm)))[None, None]
+
+
+def pack_layers(lm) -> None:
+    """Give each decoder layer of ``lm`` one buffer per dtype for its parameters, laid out in the
+    layer's order (q, k, v, o, gate, up, down, norms: the order a decode step reads them), each
+    parameter a zero-copy view into it; evaluates the layers one by one.
+
+    A decode step streams every weight once, and on the development VM ``sgemv`` read the
+    per-tensor buffers ``mx.load`` makes at ~27 GB/s, one 58 MB buffer per layer of the benchmark
+    decoder at ~31 (the numpy read probe: ~32-34): its decode step went 40 -> 35 ms. Pack before
+    the weights are evaluated: each layer's loaded tensors are then temporaries, so memory grows
+    by one layer at most. Views save, load and train like any array; a replaced parameter just
+    gets its own buffer again."""
+    for layer in lm.layers:
+        groups: dict = {}
+        for name, w in tree_flatten(layer.parameters()):
+            groups.setdefault(w.dtype, []).append((name, w))
+        views = []
+        for items in groups.values():
+            buffer, start = mx.concatenate([w.reshape(-1) for _, w in items]), 0
+            for name, w in items:
+                views.append((name, buffer[start:start + w.size].reshape(w.shape)))
+                start += w.size
+        layer.update(tree_unflatten(views))
+        mx.eval(layer.parameters())
 
 
 def _rope_tables(layer, cache):

@@ -247,6 +247,29 @@ def test_save_load_roundtrip_bit_exact(processor, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_load_packs_each_decoder_layer_into_one_buffer(processor, tmp_path):
+    model = make_model(make_config(processor, experts=4, layers=6))  # dense and MoE layers
+    path = save(model, processor, tmp_path / "a")
+    params = dict(tree_flatten(model.parameters()))
+    total = sum(w.nbytes for w in params.values())
+    layer = max(sum(w.nbytes for _, w in tree_flatten(la.parameters()))
+                for la in model.language_model.layers)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    back, _ = load(str(path))
+    # each layer's loaded tensors are temporaries of its packing: not a second copy of them all
+    assert total <= mx.get_peak_memory() - before < total + 2 * layer
+    for la in back.language_model.layers:
+        names, views = zip(*[(k, np.asarray(w)) for k, w in tree_flatten(la.parameters())])
+        assert names[:4] == tuple(f"self_attn.{p}_proj.weight" for p in "qkvo")  # read order
+        for a, b in zip(views, views[1:]):  # one buffer, one parameter after the other
+            assert b.ctypes.data == a.ctypes.data + a.nbytes
+    # the views hold the stored values, and save and load back like any array
+    again, _ = load(str(save(back, processor, tmp_path / "b")))
+    for k, w in tree_flatten(again.parameters()):
+        assert np.array_equal(np.array(w), np.array(params[k])), k
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_close_to_float32(processor, dtype):
     model = make_model(make_config(processor))
