@@ -27,22 +27,30 @@ def best(fn, reps: int = 5, warmup: bool = True) -> float:
     return min(times)
 
 
-def numpy_figures(mb: int = 512, reps: int = 5) -> dict:
+def read_gbps(mb: int = 512, reps: int = 5) -> tuple[float, float]:
+    """Memory read bandwidth (GB/s) summing ``mb`` MB with numpy: one reader, and one per core
+    (numpy releases the GIL in reductions). Fastest of ``reps`` each."""
     import numpy as np
 
     a = np.ones(mb * 2**20 // 4, np.float32)
-    b = np.empty_like(a)
     halves = np.array_split(a, 2)
 
-    def sum2():  # numpy releases the GIL in reductions: one reader per core
+    def sum2():
         ts = [threading.Thread(target=h.sum) for h in halves]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
 
-    read1 = a.nbytes / best(a.sum, reps) / 1e9
-    read2 = a.nbytes / best(sum2, reps) / 1e9
+    return a.nbytes / best(a.sum, reps) / 1e9, a.nbytes / best(sum2, reps) / 1e9
+
+
+def numpy_figures(mb: int = 512, reps: int = 5) -> dict:
+    import numpy as np
+
+    read1, read2 = read_gbps(mb, reps)
+    a = np.ones(mb * 2**20 // 4, np.float32)
+    b = np.empty_like(a)
     copy = 2 * a.nbytes / best(lambda: np.copyto(b, a), reps) / 1e9
     x = np.random.default_rng(0).standard_normal((N_MATMUL, N_MATMUL), np.float32)
     gflops = 2 * N_MATMUL**3 / best(lambda: x @ x, 3) / 1e9

@@ -52,6 +52,15 @@ def generate_table(summary: dict) -> list[str]:
     return rows
 
 
+def _worker_reads(res: dict) -> str:
+    reads = [x["read_gbps"] for runs in res.get("runs", {}).values() for x in runs
+             if x.get("read_gbps")]
+    if not reads:
+        return ""
+    return (f", {min(reads):.1f}-{max(reads):.1f} GB/s in the workers right after their answers "
+            "(each run's decode is compared with its own)")
+
+
 def markdown(res: dict) -> str:
     m = res.get("machine", {})
     lines = [f"# Benchmark: {res['size']} ({res.get('started', '')})", "",
@@ -59,7 +68,7 @@ def markdown(res: dict) -> str:
              f"{m.get('platform')}; versions: "
              + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v), "",
              f"Measured in this run: memory read bandwidth {_f(m.get('bandwidth_gbps'), '{:.1f}')} "
-             f"GB/s (numpy), fp32 2048^3 matmul: MLX with our BLAS "
+             f"GB/s (numpy) at the start{_worker_reads(res)}, fp32 2048^3 matmul: MLX with our BLAS "
              f"{_f(m.get('matmul_gflops'), '{:.0f}')} GFLOP/s, MLX as installed (reference BLAS) "
              f"{_f(m.get('mlx_reference', {}).get('mlx_matmul_gflops'), '{:.1f}')} GFLOP/s, numpy "
              f"{_f(m.get('numpy', {}).get('numpy_matmul_gflops'), '{:.0f}')} GFLOP/s.", ""]

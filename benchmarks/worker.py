@@ -4,7 +4,8 @@ Systems: ``transformers`` (PyTorch CPU), ``mlx-vlm`` (as installed), ``mlx-vlm+b
 bound first), ``mm1-mlx`` (our checkpoint, any quantization). Each answers a first question about an
 image and a follow-up about the same image (with the system's own prefix/image cache if it has one),
 timed from the call to the first token, then decodes ``max_tokens`` tokens. The peak RSS is the
-process's own high-water mark.
+process's own high-water mark; then the process measures the memory read bandwidth (``read_gbps``)
+that its decode rate is compared with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import resource
 import sys
 import time
+
+from .machine import read_gbps
 
 
 def _rss_gb() -> float:
@@ -167,6 +170,9 @@ def main(argv=None) -> None:
     else:
         out = run_mm1(spec)
     out["peak_rss_gb"] = _rss_gb()
+    # this run's bandwidth bound, measured in the same process right after its answers (the VM's
+    # bandwidth drifts 10-30% over minutes); after the RSS, which its buffer would raise
+    out["read_gbps"] = max(read_gbps(spec.get("probe_mb", 512)))
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -26,6 +26,22 @@ def test_prefill_flops_counts_every_prompt_token():
     assert 300e9 < a < 600e9 and b > a
 
 
+
+def test_each_run_is_compared_with_its_own_bandwidth(monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "decode_bytes", lambda path: 10**9)  # 1 GB read per token
+    first = {"decode_tps": 20.0, "ttft_s": 2.0, "prompt_tokens": 600}
+    runs = {"mm1-mlx": [{"first": first, "read_gbps": 40.0}, {"first": first, "read_gbps": 25.0},
+                        {"first": dict(first, decode_tps=30.0), "read_gbps": 30.0},
+                        {"error": "crashed"}]}
+    summary = {"mm1-mlx": {"status": "ok", "decode_tps": 20.0, "ttft_s": 2.0,
+                           "prompt_tokens": 600}}
+    run.bounds(summary, runs, {"bandwidth_gbps": 50.0, "matmul_gflops": 100.0},
+               {"mm1-mlx": tmp_path}, "small")
+    r = summary["mm1-mlx"]
+    assert r["decode_fraction_of_bound"] == pytest.approx(0.8)  # median of 0.5, 0.8, 1.0
+    assert r["read_gbps"] == 30.0 and r["decode_bound_tps"] == pytest.approx(30.0)
+    assert r["decode_fraction_of_start_probe"] == pytest.approx(0.4)
+
 @pytest.mark.slow
 def test_tiny_run(tmp_path):
     t = time.perf_counter()
@@ -49,7 +65,8 @@ def test_tiny_run(tmp_path):
         assert r["generated"] == 4
     us, hf = summary["mm1-mlx"], summary["transformers"]
     assert us["prompt_tokens"] == hf["prompt_tokens"]  # the same prompt and image tokens
-    assert 0 < us["decode_fraction_of_bound"] < 2
+    assert 0 < us["decode_fraction_of_bound"] < 2 and 0 < us["decode_fraction_of_start_probe"] < 2
+    assert all(x["read_gbps"] > 0.5 for x in saved["runs"]["mm1-mlx"])
     m = saved["machine"]
     assert m["bandwidth_gbps"] > 0.5 and m["matmul_gflops"] > 1
     assert m["mlx_reference"]["blas"] == "reference"
