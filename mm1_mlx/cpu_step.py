@@ -19,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchLinear
 
@@ -48,27 +48,26 @@ def decode(lm, embeds: mx.array, cache) -> mx.array | None:
 
 
 def pack_layers(lm) -> None:
-    """Give each decoder layer of ``lm`` one buffer per dtype for its parameters, laid out in the
-    layer's order (q, k, v, o, gate, up, down, norms: the order a decode step reads them), each
-    parameter a zero-copy view into it; evaluates the layers one by one.
+    """Give the weights a decode step streams (each decoder layer's ``Linear`` and ``SwitchLinear``
+    weights: q, k, v, o, gate, up, down, in that order) one buffer per layer and dtype, each weight
+    a zero-copy view into it; evaluates the layers one by one.
 
-    A decode step streams every weight once, and on the development VM ``sgemv`` read the
-    per-tensor buffers ``mx.load`` makes at ~27 GB/s, one 58 MB buffer per layer of the benchmark
-    decoder at ~31 (the numpy read probe: ~32-34): its decode step went 40 -> 35 ms. Pack before
-    the weights are evaluated: each layer's loaded tensors are then temporaries, so memory grows
-    by one layer at most. Views save, load and train like any array; a replaced parameter just
-    gets its own buffer again."""
+    On the development VM ``sgemv`` read the per-tensor buffers ``mx.load`` makes at ~27 GB/s, one
+    buffer per layer (58 MB in the benchmark decoder) at ~31 (the numpy read probe: ~32-34): its
+    decode step went 40 -> 35 ms. Packing the lazily loaded tensors makes them temporaries, so
+    memory grows by one layer at most. Views save, load and train like any array. Only weights
+    share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
+    projection of a layer frees its float buffer."""
     for layer in lm.layers:
         groups: dict = {}
-        for name, w in tree_flatten(layer.parameters()):
-            groups.setdefault(w.dtype, []).append((name, w))
-        views = []
-        for items in groups.values():
-            buffer, start = mx.concatenate([w.reshape(-1) for _, w in items]), 0
-            for name, w in items:
-                views.append((name, buffer[start:start + w.size].reshape(w.shape)))
-                start += w.size
-        layer.update(tree_unflatten(views))
+        for name, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
+            if isinstance(m, (nn.Linear, SwitchLinear)):
+                groups.setdefault(m.weight.dtype, []).append((name, m))
+        for modules in groups.values():
+            buffer, start = mx.concatenate([m.weight.reshape(-1) for _, m in modules]), 0
+            for _, m in modules:
+                m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
+                start += m.weight.size
         mx.eval(layer.parameters())
 
 

@@ -247,6 +247,12 @@ def test_save_load_roundtrip_bit_exact(processor, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def _streamed_weights(layer) -> list:
+    """(name, weight) of the layer's projections, in module order."""
+    return [(k, m.weight) for k, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module)
+            if "weight" in m and m.weight.ndim >= 2 and "norm" not in k]
+
+
 def test_load_packs_each_decoder_layer_into_one_buffer(processor, tmp_path):
     model = make_model(make_config(processor, experts=4, layers=6))  # dense and MoE layers
     path = save(model, processor, tmp_path / "a")
@@ -260,14 +266,30 @@ def test_load_packs_each_decoder_layer_into_one_buffer(processor, tmp_path):
     # each layer's loaded tensors are temporaries of its packing: not a second copy of them all
     assert total <= mx.get_peak_memory() - before < total + 2 * layer
     for la in back.language_model.layers:
-        names, views = zip(*[(k, np.asarray(w)) for k, w in tree_flatten(la.parameters())])
-        assert names[:4] == tuple(f"self_attn.{p}_proj.weight" for p in "qkvo")  # read order
-        for a, b in zip(views, views[1:]):  # one buffer, one parameter after the other
+        names, views = zip(*[(k, np.asarray(w)) for k, w in _streamed_weights(la)])
+        assert names[:4] == tuple(f"self_attn.{p}_proj" for p in "qkvo")  # read order
+        for a, b in zip(views, views[1:]):  # one buffer, one weight after the other
             assert b.ctypes.data == a.ctypes.data + a.nbytes
     # the views hold the stored values, and save and load back like any array
     again, _ = load(str(save(back, processor, tmp_path / "b")))
     for k, w in tree_flatten(again.parameters()):
         assert np.array_equal(np.array(w), np.array(params[k])), k
+
+
+def test_quantizing_packed_layers_frees_their_float_buffers(processor, tmp_path):
+    import gc
+
+    path = save(make_model(make_config(processor, layers=4)), processor, tmp_path / "a")
+    model, _ = load(str(path))
+    layers = model.language_model.layers
+    floats = sum(w.nbytes for la in layers for _, w in _streamed_weights(la))
+    before = mx.get_active_memory()
+    nn.quantize(model.language_model, group_size=32, bits=4,  # every projection; norms stay
+                class_predicate=lambda p, m: "layers." in p and hasattr(m, "to_quantized"))
+    mx.eval(model.parameters())
+    gc.collect()
+    # a norm or bias left as a view would keep its layer's whole float buffer alive
+    assert before - mx.get_active_memory() > 0.7 * floats
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
