@@ -60,12 +60,12 @@ def pack_layers(lm) -> None:
     projection of a layer frees its float buffer."""
     for layer in lm.layers:
         groups: dict = {}
-        for name, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
+        for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
             if isinstance(m, (nn.Linear, SwitchLinear)):
-                groups.setdefault(m.weight.dtype, []).append((name, m))
+                groups.setdefault(m.weight.dtype, []).append(m)
         for modules in groups.values():
-            buffer, start = mx.concatenate([m.weight.reshape(-1) for _, m in modules]), 0
-            for _, m in modules:
+            buffer, start = mx.concatenate([m.weight.reshape(-1) for m in modules]), 0
+            for m in modules:
                 m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
                 start += m.weight.size
         mx.eval(layer.parameters())
