@@ -293,6 +293,28 @@ def test_quantizing_packed_layers_frees_their_float_buffers(processor, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_checkpoint_computes_in_float32_on_the_cpu_when_it_fits(
+        processor, tmp_path, dtype, monkeypatch):
+    from mm1_mlx import checkpoint
+
+    model = make_model(make_config(processor))
+    model.set_dtype(dtype)
+    path = save(model, processor, tmp_path / "half")
+    stored = dict(tree_flatten(model.parameters()))
+    up, _ = load(str(path))  # the CPU's fast type: same values, float32
+    for k, w in tree_flatten(up.parameters()):
+        assert w.dtype == mx.float32 and np.array_equal(np.array(w), np.array(stored[k].astype(w.dtype)))
+    as_stored, _ = load(str(path), compute_dtype=None)
+    assert {w.dtype for _, w in tree_flatten(as_stored.parameters())} == {dtype}
+    size = sum(w.size for w in stored.values()) * 4
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 2 * size - 1)  # would not fit
+    kept, _ = load(str(path))
+    assert {w.dtype for _, w in tree_flatten(kept.parameters())} == {dtype}
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 2 * size)
+    assert checkpoint.fits_float32(kept) and not checkpoint.fits_float32(up)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_close_to_float32(processor, dtype):
     model = make_model(make_config(processor))
     ids = ids_with_images(processor, 1)
