@@ -27,12 +27,11 @@ def best(fn, reps: int = 5, warmup: bool = True) -> float:
     return min(times)
 
 
-def read_gbps(mb: int = 512, reps: int = 5) -> tuple[float, float]:
-    """Memory read bandwidth (GB/s) summing ``mb`` MB with numpy: one reader, and one per core
-    (numpy releases the GIL in reductions). Fastest of ``reps`` each."""
+def read_gbps(a, reps: int = 5) -> tuple[float, float]:
+    """Memory read bandwidth (GB/s) summing the float32 array ``a`` with numpy: one reader, and
+    one per core (numpy releases the GIL in reductions). Fastest of ``reps`` each."""
     import numpy as np
 
-    a = np.ones(mb * 2**20 // 4, np.float32)
     halves = np.array_split(a, 2)
 
     def sum2():
@@ -45,11 +44,17 @@ def read_gbps(mb: int = 512, reps: int = 5) -> tuple[float, float]:
     return a.nbytes / best(a.sum, reps) / 1e9, a.nbytes / best(sum2, reps) / 1e9
 
 
+def probe_buffer(mb: int):
+    import numpy as np
+
+    return np.ones(mb * 2**20 // 4, np.float32)
+
+
 def numpy_figures(mb: int = 512, reps: int = 5) -> dict:
     import numpy as np
 
-    read1, read2 = read_gbps(mb, reps)
-    a = np.ones(mb * 2**20 // 4, np.float32)
+    a = probe_buffer(mb)
+    read1, read2 = read_gbps(a, reps)
     b = np.empty_like(a)
     copy = 2 * a.nbytes / best(lambda: np.copyto(b, a), reps) / 1e9
     x = np.random.default_rng(0).standard_normal((N_MATMUL, N_MATMUL), np.float32)

@@ -218,10 +218,10 @@ def bounds(summary: dict, runs: dict, machine: dict, paths: dict, size: str) -> 
         src = paths.get(s) if s.startswith("mm1-mlx") else paths["hf"]
         if isinstance(src, Path):
             size_b = r["decode_weight_bytes"] = decode_bytes(src)
+            ok = [x for x in runs.get(s, []) if "error" not in x]
             fractions = [x["first"]["decode_tps"] * size_b / (x["read_gbps"] * 1e9)
-                         for x in runs.get(s, []) if "error" not in x
-                         and x["first"].get("decode_tps") and x.get("read_gbps")]
-            r["read_gbps"] = median([x for x in runs.get(s, []) if "error" not in x], "read_gbps")
+                         for x in ok if x["first"].get("decode_tps") and x.get("read_gbps")]
+            r["read_gbps"] = median(ok, "read_gbps")
             if fractions:
                 r["decode_fraction_of_bound"] = statistics.median(fractions)
                 r["decode_bound_tps"] = r["read_gbps"] * 1e9 / size_b

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 
-from .machine import read_gbps
+from .machine import probe_buffer, read_gbps
 
 
 def _rss_gb() -> float:
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     out["peak_rss_gb"] = _rss_gb()
     # this run's bandwidth bound, measured in the same process right after its answers (the VM's
     # bandwidth drifts 10-30% over minutes); after the RSS, which its buffer would raise
-    out["read_gbps"] = max(read_gbps(spec.get("probe_mb", 512)))
+    out["read_gbps"] = max(read_gbps(probe_buffer(spec.get("probe_mb", 512))))
     print("RESULT " + json.dumps(out), flush=True)
 
 

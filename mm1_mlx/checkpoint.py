@@ -143,19 +143,20 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     from .cpu import on_cpu
     from .cpu_step import pack_layers
 
-    if on_cpu():
+    cpu = on_cpu()
+    if cpu:
         retain_freed_memory()
     path = resolve(path_or_repo)
     config = read_config(path)
     model = build(config, read_weights(path))
-    if compute_dtype == "auto" and on_cpu() and (config.quantization or fits_float32(model)):
+    if compute_dtype == "auto" and cpu and (config.quantization or fits_float32(model)):
         model.set_dtype(mx.float32)
     if adapter_path is not None:
         from .adapters import load_adapters
 
         load_adapters(model, adapter_path)
     if not lazy:
-        if on_cpu():
+        if cpu:
             pack_layers(model.language_model)
         mx.eval(model.parameters())
     model.eval()

@@ -95,8 +95,7 @@ def _ffn_ok(mlp) -> bool:
     sw = mlp.switch_mlp
     experts = (sw.gate_proj, sw.up_proj, sw.down_proj)
     return (type(sw) is SwitchGLU and type(sw.activation) is SwiGLU
-            and all(type(m) is SwitchLinear and m.weight.dtype == mx.float32
-                    and np.asarray(m.weight).flags.c_contiguous for m in experts)
+            and all(_plain(m, kinds=(SwitchLinear,)) for m in experts)
             and type(mlp.gate) is Linear and _plain(mlp.gate)
             and ("shared_expert" not in mlp
                  or (_ffn_ok(mlp.shared_expert) and _plain(mlp.shared_expert_gate))))
@@ -128,9 +127,10 @@ def _expert(layer, e: int, x: np.ndarray) -> np.ndarray:
     return y + np.asarray(layer.bias)[e] if "bias" in layer else y
 
 
-def _plain(layer) -> bool:
-    """A float32, C-contiguous weight (what sgemv reads), not wrapped (LoRA) or quantized."""
-    return (type(layer) in (Linear, nn.Embedding) and layer.weight.dtype == mx.float32
+def _plain(layer, kinds=(Linear, nn.Embedding)) -> bool:
+    """A float32, C-contiguous weight (what sgemv reads) in a layer of exactly one of ``kinds``:
+    not wrapped (LoRA) or quantized."""
+    return (type(layer) in kinds and layer.weight.dtype == mx.float32
             and np.asarray(layer.weight).flags.c_contiguous)
 
 
@@ -158,12 +158,12 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
     rep, pos = q.shape[1], cache.offset
     s = np.empty((Hkv, rep, pos + 1), np.float32)  # cached positions, then the new one
     s[..., pos] = (q * k[:, None]).sum(-1)
-    keys = np.asarray(cache.keys) if pos else None  # views of the evaluated cache
-    values = np.asarray(cache.values) if pos else None
-    batched = backend.sgemm_batch_strided() if pos else None
-    if batched is not None and not (keys.flags.c_contiguous and values.flags.c_contiguous):
-        batched = None
-    stride = keys.shape[2] * D if pos else 0  # one head of the (1, Hkv, capacity, D) cache
+    batched = None
+    if pos:  # views of the evaluated cache
+        keys, values = np.asarray(cache.keys), np.asarray(cache.values)
+        if keys.flags.c_contiguous and values.flags.c_contiguous:
+            batched = backend.sgemm_batch_strided()
+        stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
     if batched is not None:  # q k^T
         batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,
                 keys.ctypes.data, D, stride, 0.0, s.ctypes.data, pos + 1, rep * (pos + 1), Hkv)
