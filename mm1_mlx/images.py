@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import os
+import urllib.error
+import urllib.request
 import warnings
 
 import numpy as np
@@ -12,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import MM1Error
 
 DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb guard
+FETCH_TIMEOUT_S = 10.0  # per connect / read, for http(s) images
+FETCH_MAX_BYTES = 20 << 20  # an image larger than this is refused before it is read whole
 FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 
 
@@ -38,10 +45,95 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def is_url(source) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://", "data:"))
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow one to ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise ImageError(f"image URL redirected to a non-http(s) address: {newurl[:200]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _decode_data_url(url: str, max_bytes: int) -> bytes:
+    head, sep, payload = url.partition(",")
+    if not sep or not head.lower().startswith("data:image/") or not head.lower().endswith(";base64"):
+        raise ImageError("a data URL must look like data:image/<type>;base64,<data>")
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise ImageError(f"image data URL over the limit of {max_bytes >> 20} MB")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image data URL is not valid base64") from None
+
+
+def fetch_image_bytes(url: str, timeout: float = FETCH_TIMEOUT_S,
+                      max_bytes: int = FETCH_MAX_BYTES) -> bytes:
+    """The bytes behind an http(s) or ``data:image/...;base64,`` URL, read with a timeout and a
+    byte cap (checked on the announced length and again while reading); ImageError otherwise."""
+    if url.lower().startswith("data:"):
+        return _decode_data_url(url, max_bytes)
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageError(f"only http(s) and data: image URLs are fetched: {url[:200]}")
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    req = urllib.request.Request(url, headers={"User-Agent": "mm1-mlx"})
+    try:
+        with opener.open(req, timeout=timeout) as r:
+            size = r.headers.get("Content-Length")
+            if size is not None and size.isdigit() and int(size) > max_bytes:
+                raise ImageError(f"image at {url[:200]} is {int(size) >> 20} MB, over the limit "
+                                 f"of {max_bytes >> 20} MB")
+            data = r.read(max_bytes + 1)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"could not fetch image {url[:200]}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ImageError(f"could not fetch image {url[:200]}: {reason}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"image at {url[:200]} is over the limit of {max_bytes >> 20} MB")
+    if not data:
+        raise ImageError(f"image at {url[:200]} is empty (0 bytes)")
+    return data
+
+
+def _open(source, name: str, max_pixels: int) -> Image.Image:
+    """Open and decode ``source`` (a path or a file object) with the size guards."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"image too large: {name} is {w}x{h} = {w * h / 1e6:.1f} MP, "
+                                 f"limit {max_pixels / 1e6:.0f} MP")
+            if img.format not in FORMATS:
+                raise ImageError(f"unsupported image format {img.format}: {name}")
+            img.seek(0)  # GIF/WebP/TIFF: first frame
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image file: {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image too large (decompression bomb): {name}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot read image {name}: {e}") from None
+    return img
+
+
 def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path or PIL image -> an upright RGB PIL image, or an ImageError saying what is wrong."""
+    """A path, an http(s) or data: URL, or a PIL image -> an upright RGB PIL image, or an
+    ImageError saying what is wrong."""
     if isinstance(source, Image.Image):
         img = source
+    elif is_url(source):
+        name = source[:60] + ("..." if len(source) > 60 else "")
+        img = _open(io.BytesIO(fetch_image_bytes(source)), name, max_pixels)
     else:
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -50,26 +142,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise ImageError(f"image path is a directory: {path}")
         if os.path.getsize(path) == 0:
             raise ImageError(f"image file is empty (0 bytes): {path}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(path)
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageError(f"image too large: {path} is {w}x{h} = {w * h / 1e6:.1f} MP, "
-                                     f"limit {max_pixels / 1e6:.0f} MP")
-                if img.format not in FORMATS:
-                    raise ImageError(f"unsupported image format {img.format}: {path}")
-                img.seek(0)  # GIF/WebP/TIFF: first frame
-                img.load()
-        except ImageError:
-            raise
-        except UnidentifiedImageError:
-            raise ImageError(f"not an image file: {path}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"image too large (decompression bomb): {path}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"cannot read image {path}: {e}") from None
+        img = _open(path, path, max_pixels)
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"image too large: {w}x{h} = {w * h / 1e6:.1f} MP, "
