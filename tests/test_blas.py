@@ -38,8 +38,10 @@ EXPECTED_SUM = float(((np.arange(64 * 64).reshape(64, 64) % 7 - 3) @
 
 
 def run_check(tmp_path, env=None, prefix=()):
-    """Import mm1_mlx and multiply in a fresh process with its own (empty) verdict cache."""
-    full = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
+    """Import mm1_mlx and multiply in a fresh process with its own (empty) verdict cache, with
+    the default candidates unless ``env`` names one."""
+    full = {k: v for k, v in os.environ.items() if k != "MM1_MLX_BLAS"}
+    full.update(XDG_CACHE_HOME=str(tmp_path / "cache"), **(env or {}))
     out = subprocess.run([*prefix, sys.executable, "-c", CHECK], env=full, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

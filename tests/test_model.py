@@ -496,7 +496,8 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
     from mm1_mlx.decoder import LanguageModel
 
     if batched:  # the cache is read by OpenBLAS's batched GEMM (where it has one), else numpy
-        assert backend.sgemm_batch_strided() is not None or backend.sgemv() is None
+        if backend.sgemm_batch_strided() is None:
+            pytest.skip("the bound BLAS has no cblas_sgemm_batch_strided (OpenBLAS < 0.3.28)")
     else:
         monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
 
