@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.errors import MM1Error
+from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..errors import MM1Error
 
 DENSE = {"llama", "mistral", "qwen2", "qwen3"}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}

@@ -10,11 +10,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mm1_mlx.checkpoint import save
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.errors import MM1Error
-from mm1_mlx.model import Model
-
+from ..checkpoint import save
+from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..errors import MM1Error
+from ..model import Model
 from . import configs, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
@@ -169,7 +168,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if q_bits:  # the decoder; records config.quantization (per-module) for loading
-        from mm1_mlx.quantize import quantize_model
+        from ..quantize import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()
