@@ -11,6 +11,24 @@ CLIP = {"clip", "clip_vision_model"}
 SIGLIP = {"siglip", "siglip_vision_model"}
 
 
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
+
+
+def with_defaults(cfg: dict) -> dict:
+    """A sub-config as transformers saves it (only what differs from the defaults: llava-hf's
+    text_config has no hidden_size) completed with transformers' defaults for its model_type;
+    the defaults' RoPE settings never replace the checkpoint's own ``rope_theta``."""
+    from transformers import AutoConfig
+
+    try:
+        defaults = AutoConfig.for_model(cfg.get("model_type")).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return cfg
+    if any(k in cfg for k in ROPE_KEYS):
+        defaults = {k: v for k, v in defaults.items() if k not in ROPE_KEYS}
+    return {**defaults, **cfg}
+
+
 def rope(cfg: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from ``rope_parameters`` or ``rope_theta`` + ``rope_scaling``."""
     params = dict(cfg.get("rope_parameters") or {})
@@ -26,6 +44,7 @@ def text_config(cfg: dict) -> TextConfig:
     if kind not in DENSE | MOE:
         raise MM1Error(f"unsupported decoder model_type {kind!r}; supported: "
                        f"{', '.join(sorted(DENSE | MOE))}")
+    cfg = with_defaults(cfg)
     if cfg.get("mlp_only_layers"):
         raise MM1Error(f"mlp_only_layers={cfg['mlp_only_layers']} is not supported")
     theta, scaling = rope(cfg)
@@ -71,6 +90,7 @@ def hf_vision_config(cfg: dict) -> VisionConfig:
         kind = cfg["model_type"]
     if kind not in CLIP | SIGLIP:
         raise MM1Error(f"unsupported vision model_type {kind!r}; supported: CLIP, SigLIP, OpenCLIP")
+    cfg = with_defaults(cfg)
     siglip = kind in SIGLIP
     return VisionConfig(
         hidden_size=cfg.get("hidden_size", 768),
