@@ -1,5 +1,8 @@
 """Checkpoints: a directory with config.json, model*.safetensors, tokenizer and image settings.
 
+``load`` / ``resolve`` also take Hugging Face transformers and mlx-community checkpoints (local or
+hub ids): ``formats/`` converts them once into a cache and they load from there.
+
 Load order (as mlx-lm): config -> model -> quantize by recorded predicate -> load_weights(strict).
 Saves are atomic: everything is written to a temporary sibling directory that is then renamed.
 """

@@ -62,9 +62,11 @@ def llava(tmp_path_factory):
     """{variant: (dir, hf model, hf processor)} of tiny transformers LLaVA models."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for tower, text, strategy in (("clip", "llama", "default"), ("siglip", "qwen2", "full")):
-        hf, proc = save_llava(root / tower, tower, text, strategy)
-        out[tower] = (root / tower, hf, proc)
+    for name, tower, text, strategy in (("clip", "clip", "llama", "default"),
+                                        ("siglip", "siglip", "qwen2", "full"),
+                                        ("siglip-default", "siglip", "llama", "default")):
+        hf, proc = save_llava(root / name, tower, text, strategy)
+        out[name] = (root / name, hf, proc)
     clip, hf, proc = out["clip"]
     out["published"] = (relayout(clip, root / "published", published), hf, proc)
     out["v5"] = (relayout(clip, root / "v5", runtime_v5), hf, proc)
@@ -80,7 +82,7 @@ def nhwc(px):
     return mx.array(px.permute(0, 2, 3, 1).numpy())
 
 
-@pytest.mark.parametrize("variant", ["clip", "siglip", "published", "v5"])
+@pytest.mark.parametrize("variant", ["clip", "siglip", "siglip-default", "published", "v5"])
 def test_transformers_checkpoint_parity(llava, variant, private_cache):
     path, hf, proc = llava[variant]
     model, processor = mm1_mlx.load(str(path), dtype="float32")
@@ -155,6 +157,38 @@ def mlx_vlm_dirs(llava, tmp_path_factory):
         "q4-vision-table": write_mlx_vlm(src, root / "q4-vision-table", bits=4, vision=True,
                                          table=True),
     }
+
+
+def dequantized_copy(src, out):
+    """The same mlx-vlm checkpoint with every quantized module stored as its dequantized float."""
+    shutil.copytree(src, out)
+    w = mx.load(str(src / "model.safetensors"))
+    for p in [k[: -len(".scales")] for k in w if k.endswith(".scales")]:
+        q = json.loads((src / "config.json").read_text())["quantization"]
+        own = q.get(p, q)
+        w[f"{p}.weight"] = mx.dequantize(w[f"{p}.weight"], w.pop(f"{p}.scales"),
+                                         w.pop(f"{p}.biases"), own["group_size"], own["bits"])
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["quantization"], cfg["quantization_config"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    mx.save_safetensors(str(out / "model.safetensors"), w, metadata={"format": "mlx"})
+    return out
+
+
+def test_mlx_vlm_siglip_qwen2(llava, tmp_path):
+    """SigLIP + Qwen2 in the mlx-community layout: float equals transformers; quantized equals
+    its own weights dequantized."""
+    src, hf, proc = llava["siglip"]
+    ids, px = hf_inputs(proc)
+    ref, ref_tokens = hf_greedy(hf, ids, pixel_values=px)
+    _, (ours, tokens) = our_run(write_mlx_vlm(src, tmp_path / "float"), proc)
+    assert np.abs(ours - ref).max() <= 1e-3 and tokens == ref_tokens
+    q = write_mlx_vlm(src, tmp_path / "q8", bits=8, vision=True)
+    qm, (qlogits, qtokens) = our_run(q, proc)
+    assert any(k.startswith("vision_tower.") for k in qm.config.quantization["modules"])
+    _, (dq, dq_tokens) = our_run(dequantized_copy(q, tmp_path / "dq"), proc)
+    assert np.abs(qlogits - dq).max() <= 1e-4 and qtokens == dq_tokens
+    assert np.abs(qlogits - ref).max() <= 0.05  # 8 bits stay close to the float model
 
 
 def our_run(path, proc, **kw):
@@ -270,6 +304,46 @@ def test_generate_cli_converts_once(llava, tmp_path, capsys, private_cache):
     code, _, err3 = run_generate([*argv, "-q", "--q-bits", "8", "--q-group-size", "32"], capsys)
     assert code == 0 and "converting" in err3, err3
     assert len(list(private_cache.iterdir())) == 2
+
+
+def test_quantize_tool_takes_a_transformers_dir(llava, tmp_path, capsys):
+    """Every tool's --model goes through load/resolve: here the quantizer."""
+    from mm1_mlx.quantize import main as quantize_main
+
+    out = tmp_path / "q"
+    quantize_main(["--model", str(llava["clip"][0]), "--out", str(out), "--no-eval",
+                   "--group-size", "32"])
+    model, _ = mm1_mlx.load(str(out))
+    assert model.config.quantization["bits"] == 4
+    assert llava["clip"][0].joinpath("config.json").exists()  # the source is untouched
+
+
+def test_no_torch_needed_for_safetensors(llava, tmp_path):
+    """The library converts a safetensors checkpoint with torch unimportable; a .bin source
+    says in one line that it needs torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import mm1_mlx\n"
+            f"m, p = mm1_mlx.load({str(llava['clip'][0])!r})\n"
+            "print(m.config.num_image_tokens)\n")
+    env = {**__import__("os").environ, "MM1_MLX_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "16", r.stderr[-2000:]
+    from mm1_mlx.formats import sources
+
+    bad = shutil.copytree(llava["clip"][0], tmp_path / "bin")
+    (bad / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(2)}, bad / "pytorch_model.bin")
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from pathlib import Path\nfrom mm1_mlx.formats import sources\n"
+            f"sources.read_weights(Path({str(bad)!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and "needs PyTorch" in r.stderr
+    assert sources.read_weights(bad)["x"].shape == (2,)  # with torch: read (weights_only)
 
 
 def test_flags_on_our_own_checkpoint_refused(tiny_checkpoint, tmp_path, capsys):

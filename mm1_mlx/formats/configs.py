@@ -142,11 +142,10 @@ def llava_config(cfg: dict, image_token_id: int) -> ModelConfig:
     if strategy not in ("default", "full"):
         raise MM1Error(f"unknown vision_feature_select_strategy {strategy!r}")
     vision = hf_vision_config(cfg["vision_config"])
-    if strategy == "default" and not vision.class_token:
-        raise MM1Error("vision_feature_select_strategy 'default' drops the first patch of a "
-                       "tower without a class token (SigLIP); only 'full' is supported there")
     vision.feature_layer = layer
+    # "default" drops position 0: the class token, or on SigLIP (none) the first patch
     vision.keep_class_token = strategy == "full" and vision.class_token
+    vision.drop_first_patch = strategy == "default" and not vision.class_token
     text = text_config(cfg["text_config"])
     connector = ConnectorConfig(type="mlp", mlp_depth=2, hidden_act=cfg.get(
         "projector_hidden_act", "gelu"), bias=cfg.get("multimodal_projector_bias", True))

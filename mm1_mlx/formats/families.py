@@ -61,6 +61,8 @@ def model_type(cfg: dict) -> str | None:
 
 def check_supported(cfg: dict, name: str) -> str:
     """The checkpoint's model_type, or one line naming it and the families we read."""
+    if not isinstance(cfg, dict):
+        raise MM1Error(f"bad config.json in {name}: not a JSON object")
     kind = model_type(cfg)
     if kind != NATIVE and kind not in FAMILIES:
         raise MM1Error(f"{name}: model_type {kind!r} is not supported; supported: mm1-mlx "
