@@ -6,7 +6,14 @@ parts with a freshly initialised connector (optionally upcycling the decoder int
 conversion itself lives in the library (``mm1_mlx.formats``), which ``mm1_mlx.load`` also uses.
 """
 
-from mm1_mlx.formats.assemble import convert
+from mm1_mlx.checkpoint import save
+from mm1_mlx.formats.assemble import assemble
 from mm1_mlx.formats.weights import convert_weights, upcycle_experts
+
+
+def convert(mlx_path: str, **options):
+    """Convert or assemble a model (``assemble``'s options) and save it at ``mlx_path``."""
+    return save(*assemble(**options), mlx_path)
+
 
 __all__ = ["convert", "convert_weights", "upcycle_experts"]

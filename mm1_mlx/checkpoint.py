@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,13 +64,26 @@ def resolve(path_or_repo: str | None = None, dtype: str | None = None, q_bits: i
     from .formats.sources import read_json
 
     if check_supported(read_json(src, "config.json") or {}, name) != NATIVE:
-        from .formats.cache import converted
-
         return converted(name, src, dtype, q_bits, q_group_size)
     if dtype or q_bits:
         raise MM1Error(f"{name} is already an mm1-mlx checkpoint: --dtype / -q apply when "
                        f"converting one (use python -m mm1_mlx.quantize to quantize it)")
     return src
+
+
+def converted(name: str, src: Path, dtype: str | None = None, q_bits: int | None = None,
+              q_group_size: int = 64) -> Path:
+    """The cached conversion of the foreign checkpoint ``src`` (``name`` as the user gave it),
+    converted and saved (atomically) first if the cache has no complete entry."""
+    from .formats.cache import entry
+    from .formats.families import convert_checkpoint
+
+    out = entry(name, src, dtype, q_bits, q_group_size)
+    if (out / "config.json").exists():
+        return out
+    print(f"converting {name} for mm1-mlx into {out} (first use only)", file=sys.stderr)
+    model, processor = convert_checkpoint(src, dtype, q_bits, q_group_size)
+    return save(model, processor, out)
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -4,7 +4,8 @@
 The key covers the source's identity and revision (a hub snapshot's path holds its commit; a
 local directory's files are fingerprinted by name, size and modification time: hashing gigabytes
 on every load would cost more than the load) and the conversion options. An entry appears only
-complete (``atomic_dir``): an interrupted conversion leaves nothing that loads.
+complete (``checkpoint.save`` writes through ``atomic_dir``): an interrupted conversion leaves
+nothing that loads.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
-
-from .families import convert_checkpoint
 
 
 def cache_root() -> Path:
@@ -43,14 +41,3 @@ def entry(name: str, src: Path, dtype: str | None, q_bits: int | None, q_group_s
     base = local.resolve().name if local.exists() else name  # a hub id keeps its org
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", base).strip("-.") or "model"
     return cache_root() / f"{slug[-80:]}-{key}"
-
-
-def converted(name: str, src: Path, dtype: str | None = None, q_bits: int | None = None,
-              q_group_size: int = 64) -> Path:
-    """The converted checkpoint of ``src`` (``name`` as the user gave it), converting it first
-    if the cache has no complete entry."""
-    out = entry(name, src, dtype, q_bits, q_group_size)
-    if (out / "config.json").exists():
-        return out
-    print(f"converting {name} for mm1-mlx into {out} (first use only)", file=sys.stderr)
-    return convert_checkpoint(src, out, dtype, q_bits, q_group_size)

@@ -1,7 +1,7 @@
 """Which checkpoints ``load`` reads, by ``model_type``: ours as they are, the rest converted.
 
 ``FAMILIES`` is the one place that maps a foreign ``model_type`` to the function converting it
-into an mm1-mlx checkpoint; a new family is a new module under ``mm1_mlx/formats`` plus a row.
+into our model and processor; a new family is a new module under ``mm1_mlx/formats`` plus a row.
 """
 
 from __future__ import annotations
@@ -36,19 +36,17 @@ def safetensors_metadata(f: Path) -> dict:
         return {}
 
 
-def convert_llava(path: Path, out: Path, dtype: str | None, q_bits: int | None,
-                  q_group_size: int) -> Path:
+def convert_llava(path: Path, dtype: str | None, q_bits: int | None, q_group_size: int):
     if is_mlx_layout(path):  # mlx-community (mlx-vlm) layout, float or quantized
         from .mlx_vlm import convert_mlx_vlm
 
-        return convert_mlx_vlm(path, out, dtype, q_bits, q_group_size)
-    from .assemble import convert
+        return convert_mlx_vlm(path, dtype, q_bits, q_group_size)
+    from .assemble import assemble
 
-    return convert(str(out), hf_path=str(path), dtype=dtype, q_bits=q_bits,
-                   q_group_size=q_group_size)
+    return assemble(hf_path=str(path), dtype=dtype, q_bits=q_bits, q_group_size=q_group_size)
 
 
-# model_type in config.json -> convert(path, out, dtype, q_bits, q_group_size) -> out
+# model_type in config.json -> convert(path, dtype, q_bits, q_group_size) -> (model, processor)
 FAMILIES = {
     "llava": convert_llava,
 }
@@ -71,16 +69,16 @@ def check_supported(cfg: dict, name: str) -> str:
     return kind
 
 
-def convert_checkpoint(path: Path, out: Path, dtype: str | None = None, q_bits: int | None = None,
-                       q_group_size: int = 64) -> Path:
-    """Convert the foreign checkpoint at ``path`` into an mm1-mlx checkpoint at ``out``."""
+def convert_checkpoint(path: Path, dtype: str | None = None, q_bits: int | None = None,
+                       q_group_size: int = 64):
+    """The foreign checkpoint at ``path`` as our (model, processor)."""
     cfg = read_json(path, "config.json")
     if cfg is None:
         raise MM1Error(f"{path} has no config.json")
     kind = check_supported(cfg, str(path))
     if kind == NATIVE:
         raise MM1Error(f"{path} is already an mm1-mlx checkpoint")
-    return FAMILIES[kind](path, out, dtype, q_bits, q_group_size)
+    return FAMILIES[kind](path, dtype, q_bits, q_group_size)
 
 
 def hub_patterns(files: list[str]) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..checkpoint import save
 from ..errors import MM1Error
 from ..model import Model
 from .assemble import DTYPES, llava_source, pad_vocab
@@ -91,10 +90,10 @@ def our_weights(raw: dict, config, quantization: dict) -> tuple[dict, dict]:
     return out, dict(sorted(modules.items()))
 
 
-def convert_mlx_vlm(path, out, dtype: str | None = None, q_bits: int | None = None,
+def convert_mlx_vlm(path, dtype: str | None = None, q_bits: int | None = None,
                     q_group_size: int = 64):
-    """An mlx-vlm LLaVA directory -> an mm1-mlx checkpoint at ``out`` (quantized modules kept
-    bit for bit; ``dtype`` casts the float parameters, ``q_bits`` quantizes a float model)."""
+    """An mlx-vlm LLaVA directory -> (our model, processor): quantized modules kept bit for bit;
+    ``dtype`` casts the float parameters, ``q_bits`` quantizes a float model."""
     src = llava_source(path)
     config, raw = src.model, src.weights
     quantization = (read_json(path, "config.json") or {}).get("quantization") or {}
@@ -131,8 +130,7 @@ def convert_mlx_vlm(path, out, dtype: str | None = None, q_bits: int | None = No
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()
-    processor = build_processor(src.tokenizer, src.image_settings, config.num_image_tokens)
-    return save(model, processor, out)
+    return model, build_processor(src.tokenizer, src.image_settings, config.num_image_tokens)
 
 
 def _record(source: dict, modules: dict) -> dict:
