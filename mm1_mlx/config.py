@@ -38,6 +38,12 @@ class VisionConfig(_FromDict):
     post_layernorm: bool = False  # apply the final LayerNorm to the features (SigLIP, last layer)
     feature_layer: int = -2  # hidden state fed to the connector (-2 = penultimate, as LLaVA/MM1)
     keep_class_token: bool = False  # pass the class token on to the connector
+    drop_first_patch: bool = False  # LLaVA's "default" strategy on a tower without a class token
+
+    @property
+    def drops_first(self) -> bool:
+        """Whether the first position of the hidden state is dropped before the connector."""
+        return (self.class_token and not self.keep_class_token) or self.drop_first_patch
 
     def __post_init__(self):
         if self.pretrain_image_size is None:
@@ -127,7 +133,8 @@ class ModelConfig(_FromDict):
             self.text_config = TextConfig.from_dict(self.text_config)
         if self.connector_config.type == "mlp":  # one token per patch
             vc = self.vision_config
-            self.connector_config.num_image_tokens = vc.num_patches + int(vc.keep_class_token)
+            self.connector_config.num_image_tokens = vc.num_patches + int(vc.class_token) - \
+                int(vc.drops_first)
 
     @property
     def num_image_tokens(self) -> int:
