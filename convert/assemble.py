@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mm1_mlx.checkpoint import save
+from mm1_mlx.checkpoint import materialize, save
 from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
 from mm1_mlx.model import Model
@@ -118,8 +118,10 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
             connector_hidden: int | None = None, feature_layer: int = -2,
             dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
-            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
-    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts."""
+            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0,
+            progress: bool = True) -> Path:
+    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts;
+    ``progress``: bars on stderr while tensors are converted and quantized."""
     if hf_path:
         src = llava_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
@@ -162,7 +164,9 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
         if fresh else {}
     weights = {**fresh_params, **weights}
     target = DTYPES[dtype]
-    for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False):
+    nbytes = sum(v.nbytes for v in weights.values())
+    for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False,
+                  disable=not progress):
         v = weights[k]
         weights[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
         mx.eval(weights[k])
@@ -172,6 +176,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
         from mm1_mlx.quantize import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
+        materialize(model, False, progress, nbytes, desc="quantizing")
     model.eval()
     processor = preprocess.build_processor(tok, settings, config.num_image_tokens)
     return save(model, processor, mlx_path)

@@ -26,6 +26,7 @@ from .processor import Processor
 DEFAULT_MODEL = "mm1-tiny"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHARD_BYTES = 5 << 30
+PROGRESS_BYTES = 1 << 30  # a checkpoint this large takes seconds to read: show a progress bar
 
 
 def bundled_models() -> list[str]:
@@ -125,8 +126,30 @@ def fits_float32(model: nn.Module) -> bool:
     return free is not None and size <= free // 2
 
 
+def materialize(model: Model, cpu: bool, progress: bool, nbytes: int, desc: str = "loading"
+                ) -> None:
+    """Read the weights one decoder layer at a time (on the CPU packing each, see
+    ``cpu_step.pack_layers``), with a bar on stderr when ``progress`` and the checkpoint holds at
+    least ``PROGRESS_BYTES``."""
+    from tqdm import tqdm
+
+    from .cpu_step import pack_layer
+
+    mx.eval(model.vision_tower.parameters(), model.connector.parameters())
+    layers = model.language_model.layers
+    with tqdm(total=len(layers), desc=desc, unit="layer", dynamic_ncols=True,
+              disable=not progress or nbytes < PROGRESS_BYTES) as bar:
+        for layer in layers:
+            if cpu:
+                pack_layer(layer)
+            mx.eval(layer.parameters())
+            bar.update()
+    mx.eval(model.parameters())
+
+
 def load(path_or_repo: str | None = None, adapter_path: str | None = None,
-         lazy: bool = False, compute_dtype: str | None = "auto") -> tuple[Model, Processor]:
+         lazy: bool = False, compute_dtype: str | None = "auto",
+         progress: bool = False) -> tuple[Model, Processor]:
     """Open a checkpoint (default: the bundled mm1-tiny). Returns (model in eval mode, processor).
 
     ``compute_dtype="auto"``: on the CPU, a quantized model's float parts (norms, biases, scales,
@@ -138,10 +161,10 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu_step.pack_layers``)."""
+    into one buffer (``cpu_step.pack_layers``). ``progress``: a bar on stderr while a checkpoint
+    of a gigabyte or more is read."""
     from .backend import retain_freed_memory
     from .cpu import on_cpu
-    from .cpu_step import pack_layers
 
     cpu = on_cpu()
     if cpu:
@@ -156,9 +179,8 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
 
         load_adapters(model, adapter_path)
     if not lazy:
-        if cpu:
-            pack_layers(model.language_model)
-        mx.eval(model.parameters())
+        nbytes = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
+        materialize(model, cpu, progress, nbytes)
     model.eval()
     return model, Processor.from_pretrained(str(path))
 
