@@ -398,7 +398,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
             opt.update(model, grads)
             mx.eval(model.parameters(), opt.state)
             log["step"] = step + 1
-            log["train"].append((step + 1, round(lv, 5)))
+            log["train"].append((step + 1, float(f"{lv:.5g}")))
             tokens += ntotal
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{lv:.3g}", tok_s=f"{tokens / dt:.0f}",
@@ -408,7 +408,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
             last = step + 1 == args.iters
             if valid_ds and ((step + 1) % args.steps_per_eval == 0 or last):
                 vl = validation_loss(model, valid_ds, processor, args, group)
-                log["valid"].append((step + 1, round(vl, 5)))
+                log["valid"].append((step + 1, float(f"{vl:.5g}")))
                 if rank == 0 and not quiet:
                     bar.write(f"step {step + 1}: validation loss {vl:.4f}")
             if (step + 1) % args.save_every == 0 or last:
