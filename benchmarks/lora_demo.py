@@ -176,8 +176,8 @@ def main(argv=None) -> dict:
     if not a.skip_qlora:
         q4 = work / f"{Path(a.model).name}-4bit"
         if not (q4 / "config.json").exists():
-            run([sys.executable, "-m", "mm1_mlx.quantize", "--model", a.model, "--out", str(q4),
-                 "--bits", "4", "--group-size", "64", "--no-eval"])
+            run([sys.executable, "-m", "mm1_mlx.quantize", "--model", a.model, "--mlx-path",
+                 str(q4), "--q-bits", "4", "--q-group-size", "64", "--no-eval"])
         bases["qlora"] = str(q4)
     for name, base in bases.items():
         adapter = work / f"adapters-{name}"

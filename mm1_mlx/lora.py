@@ -1,5 +1,6 @@
 """LoRA / QLoRA fine-tuning of an MM1 model on image conversations, on one machine or several.
 
+    python -m mm1_mlx.lora --model M --data DIR --adapter-path OUT   # DIR/train.jsonl, valid.jsonl
     python -m mm1_mlx.lora --model M --data train.jsonl [--valid valid.jsonl] --adapter-path OUT
     python -m mm1_mlx.lora --config lora.yaml          # same keys as the flags (dashes or underscores)
     mlx.launch --backend ring -n 2 --python python -- -m mm1_mlx.lora ...   # data parallel

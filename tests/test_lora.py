@@ -329,14 +329,16 @@ def test_error_mid_run_keeps_finished_steps(tmp_path, monkeypatch, tiny_checkpoi
 
 
 def test_generate_cli_uses_the_adapter(tmp_path, capsys, tiny_checkpoint, data):
-    from mm1_mlx import generate
+    import importlib
+
+    generate = importlib.import_module("mm1_mlx.generate")  # the module, not the function
 
     out = tmp_path / "ad"
     lora.train(small_args(tiny_checkpoint, data, out, iters=10), quiet=True)
     image = str(data.parent / "img" / "0.png")
     argv = ["--model", str(tiny_checkpoint), "--image", image, "--prompt",
             "what color is the square ?", "--max-tokens", "4"]
-    generate.main(argv + ["--adapter", str(out)])
+    generate.main(argv + ["--adapter-path", str(out)])
     with_adapter = capsys.readouterr().out.strip()
     model, processor = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
     assert with_adapter == generate.generate(model, processor, "what color is the square ?",

@@ -62,6 +62,9 @@ def test_two_processes_match_one(tmp_path, tiny_checkpoint, data):
         assert s1 == s2 and abs(l1 - l2) < 1e-4 * max(1, l2)
     assert_same_adapters(tmp_path / "two", tmp_path / "one", atol=1e-5)
     assert "saved" in outs[0][0] and outs[1][0] == ""  # rank 0 alone reports and writes
+    # both ranks on this machine: the CLI says ring data parallel does not pay here
+    assert "ring data parallel pays across machines" in outs[0][1]
+    assert "ring data parallel" not in one.stderr
 
 
 def test_killed_run_resumes_to_the_same_adapters(tmp_path, tiny_checkpoint, data):

@@ -262,7 +262,7 @@ def test_cli_accuracy_delta(processor, inputs, tmp_path, monkeypatch):
     save(make_model(processor), processor, src)
     target = np.array(logprobs(make_model(processor), inputs).argmax(-1))
 
-    def evaluate(model, processor, n, seed):  # % of next tokens agreeing with the float model
+    def evaluate(model, processor, n, seed, progress=False):  # % of next tokens agreeing
         return {"overall": 100 * float((np.array(logprobs(model, inputs).argmax(-1)) == target)
                                        .mean())}
 
