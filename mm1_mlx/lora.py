@@ -329,11 +329,9 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
     if args.batch_size % size:
         raise MM1Error(f"--batch-size {args.batch_size} must be a multiple of the "
                        f"{size} processes")
-    if size > 1 and rank == 0 and one_host(group):
+    if size > 1 and one_host(group) and rank == 0:  # every process takes part in the gather
         print(ONE_HOST_NOTE.format(n=size, slow=RING_ONE_HOST[1], fast=RING_ONE_HOST[0]),
               file=sys.stderr)
-    elif size > 1:
-        one_host(group)  # every process takes part in the gather
     if rank == 0:
         adapters.save_dir(args.adapter_path)  # refuse a directory of other files before training
     model, processor, params = setup_model(args)

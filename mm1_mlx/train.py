@@ -7,7 +7,8 @@ linear head reads every position slot's shape and colour from the connector's to
 first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. Pre-training uses MM1's
 data mix (45% interleaved, 45% captions, 10% text-only) with loss on text tokens only (plus MoE
 auxiliary losses); SFT trains on chat conversations with loss on the assistant's tokens. State is
-saved atomically every ``--save-every`` steps; rerunning the same command resumes where it stopped.
+saved atomically every ``--save-every`` steps and after the current step on Ctrl-C or SIGTERM (a
+second one stops at once); rerunning the same command resumes where it stopped, and says where.
 Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
 """
