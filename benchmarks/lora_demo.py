@@ -52,8 +52,10 @@ def focused_conversation(rng: random.Random, scene, focus: str | None, turns: in
     return msgs
 
 
-def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str) -> Path:
-    """n conversations (messages + images JSONL, images as PNG files beside it)."""
+def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str,
+                turns: int = 4) -> Path:
+    """n conversations (messages + images JSONL, images as PNG files beside it) of up to
+    ``turns`` questions each."""
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -61,10 +63,10 @@ def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str)
         if rng.random() < new_fraction:
             kind, color = NEW[rng.choice(sorted(NEW))]
             scene = data.random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
-            msgs = focused_conversation(rng, scene, kind or color, turns=4)
+            msgs = focused_conversation(rng, scene, kind or color, turns=turns)
         else:  # ordinary scenes and questions, as in SFT
             scene = data.random_scene(rng)
-            msgs = data.conversation(rng, scene, rng.choice([1, 2, 3]))
+            msgs = data.conversation(rng, scene, rng.choice([1, 2, 3][:turns]))
         rel = f"images/{name}-{i:04d}.png"
         scene.image.save(folder / rel)
         rows.append({"messages": msgs, "images": [rel]})
@@ -149,6 +151,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="held-out images drawn by the training renderer or by mm1_mlx.redraw")
     p.add_argument("--data-seed", default="lora-demo",
                    help="seed of the generated training / validation data")
+    p.add_argument("--turns", type=int, default=4, help="questions per conversation, at most")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more flags for mm1_mlx.lora (e.g. --train-connector)")
     p.add_argument("--skip-qlora", action="store_true")
@@ -165,13 +168,14 @@ def main(argv=None) -> dict:
     a = setup_arg_parser().parse_args(argv)
     work = Path(a.work)
     folder = work / "data"
-    train_path = write_split(folder, "train", a.n_train, a.new_fraction, f"{a.data_seed}:train")
-    valid_path = write_split(folder, "valid", 40, a.new_fraction, f"{a.data_seed}:valid")
+    train_path = write_split(folder, "train", a.n_train, a.new_fraction, f"{a.data_seed}:train",
+                             a.turns)
+    valid_path = write_split(folder, "valid", 40, a.new_fraction, f"{a.data_seed}:valid", a.turns)
     result = {"model": a.model, "data": {"train_examples": a.n_train, "valid_examples": 40,
                                          "new_concept_fraction": a.new_fraction,
                                          "format": "messages+images JSONL"},
-              "eval_images": a.eval_n, "eval_question_types": EVAL_TYPES, "drawing": a.drawing,
-              "defaults": a.defaults, "runs": {}}
+              "turns": a.turns, "eval_images": a.eval_n, "eval_question_types": EVAL_TYPES,
+              "drawing": a.drawing, "defaults": a.defaults, "runs": {}}
     bases = {"lora": a.model}
     if not a.skip_qlora:
         q4 = work / f"{Path(a.model).name}-4bit"

@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 def test_two_processes_match_one(tmp_path, tiny_checkpoint, data):
     """Global batch 4 as 2 x 2 over the ring backend == 4 in one process (gradient checkpointing
     on in the single process: it must not change the result either)."""
-    steps = ["--iters", "4", "--save-every", "4"]
+    steps = ["--iters", "4", "--save-every", "4", "--rank", "8", "--alpha", "16"]
     one = subprocess.run(cli(tiny_checkpoint, data, tmp_path / "one", *steps,
                              "--grad-checkpoint"), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
