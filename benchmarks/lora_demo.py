@@ -1,6 +1,7 @@
 """Teach mm1-tiny a shape and a colour it has never seen ("hexagon", "teal") with LoRA and QLoRA.
 
     python -m benchmarks.lora_demo [--model mm1-tiny] [--work runs/lora_demo] [--eval-n 100]
+    python -m benchmarks.lora_demo --defaults --skip-qlora --drawing independent   # the defaults
 
 1. Writes <= 300 generated training conversations about shapes-world images (plus a small
    validation set) as a messages+images JSONL with PNG files, mostly about hexagons and teal
