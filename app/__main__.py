@@ -1,4 +1,6 @@
-"""``python -m app [--model PATH_OR_REPO] [--adapter PATH]`` / ``mm1-chat``: the terminal chat UI."""
+"""``python -m app [--model PATH_OR_REPO] [--adapter-path PATH]`` / ``mm1-chat``: the terminal chat UI.
+
+The sampling flags (mlx-lm's ``chat`` spellings) override the saved settings for this session."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm1-chat", description="Chat with an MM1 model about images.")
+    p = argparse.ArgumentParser(prog="python -m app",
+                                description="Chat with an MM1 model about images (also: mm1-chat).")
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory")
+    p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
+                   help="LoRA adapter directory")
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=None)
+    p.add_argument("--system-prompt", "--system", dest="system_prompt", default=None)
     p.add_argument("--data-dir", default=None,
                    help="where conversations and images are kept (default: the user data directory, "
                         "or $MM1_CHAT_DATA_DIR)")
@@ -25,7 +33,9 @@ def main(argv=None) -> None:
 
     from .app import ChatApp
 
-    ChatApp(args.model, args.adapter, data_dir=args.data_dir).run()
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "max_tokens", "system_prompt")
+             if getattr(args, k) is not None}
+    ChatApp(args.model, args.adapter, data_dir=args.data_dir, settings=given).run()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class ChatApp(App):
     def __init__(self, model: str | None = None, adapter: str | None = None, *,
                  loader: Loader = load_engine, data_dir: str | Path | None = None,
                  image_widget: type[Widget] | None = None, max_pixels: int | None = None,
-                 picker_root: str | Path | None = None, models_dir: str | Path | None = None):
+                 picker_root: str | Path | None = None, models_dir: str | Path | None = None,
+                 settings: dict | None = None):
         super().__init__()
         self.model_spec, self.adapter, self.loader = model, adapter, loader
         self.store = Store(data_dir)
@@ -68,7 +69,9 @@ class ChatApp(App):
         self.max_pixels = max_pixels
         self.picker_root = Path(picker_root or Path.cwd())
         self.models_dir = Path(models_dir) if models_dir else self.store.dir / "models"
-        self.settings = Settings.from_dict(self.store.get_setting("settings"))
+        # the saved settings, with this session's command-line ones on top
+        self.settings = Settings.from_dict({**(self.store.get_setting("settings") or {}),
+                                            **(settings or {})})
         self.engine: Engine | None = None
         self.loading = False
         self.conv_id: int | None = None

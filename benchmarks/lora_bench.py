@@ -9,14 +9,13 @@ LoRA runs with our BLAS binding: with the reference BLAS it would take minutes p
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from .checkpoint import FOLLOW_UP, QUESTION
-from .worker import ImageKwargsFilter
+from .worker import ImageKwargsFilter, peak_rss_gb
 
 ANSWER = ("There is a red circle in the upper left, a blue square near the center and two small "
           "yellow shapes close to the bottom right corner; the background is bright.")
@@ -110,7 +109,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     system, spec = argv[0], json.loads(argv[1])
     out = run_ours(spec) if system == "mm1-mlx" else run_mlx_vlm(spec)
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out["peak_rss_gb"] = peak_rss_gb()
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -1,6 +1,7 @@
 """Teach mm1-tiny a shape and a colour it has never seen ("hexagon", "teal") with LoRA and QLoRA.
 
     python -m benchmarks.lora_demo [--model mm1-tiny] [--work runs/lora_demo] [--eval-n 100]
+    python -m benchmarks.lora_demo --defaults --skip-qlora --drawing independent   # the defaults
 
 1. Writes <= 300 generated training conversations about shapes-world images (plus a small
    validation set) as a messages+images JSONL with PNG files, mostly about hexagons and teal
@@ -52,8 +53,10 @@ def focused_conversation(rng: random.Random, scene, focus: str | None, turns: in
     return msgs
 
 
-def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str) -> Path:
-    """n conversations (messages + images JSONL, images as PNG files beside it)."""
+def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str,
+                turns: int = 4) -> Path:
+    """n conversations (messages + images JSONL, images as PNG files beside it) of up to
+    ``turns`` questions each."""
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -61,10 +64,10 @@ def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str)
         if rng.random() < new_fraction:
             kind, color = NEW[rng.choice(sorted(NEW))]
             scene = data.random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
-            msgs = focused_conversation(rng, scene, kind or color, turns=4)
+            msgs = focused_conversation(rng, scene, kind or color, turns=turns)
         else:  # ordinary scenes and questions, as in SFT
             scene = data.random_scene(rng)
-            msgs = data.conversation(rng, scene, rng.choice([1, 2, 3]))
+            msgs = data.conversation(rng, scene, rng.choice([1, 2, 3][:turns]))
         rel = f"images/{name}-{i:04d}.png"
         scene.image.save(folder / rel)
         rows.append({"messages": msgs, "images": [rel]})
@@ -73,7 +76,8 @@ def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str)
     return path
 
 
-def accuracies(model_path: str, adapter: str | None, n: int, teal_focus: bool = False) -> dict:
+def accuracies(model_path: str, adapter: str | None, n: int, teal_focus: bool = False,
+               drawing: str = "ours") -> dict:
     """Held-out accuracy: new concepts (hexagon + teal scenes), teal-focused, and original.
 
     A quantized model is evaluated through float32 copies of its weights (the same values; MLX's
@@ -94,7 +98,8 @@ def accuracies(model_path: str, adapter: str | None, n: int, teal_focus: bool = 
         sets.insert(1, ("teal_focus", dict(shapes=SHAPES, colors=COLORS,
                                            must_include=(None, "teal"))))
     for key, kw in sets:
-        r = evaluate(model, processor, n=n, seed=SPLITS["test"], types=EVAL_TYPES, **kw)
+        r = evaluate(model, processor, n=n, seed=SPLITS["test"], types=EVAL_TYPES,
+                     drawing=drawing, **kw)
         out[key] = {"overall": r["overall"], "by_type": r["accuracy"],
                     "questions": r["questions"], "failures": r["failures"][:3]}
     out["eval_seconds"] = round(time.perf_counter() - t, 1)
@@ -111,11 +116,14 @@ def run(cmd: list[str]) -> float:
 def train(model: str, train_path: Path, valid_path: Path, adapter: Path, a, iters: int,
           *extra: str) -> dict:
     cmd = [sys.executable, "-m", "mm1_mlx.lora", "--model", model, "--data", str(train_path),
-           "--valid", str(valid_path), "--adapter-path", str(adapter), "--iters", str(iters),
-           "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
-           "--rank", str(a.rank), "--alpha", str(a.alpha), "--warmup", "10",
-           "--save-every", str(iters), "--steps-per-eval", str(max(1, iters // 4)),
-           "--val-batches", "-1", *a.extra, *extra]
+           "--adapter-path", str(adapter)]
+    if not a.defaults:  # else what a user gets who passes only the model, data and output
+        cmd += ["--valid", str(valid_path), "--iters", str(iters),
+                "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
+                "--rank", str(a.rank), "--alpha", str(a.alpha), "--warmup", "10",
+                "--save-every", str(iters), "--steps-per-eval", str(max(1, iters // 4)),
+                "--val-batches", "-1"]
+    cmd += [*a.extra, *extra]
     wall = run(cmd)
     log = json.loads((adapter / "training_log.json").read_text())
     return {"wall_seconds": round(wall, 1), "train_seconds": log["seconds"],
@@ -138,9 +146,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--defaults", action="store_true",
+                   help="train with mm1_mlx.lora's defaults (only --model, --data, --adapter-path)")
+    p.add_argument("--drawing", default="ours", choices=["ours", "independent"],
+                   help="held-out images drawn by the training renderer or by mm1_mlx.redraw")
+    p.add_argument("--data-seed", default="lora-demo",
+                   help="seed of the generated training / validation data")
+    p.add_argument("--turns", type=int, default=4, help="questions per conversation, at most")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more flags for mm1_mlx.lora (e.g. --train-connector)")
     p.add_argument("--skip-qlora", action="store_true")
+    p.add_argument("--skip-before", action="store_true", help="no evaluation of the base")
     p.add_argument("--qlora-before", action="store_true", help="also evaluate the 4-bit base")
     p.add_argument("--teal-focus", action="store_true",
                    help="also evaluate questions about teal things of any shape")
@@ -153,24 +169,26 @@ def main(argv=None) -> dict:
     a = setup_arg_parser().parse_args(argv)
     work = Path(a.work)
     folder = work / "data"
-    train_path = write_split(folder, "train", a.n_train, a.new_fraction, "lora-demo:train")
-    valid_path = write_split(folder, "valid", 40, a.new_fraction, "lora-demo:valid")
+    train_path = write_split(folder, "train", a.n_train, a.new_fraction, f"{a.data_seed}:train",
+                             a.turns)
+    valid_path = write_split(folder, "valid", 40, a.new_fraction, f"{a.data_seed}:valid", a.turns)
     result = {"model": a.model, "data": {"train_examples": a.n_train, "valid_examples": 40,
                                          "new_concept_fraction": a.new_fraction,
                                          "format": "messages+images JSONL"},
-              "eval_images": a.eval_n, "eval_question_types": EVAL_TYPES, "runs": {}}
+              "turns": a.turns, "eval_images": a.eval_n, "eval_question_types": EVAL_TYPES,
+              "drawing": a.drawing, "defaults": a.defaults, "runs": {}}
     bases = {"lora": a.model}
     if not a.skip_qlora:
         q4 = work / f"{Path(a.model).name}-4bit"
         if not (q4 / "config.json").exists():
-            run([sys.executable, "-m", "mm1_mlx.quantize", "--model", a.model, "--out", str(q4),
-                 "--bits", "4", "--group-size", "64", "--no-eval"])
+            run([sys.executable, "-m", "mm1_mlx.quantize", "--model", a.model, "--mlx-path",
+                 str(q4), "--q-bits", "4", "--q-group-size", "64", "--no-eval"])
         bases["qlora"] = str(q4)
     for name, base in bases.items():
         adapter = work / f"adapters-{name}"
         r = {"base": base}
-        if name == "lora" or a.qlora_before:
-            r["before"] = accuracies(base, None, a.eval_n, a.teal_focus)
+        if (name == "lora" and not a.skip_before) or a.qlora_before:
+            r["before"] = accuracies(base, None, a.eval_n, a.teal_focus, a.drawing)
         if name == "qlora":  # true 4-bit compute, timed over a few steps
             r["quantized_compute_steps"] = train(base, train_path, valid_path,
                                                  work / "adapters-qlora-q4", a, a.q4_iters)
@@ -181,7 +199,7 @@ def main(argv=None) -> dict:
         if name == "qlora":
             r["training"]["compute"] = ("float32 copies of the 4-bit weights (--dequantize-base)"
                                         "; adapters evaluated on the 4-bit base's values")
-        r["after"] = accuracies(base, str(adapter), a.eval_n, a.teal_focus)
+        r["after"] = accuracies(base, str(adapter), a.eval_n, a.teal_focus, a.drawing)
         r["adapter_path"] = str(adapter)
         result["runs"][name] = r
         print(json.dumps({name: {k: r[k]["new_concepts"]["overall"] for k in ("before", "after")

@@ -4,13 +4,14 @@ Systems: ``transformers`` (PyTorch CPU), ``mlx-vlm`` (as installed), ``mlx-vlm+b
 bound first), ``mm1-mlx`` (our checkpoint, any quantization). Each answers a first question about an
 image and a follow-up about the same image (with the system's own prefix/image cache if it has one),
 timed from the call to the first token, then decodes ``max_tokens`` tokens. The peak RSS is the
-process's own high-water mark; then the process measures the memory read bandwidth (``read_gbps``)
-that its decode rate is compared with.
+high-water mark of this process's own address space (``VmHWM``); then the process measures the
+memory read bandwidth (``read_gbps``) that its decode rate is compared with.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
@@ -18,8 +19,21 @@ import time
 from .machine import probe_buffer, read_gbps
 
 
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process's own address space, in GB.
+
+    Linux's ``ru_maxrss`` is the wrong number here: it carries the parent's RSS across fork+exec
+    (a parent holding 4.6 GB made every worker report 4.6 GB). ``VmHWM`` in /proc/self/status
+    starts afresh with each exec; ``ru_maxrss`` remains where /proc is absent (macOS, in bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if m:
+            return int(m.group(1)) * 1024 / 1e9
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
 def _figures(t0: float, times: list[float], counts: list[int], prompt_tokens: int) -> dict:
@@ -169,7 +183,7 @@ def main(argv=None) -> None:
         out = run_mlx_vlm(spec, bind=system == "mlx-vlm+blas")
     else:
         out = run_mm1(spec)
-    out["peak_rss_gb"] = _rss_gb()
+    out["peak_rss_gb"] = peak_rss_gb()
     # this run's bandwidth bound, measured in the same process right after its answers (the VM's
     # bandwidth drifts 10-30% over minutes); after the RSS, which its buffer would raise
     out["read_gbps"] = max(read_gbps(probe_buffer(spec.get("probe_mb", 512))))

@@ -13,7 +13,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m convert",
         description="Convert a LLaVA model, or assemble a vision tower and a decoder, into an "
                     "mm1-mlx checkpoint.")
-    p.add_argument("--hf-path", help="LLaVA (LlavaForConditionalGeneration) directory or hub id")
+    p.add_argument("--hf-path", "--model", dest="hf_path",
+                   help="LLaVA (LlavaForConditionalGeneration) directory or hub id")
     p.add_argument("--vision", help="vision tower: HF CLIP/SigLIP or OpenCLIP directory or hub id")
     p.add_argument("--text", help="decoder: HF Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/OLMoE")
     p.add_argument("--mlx-path", required=True, help="output checkpoint directory")
@@ -35,6 +36,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="with --upcycle-experts: every K-th layer becomes MoE")
     p.add_argument("--top-k", type=int, default=2, help="with --upcycle-experts: experts per token")
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialised weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
         connector_hidden=args.connector_hidden, feature_layer=args.feature_layer,
         dtype=args.dtype, q_bits=args.q_bits if args.quantize else None,
         q_group_size=args.q_group_size, upcycle=args.upcycle_experts,
-        moe_every=args.moe_every, top_k=args.top_k, seed=args.seed)
+        moe_every=args.moe_every, top_k=args.top_k, seed=args.seed, progress=not args.quiet)
     print(f"wrote {out}")
 
 

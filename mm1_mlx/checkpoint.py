@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import MM1Error
+from .materialize import materialize
 from .model import Model
 from .processor import Processor
 
@@ -155,7 +156,8 @@ def fits_float32(model: nn.Module) -> bool:
 
 def load(path_or_repo: str | None = None, adapter_path: str | None = None,
          lazy: bool = False, compute_dtype: str | None = "auto", dtype: str | None = None,
-         q_bits: int | None = None, q_group_size: int = 64) -> tuple[Model, Processor]:
+         q_bits: int | None = None, q_group_size: int = 64, progress: bool = False
+         ) -> tuple[Model, Processor]:
     """Open a checkpoint (default: the bundled mm1-tiny). Returns (model in eval mode, processor).
 
     ``path_or_repo`` is anything ``resolve`` takes: our checkpoints, and Hugging Face
@@ -171,10 +173,10 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu_step.pack_layers``)."""
+    into one buffer (``cpu_step.pack_layers``). ``progress``: a bar on stderr while a checkpoint
+    of a gigabyte or more is read."""
     from .backend import retain_freed_memory
     from .cpu import on_cpu
-    from .cpu_step import pack_layers
 
     cpu = on_cpu()
     if cpu:
@@ -189,9 +191,8 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
 
         load_adapters(model, adapter_path)
     if not lazy:
-        if cpu:
-            pack_layers(model.language_model)
-        mx.eval(model.parameters())
+        nbytes = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
+        materialize(model, cpu, progress, nbytes)
     model.eval()
     return model, Processor.from_pretrained(str(path))
 

@@ -59,16 +59,21 @@ def pack_layers(lm) -> None:
     share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
     projection of a layer frees its float buffer."""
     for layer in lm.layers:
-        groups: dict = {}
-        for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
-            if isinstance(m, (nn.Linear, SwitchLinear)):
-                groups.setdefault(m.weight.dtype, []).append(m)
-        for modules in groups.values():
-            buffer, start = mx.concatenate([m.weight.reshape(-1) for m in modules]), 0
-            for m in modules:
-                m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
-                start += m.weight.size
-        mx.eval(layer.parameters())
+        pack_layer(layer)
+
+
+def pack_layer(layer) -> None:
+    """One decoder layer of ``pack_layers``, evaluated."""
+    groups: dict = {}
+    for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, (nn.Linear, SwitchLinear)):
+            groups.setdefault(m.weight.dtype, []).append(m)
+    for modules in groups.values():
+        buffer, start = mx.concatenate([m.weight.reshape(-1) for m in modules]), 0
+        for m in modules:
+            m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
+            start += m.weight.size
+    mx.eval(layer.parameters())
 
 
 def _rope_tables(layer, cache):

@@ -107,15 +107,21 @@ def heldout(n: int, seed: str, shapes=None, colors=None, must_include=(None, Non
 
 def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], shapes=None,
              colors=None, must_include=(None, None), max_tokens: int = 48,
-             types: list[str] | None = None, failures: int = 5, drawing: str = "ours") -> dict:
-    """Accuracy per question type and overall (caption F1 reported apart), greedy decoding."""
+             types: list[str] | None = None, failures: int = 5, drawing: str = "ours",
+             progress: bool = False) -> dict:
+    """Accuracy per question type and overall (caption F1 reported apart), greedy decoding;
+    ``progress`` shows a bar of images done on stderr."""
+    from tqdm import tqdm
+
     from .generate import PromptCache, generate
 
     types = types or TYPES
     totals = {k: 0.0 for k in types}
     counts = {k: 0 for k in types}
     bad = []
-    for scene, qs in heldout(n, str(seed), shapes, colors, must_include, drawing):
+    scenes = heldout(n, str(seed), shapes, colors, must_include, drawing)
+    for scene, qs in tqdm(scenes, desc="eval", unit="image", disable=not progress,
+                          dynamic_ncols=True):
         cache = PromptCache()
         for kind in types:
             if kind not in qs:
@@ -142,15 +148,18 @@ def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], s
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a model on held-out shapes-world questions.")
+    p = argparse.ArgumentParser(prog="python -m mm1_mlx.eval",
+                                description="Evaluate a model on held-out shapes-world questions.")
     p.add_argument("--model", default=None, help="checkpoint (default mm1-tiny)")
-    p.add_argument("--adapter", default=None)
+    p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
+                   help="LoRA adapter directory")
     p.add_argument("--split", default="test", choices=sorted(SPLITS))
     p.add_argument("--n", type=int, default=200, help="held-out images (6 questions each)")
     p.add_argument("--new-concepts", action="store_true",
                    help="questions about the LoRA demo's teal/hexagon instead")
     p.add_argument("--drawing", default="ours", choices=sorted(DRAWINGS),
                    help="independent: images drawn by other code (mm1_mlx.redraw), for robustness")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -159,13 +168,13 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     from .checkpoint import load
 
-    model, processor = load(args.model, adapter_path=args.adapter)
+    model, processor = load(args.model, adapter_path=args.adapter, progress=not args.quiet)
     kw = {}
     if args.new_concepts:
         kw = dict(shapes=data.SHAPES + data.NEW_SHAPES, colors=data.COLORS + data.NEW_COLORS,
                   must_include=(data.NEW_SHAPES[0], data.NEW_COLORS[0]))
     result = evaluate(model, processor, n=args.n, seed=SPLITS[args.split], drawing=args.drawing,
-                      **kw)
+                      progress=not args.quiet, **kw)
     result["model"] = args.model or "mm1-tiny"
     json.dump(result, sys.stdout, indent=2)
     print()

@@ -209,17 +209,22 @@ def encode(sample: Sample, processor: Processor, max_length: int, mask_prompt: b
 
 
 def load_dataset(path: str | Path, processor: Processor, max_length: int, mask_prompt: bool = True,
-                 on_bad_data: str = "skip") -> tuple[list[Encoded], list[str]]:
-    """Read, check and tokenize a data file: (encoded samples, problems).
+                 on_bad_data: str = "skip", progress: bool = False
+                 ) -> tuple[list[Encoded], list[str]]:
+    """Read, check and tokenize a data file: (encoded samples, problems); ``progress``: a bar on
+    stderr (every image is opened).
 
     ``on_bad_data="fail"`` raises MM1Error at the first problem; ``"skip"`` leaves bad records
     out and returns their problems for reporting.
     """
     if on_bad_data not in ("skip", "fail"):
         raise MM1Error(f"--on-bad-data takes skip or fail, got {on_bad_data!r}")
+    from tqdm import tqdm
+
     samples, problems = read_samples(path)
     out = []
-    for s in samples:
+    for s in tqdm(samples, desc=f"reading {Path(path).name}", unit="sample", leave=False,
+                  disable=not progress, dynamic_ncols=True):
         try:
             out.append(encode(s, processor, max_length, mask_prompt))
         except BadRecord as e:

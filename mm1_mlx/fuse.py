@@ -1,6 +1,6 @@
 """Merge LoRA adapters into their base model and save a plain checkpoint.
 
-    python -m mm1_mlx.fuse --model M --adapter-path A --out O [--dequantize [--dtype D]] [--name N]
+    python -m mm1_mlx.fuse --model M --adapter-path A --save-path O [--dequantize [--dtype D]] [--name N]
 
 A quantized base is de-quantized, merged and re-quantized with each layer's own settings, so the
 result is quantized exactly as the base was (``--dequantize`` writes a float checkpoint instead).
@@ -19,7 +19,7 @@ from .errors import MM1Error, cli_errors
 
 
 def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool = False,
-         name: str | None = None, dtype: str = "float16") -> Path:
+         name: str | None = None, dtype: str = "float16", progress: bool = False) -> Path:
     """Load base + adapter, merge, save to ``out``; ``dtype`` is the float type of a
     de-quantized result (float32 for MoE models run on Linux CPU, whose gather_mm needs it)."""
     from .checkpoint import load, resolve, save
@@ -27,8 +27,9 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
 
     src = resolve(model_path)
     if Path(out).expanduser().resolve() == src.resolve():
-        raise MM1Error("--out must differ from --model")
-    model, processor = load(str(src), adapter_path=adapter_path, compute_dtype=None)
+        raise MM1Error("--save-path must differ from --model")
+    model, processor = load(str(src), adapter_path=adapter_path, compute_dtype=None,
+                            progress=progress)
     fuse_lora(model, dequantize=dequantize)
     if dequantize and is_quantized(model):
         dequantize_model(model, getattr(mx, dtype))
@@ -41,8 +42,10 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mm1_mlx.fuse", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="base checkpoint (default mm1-tiny)")
-    p.add_argument("--adapter-path", required=True, help="adapter directory from mm1_mlx.lora")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--adapter-path", "--adapter", dest="adapter_path", required=True,
+                   help="adapter directory from mm1_mlx.lora")
+    p.add_argument("--save-path", "--out", dest="out", required=True,
+                   help="output checkpoint directory")
     p.add_argument("--dequantize", action="store_true", help="write a float checkpoint")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="float dtype of a de-quantized result")
@@ -53,7 +56,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv=None) -> Path:
     args = setup_arg_parser().parse_args(argv)
-    out = fuse(args.model, args.adapter_path, args.out, args.dequantize, args.name, args.dtype)
+    out = fuse(args.model, args.adapter_path, args.out, args.dequantize, args.name, args.dtype,
+               progress=True)
     print(f"saved {out}")
     return out
 

@@ -222,28 +222,44 @@ def generate(model, processor, prompt, images=(), **kwargs) -> str:
     return "".join(c.text for c in stream_generate(model, processor, prompt, images, **kwargs))
 
 
+def str2bool(value: str) -> bool:
+    """mlx-lm's ``--verbose True|False`` spelling."""
+    v = value.lower()
+    if v in ("true", "t", "yes", "y", "1"):
+        return True
+    if v in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Answer a prompt about images with an MM1 model.")
+    p = argparse.ArgumentParser(prog="python -m mm1_mlx.generate",
+                                description="Answer a prompt about images with an MM1 model.")
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--image", nargs="+", action="extend", default=[], metavar="IMAGE",
+                   help="image files or http(s) URLs, one or more (the flag may repeat)")
+    p.add_argument("--prompt", "-p", required=True, help="prompt text, or - to read it from stdin")
+    p.add_argument("--system-prompt", "--system", dest="system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temperature", "--temp", dest="temp", type=float, default=0.0,
+                   help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory")
+    p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
+                   help="LoRA adapter directory")
     p.add_argument("--max-image-tiles", type=int, default=None,
                    help="high-resolution splitting: up to N tiles plus an overview (1 = off)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images larger than this many pixels (default 50M)")
     p.add_argument("--vision-backend", nargs="+", default=["mlx"], metavar="BACKEND",
                    help="mlx (default) or: coreml PATH.mlpackage (macOS)")
-    p.add_argument("--stats", action="store_true", help="print timing and memory statistics")
+    p.add_argument("--verbose", "--stats", dest="stats", nargs="?", const=True, default=False,
+                   type=str2bool, metavar="BOOL",
+                   help="print timing and memory statistics (mlx-lm's --verbose [True|False])")
     g = p.add_argument_group("a Hugging Face / mlx-community --model is converted on first use "
                              "(cached), as python -m convert does")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -285,7 +301,7 @@ def main(argv=None):
 
     model, processor = load(args.model, adapter_path=args.adapter, dtype=args.dtype,
                             q_bits=args.q_bits if args.quantize else None,
-                            q_group_size=args.q_group_size)
+                            q_group_size=args.q_group_size, progress=True)
     if args.max_pixels is not None:
         processor.image.max_pixels = args.max_pixels
     encoder = vision_backend(args.vision_backend, model)

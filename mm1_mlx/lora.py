@@ -1,5 +1,6 @@
 """LoRA / QLoRA fine-tuning of an MM1 model on image conversations, on one machine or several.
 
+    python -m mm1_mlx.lora --model M --data DIR --adapter-path OUT   # DIR/train.jsonl, valid.jsonl
     python -m mm1_mlx.lora --model M --data train.jsonl [--valid valid.jsonl] --adapter-path OUT
     python -m mm1_mlx.lora --config lora.yaml          # same keys as the flags (dashes or underscores)
     mlx.launch --backend ring -n 2 --python python -- -m mm1_mlx.lora ...   # data parallel
@@ -42,6 +43,9 @@ from .train import collate, prefetch
 
 STATE_FILE = "training_state.safetensors"
 LOG_FILE = "training_log.json"
+# chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
+DEFAULT_EPOCHS = 8.0
+MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
 
 
 @dataclass
@@ -50,16 +54,17 @@ class TrainingArgs:
     model: str | None = None  # base checkpoint (default mm1-tiny); quantized -> QLoRA
     valid: str | None = None
     adapter_path: str = "adapters"
-    iters: int = 200
-    batch_size: int = 4  # global: split across processes
+    iters: int | None = None  # optimizer steps; None: ``epochs`` passes over the data
+    epochs: float = DEFAULT_EPOCHS  # used when iters is None (at most MAX_DEFAULT_ITERS steps)
+    batch_size: int = 8  # global: split across processes
     grad_accumulation: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3  # suits alpha = 2 x rank (scale 2); see the README's measurements
     lr_schedule: str = "cosine"  # cosine (to 10%) | constant
-    warmup: int = 0
+    warmup: int | None = None  # linear warm-up steps; None: 5% of the steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    rank: int = 8
-    alpha: float = 16.0  # LoRA scale = alpha / rank
+    rank: int = 16
+    alpha: float = 32.0  # LoRA scale = alpha / rank
     dropout: float = 0.0
     lora_layers: int = -1  # the last N decoder layers; -1 = all
     lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
@@ -76,22 +81,46 @@ class TrainingArgs:
     dequantize_base: bool = False  # compute with float copies of a quantized base (see --help)
     seed: int = 0
 
-    def check(self) -> None:
+    def data_files(self) -> tuple[Path, Path | None]:
+        """(training, validation) files; ``--data DIR`` is mlx-lm's layout, DIR/train.jsonl and
+        DIR/valid.jsonl (used unless ``--valid`` names another)."""
         if not self.data:
-            raise MM1Error("no training data: pass --data FILE")
-        for name, f in (("data", self.data), ("valid", self.valid)):
-            if f and not Path(f).is_file():  # before the (slow) model load
+            raise MM1Error("no training data: pass --data FILE or a directory with train.jsonl")
+        data, valid = Path(self.data).expanduser(), self.valid and Path(self.valid).expanduser()
+        if data.is_dir():
+            if not (data / "train.jsonl").is_file():
+                raise MM1Error(f"--data {data} is a directory without train.jsonl (mlx-lm's "
+                               "layout: train.jsonl, optionally valid.jsonl)")
+            if valid is None and (data / "valid.jsonl").is_file():
+                valid = data / "valid.jsonl"
+            data = data / "train.jsonl"
+        for name, f in (("data", data), ("valid", valid)):
+            if f and not f.is_file():  # before the (slow) model load
                 raise MM1Error(f"--{name} file not found: {f}")
-        for k in ("iters", "batch_size", "grad_accumulation", "rank", "save_every",
-                  "steps_per_eval"):
+        return data, valid
+
+    def check(self) -> None:
+        self.data_files()
+        for k in ("batch_size", "grad_accumulation", "rank", "save_every", "steps_per_eval"):
             if getattr(self, k) < 1:
                 raise MM1Error(f"--{k.replace('_', '-')} must be at least 1")
+        if self.iters is not None and self.iters < 1:
+            raise MM1Error("--iters must be at least 1")
+        if not self.epochs > 0:
+            raise MM1Error(f"--epochs must be positive, got {self.epochs}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise MM1Error(f"--lr-schedule takes cosine or constant, got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise MM1Error(f"--dtype takes float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 <= self.dropout < 1:
             raise MM1Error(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    def schedule(self, samples: int) -> TrainingArgs:
+        """These settings with the steps and warm-up fixed for ``samples`` training samples."""
+        iters = self.iters or max(1, min(MAX_DEFAULT_ITERS,
+                                         math.ceil(self.epochs * samples / self.batch_size)))
+        warmup = self.warmup if self.warmup is not None else round(0.05 * iters)
+        return dataclasses.replace(self, iters=iters, warmup=min(warmup, iters - 1))
 
 
 # ---- model ----
@@ -236,9 +265,18 @@ def plot_losses(log: dict, path: Path) -> None:
 
 
 def max_rss_bytes() -> int:
-    """Peak resident memory of this process (MLX's peak counts only its own buffers)."""
+    """Peak resident memory of this process (MLX's peak counts only its own buffers): Linux's
+    ``VmHWM``, which starts afresh at exec (``ru_maxrss`` carries a parent's peak into a child)."""
+    import re
     import resource
 
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if m:
+            return int(m.group(1)) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -254,27 +292,62 @@ def report_problems(problems: list[str], name: str) -> None:
 
 
 # ---- training ----
+def describe_schedule(args: TrainingArgs, samples: int, size: int) -> str:
+    """One line saying what the run will do (printed before it starts)."""
+    epochs = args.iters * args.batch_size * args.grad_accumulation / samples
+    lr = f"{args.learning_rate:g}" + (f" cosine to {0.1 * args.learning_rate:g}"
+                                      if args.lr_schedule == "cosine" else " constant")
+    layers = "all" if args.lora_layers < 0 else f"the last {args.lora_layers}"
+    return (f"training {args.iters} steps of batch {args.batch_size * args.grad_accumulation} "
+            f"over {samples} samples ({epochs:.1f} epochs), learning rate {lr} after "
+            f"{args.warmup} warm-up steps, LoRA rank {args.rank} alpha {args.alpha:g} on {layers} "
+            f"decoder layers" + (f", {size} processes" if size > 1 else ""))
+
+
+def one_host(group) -> bool:
+    """Whether every process of ``group`` runs on this machine."""
+    import socket
+    import zlib
+
+    here = mx.array([zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF], dtype=mx.int32)
+    return bool(mx.all(mx.distributed.all_gather(here, group=group) == here).item())
+
+
+# measured on one 2-core machine (README, "Fine-tuning"): the same 8 steps of batch 8 on mm1-tiny
+ONE_HOST_NOTE = ("note: {n} processes on one machine: ring data parallel pays across machines, "
+                 "not within one (each process already uses every core; on a 2-core machine 2 "
+                 "processes trained 4x slower than 1, 162 s vs 37 s); run one process instead")
+
+
 def train(args: TrainingArgs, quiet: bool = False) -> dict:
-    """Fine-tune; returns the training log (losses, timing, peak memory, skipped records)."""
+    """Fine-tune; returns the training log (losses, timing, peak memory, skipped records).
+    ``quiet`` hides the progress bar, never the skipped records or the schedule."""
     args.check()
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
     if args.batch_size % size:
         raise MM1Error(f"--batch-size {args.batch_size} must be a multiple of the "
                        f"{size} processes")
+    if size > 1 and one_host(group) and rank == 0:  # every process takes part in the gather
+        print(ONE_HOST_NOTE.format(n=size), file=sys.stderr)
     if rank == 0:
         adapters.save_dir(args.adapter_path)  # refuse a directory of other files before training
     model, processor, params = setup_model(args)
     max_length = args.max_length or model.config.text_config.max_position_embeddings
-    train_ds, problems = finetune_data.load_dataset(args.data, processor, max_length,
-                                                    args.mask_prompt, args.on_bad_data)
+    data, valid = args.data_files()
+    show = not quiet and rank == 0
+    train_ds, problems = finetune_data.load_dataset(data, processor, max_length,
+                                                    args.mask_prompt, args.on_bad_data, show)
     valid_ds, vproblems = [], []
-    if args.valid:
-        valid_ds, vproblems = finetune_data.load_dataset(args.valid, processor, max_length,
-                                                         args.mask_prompt, args.on_bad_data)
-    if rank == 0 and not quiet:
+    if valid:
+        valid_ds, vproblems = finetune_data.load_dataset(valid, processor, max_length,
+                                                         args.mask_prompt, args.on_bad_data, show)
+    if rank == 0:
         report_problems(problems, "training")
         report_problems(vproblems, "validation")
+    args = args.schedule(len(train_ds))
+    if rank == 0:
+        print(describe_schedule(args, len(train_ds), size), file=sys.stderr)
     opt = make_optimizer(args)
     adapter_cfg = adapters.adapter_config(model, params, args.train_connector)
     log = {"base_model": model.config.name, "args": dataclasses.asdict(args), "processes": size,
@@ -285,8 +358,10 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
         saved = load_state(args, model, opt, adapter_cfg)
         if saved is not None:
             log.update({k: saved[k] for k in ("step", "train", "valid", "seconds") if k in saved})
-        elif rank == 0 and not quiet:
+        elif rank == 0:
             print(f"nothing to resume in {args.adapter_path}; starting at step 0", file=sys.stderr)
+    if rank == 0 and log["step"]:
+        print(f"resuming at step {log['step']} from {args.adapter_path}", file=sys.stderr)
     mx.eval(model.parameters(), opt.state)
     step_fn = nn.value_and_grad(model, loss_fn)
     start, saved_step = log["step"], log["step"]
@@ -320,17 +395,17 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
             opt.update(model, grads)
             mx.eval(model.parameters(), opt.state)
             log["step"] = step + 1
-            log["train"].append((step + 1, round(lv, 5)))
+            log["train"].append((step + 1, float(f"{lv:.5g}")))
             tokens += ntotal
             dt = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{lv:.3f}", tok_s=f"{tokens / dt:.0f}",
+            bar.set_postfix(loss=f"{lv:.3g}", tok_s=f"{tokens / dt:.0f}",
                             lr=f"{opt.learning_rate.item():.1e}",
                             mem=f"{mx.get_peak_memory() / 2**20:.0f}MB")
             bar.update(1)
             last = step + 1 == args.iters
             if valid_ds and ((step + 1) % args.steps_per_eval == 0 or last):
                 vl = validation_loss(model, valid_ds, processor, args, group)
-                log["valid"].append((step + 1, round(vl, 5)))
+                log["valid"].append((step + 1, float(f"{vl:.5g}")))
                 if rank == 0 and not quiet:
                     bar.write(f"step {step + 1}: validation loss {vl:.4f}")
             if (step + 1) % args.save_every == 0 or last:
@@ -350,7 +425,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
         raise
     finally:
         bar.close()
-    if log["step"] == start and rank == 0 and not quiet:
+    if log["step"] == start and rank == 0:
         print(f"already trained for {start} steps (--iters {args.iters})", file=sys.stderr)
     return log
 
@@ -359,31 +434,42 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mm1_mlx.lora",
                                 description="LoRA / QLoRA fine-tuning of an MM1 model.")
-    p.add_argument("--config", default=None, help="YAML file of TrainingArgs (flags override it)")
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML file of TrainingArgs (flags override it)")
     p.add_argument("--model", help="base checkpoint (default mm1-tiny); a quantized one = QLoRA")
-    p.add_argument("--data", help="training data: LLaVA .json, or .jsonl of messages+images / "
-                                  "image+prompt+response")
-    p.add_argument("--valid", help="validation data (same formats)")
+    p.add_argument("--train", action="store_true",
+                   help="accepted for mlx-lm's habit (this tool always trains)")
+    p.add_argument("--data", help="training data: a directory with train.jsonl [and valid.jsonl] "
+                                  "(mlx-lm's layout), or a file: LLaVA .json, or .jsonl of "
+                                  "messages+images / image+prompt+response")
+    p.add_argument("--valid", help="validation data (same formats; default DATA_DIR/valid.jsonl)")
     p.add_argument("--adapter-path", help="output adapter directory (default ./adapters)")
-    p.add_argument("--iters", type=int, help="optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 4)")
-    p.add_argument("--grad-accumulation", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--iters", type=int,
+                   help=f"optimizer steps (default: --epochs passes, at most {MAX_DEFAULT_ITERS})")
+    p.add_argument("--epochs", type=float,
+                   help=f"passes over the data when --iters is not given (default "
+                        f"{DEFAULT_EPOCHS:g})")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 8)")
+    p.add_argument("--grad-accumulation", "--grad-accumulation-steps", dest="grad_accumulation",
+                   type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"])
-    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of the steps)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--max-grad-norm", type=float, help="clip gradients (0 = off; default 1)")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank (default 16)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank (default 32)")
     p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
-    p.add_argument("--lora-layers", type=int, help="LoRA on the last N decoder layers (-1 = all)")
+    p.add_argument("--lora-layers", "--num-layers", dest="lora_layers", type=int,
+                   help="LoRA on the last N decoder layers (-1 = all)")
     p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
                    help="also train the whole connector")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (less memory)")
     p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,
                    help="loss on assistant tokens only (default); --no-mask-prompt: all text")
-    p.add_argument("--max-length", type=int, help="longest sample in tokens (default: context)")
+    p.add_argument("--max-length", "--max-seq-length", dest="max_length", type=int,
+                   help="longest sample in tokens (default: context)")
     p.add_argument("--save-every", type=int, help="save adapters every N steps (default 100)")
     p.add_argument("--steps-per-eval", type=int, help="validation every N steps (default 50)")
     p.add_argument("--val-batches", type=int, help="validation batches (-1 = all; default 8)")
@@ -397,8 +483,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "values, more memory, far faster on Linux CPU (MLX's CPU quantized "
                         "matmul is ~20x slower than float); the adapters fit the quantized base")
     p.add_argument("--seed", type=int)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (skipped records and warnings are still reported)")
     return p
+
+
+# mlx-lm's names for the same settings, as YAML keys (the flags take them too)
+YAML_ALIASES = {"num_layers": "lora_layers", "max_seq_length": "max_length",
+                "grad_accumulation_steps": "grad_accumulation"}
 
 
 def args_from(ns: argparse.Namespace) -> TrainingArgs:
@@ -417,6 +509,9 @@ def args_from(ns: argparse.Namespace) -> TrainingArgs:
         known = {f.name for f in dataclasses.fields(TrainingArgs)}
         for k, v in cfg.items():
             key = str(k).replace("-", "_")
+            key = YAML_ALIASES.get(key, key)
+            if key == "train":  # mlx-lm's "train: true"; this tool always trains
+                continue
             if key not in known:
                 raise MM1Error(f"unknown setting {k!r} in {ns.config}")
             values[key] = v

@@ -12,7 +12,7 @@ settings, so loading rebuilds exactly what was saved::
 Only ``modules`` drives the rebuild; the other keys document how the checkpoint was made. Linear,
 Embedding and mlx-lm's SwitchLinear (expert stacks, gather_qmm) quantize; convolutions never do.
 
-    python -m mm1_mlx.quantize --model IN --out OUT [--bits 4|8] [--recipe mixed_4_8]
+    python -m mm1_mlx.quantize --model IN --mlx-path OUT [--q-bits 4|8] [--recipe mixed_4_8]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -246,10 +247,15 @@ def eval_inputs(processor, n: int = 8, seed: int = 0) -> list[tuple[mx.array, mx
     return out
 
 
-def log_probs(model: nn.Module, inputs: list, image_token_id: int) -> list[mx.array]:
-    """Next-token log-probabilities (float32) at every text position of each input."""
+def log_probs(model: nn.Module, inputs: list, image_token_id: int, progress: str | None = None
+              ) -> list[mx.array]:
+    """Next-token log-probabilities (float32) at every text position of each input;
+    ``progress``: the label of a bar on stderr."""
+    from tqdm import tqdm
+
     out = []
-    for ids, px in inputs:
+    for ids, px in tqdm(inputs, desc=progress, unit="conversation", disable=progress is None,
+                        dynamic_ncols=True):
         logits = model(ids, pixel_values=px)[0].astype(mx.float32)
         keep = np.nonzero(np.array(ids[0]) != image_token_id)[0]
         lp = nn.log_softmax(logits[mx.array(keep)], axis=-1)
@@ -264,24 +270,27 @@ def mean_kl(ref: list[mx.array], new: list[mx.array]) -> float:
     return float(mx.concatenate(kls).mean().item())
 
 
-def accuracy(model, processor, n: int, seed: int) -> float | None:
+def accuracy(model, processor, n: int, seed: int, progress: bool = False) -> float | None:
     """shapes-world accuracy from ``mm1_mlx.eval.evaluate`` (None when it is not available)."""
     try:
         evaluate = importlib.import_module("mm1_mlx.eval").evaluate
     except (ImportError, AttributeError):
         return None
-    return float(evaluate(model, processor, n=n, seed=seed)["overall"])
+    return float(evaluate(model, processor, n=n, seed=seed, progress=progress)["overall"])
 
 
-def quality(model, processor, inputs, ref: list, acc_float: float | None, n: int, seed: int
-            ) -> dict:
+def quality(model, processor, inputs, ref: list, acc_float: float | None, n: int, seed: int,
+            progress: bool = False) -> dict:
     """KL of ``model`` against the float reference ``ref``, and its accuracy delta."""
-    new = log_probs(model, inputs, model.config.image_token_id)
+    new = log_probs(model, inputs, model.config.image_token_id,
+                    "quantized model: KL" if progress else None)
     kl = {"mean": mean_kl(ref, new), "tokens": sum(p.shape[0] for p in ref),
           "prompts": len(inputs)}
     if acc_float is None:
         return {"kl": kl, "accuracy": "skipped: eval not available"}
-    acc = accuracy(model, processor, n, seed)
+    if progress:
+        print("quantized model: accuracy", file=sys.stderr)
+    acc = accuracy(model, processor, n, seed, progress)
     return {"kl": kl, "accuracy": {"float": acc_float, "quantized": acc,
                                    "delta": acc - acc_float, "n": n}}
 
@@ -324,10 +333,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mm1_mlx.quantize",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="input checkpoint (directory or bundled name)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
-                   help="default 64 (32 for mxfp4)")
+    p.add_argument("--mlx-path", "--out", dest="out", required=True,
+                   help="output checkpoint directory")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="accepted for mlx-lm's convert habit (this tool always quantizes)")
+    p.add_argument("--q-bits", "--bits", dest="bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--q-group-size", "--group-size", dest="group_size", type=int, default=None,
+                   choices=[32, 64, 128], help="default 64 (32 for mxfp4)")
     p.add_argument("--mode", default="affine", choices=sorted(MODES))
     p.add_argument("--vision-bits", type=int, default=16, choices=[16, 8, 4])
     p.add_argument("--connector-bits", type=int, default=16, choices=[16, 8])
@@ -335,11 +347,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action="store_true", help="turn a quantized checkpoint to float")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="float dtype of a dequantized checkpoint")
-    p.add_argument("--no-eval", action="store_true", help="skip the KL and accuracy measurements")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the KL and accuracy measurements (on by default; they take most "
+                        "of the time)")
     p.add_argument("--eval-prompts", type=int, default=16, help="conversations for the KL")
     p.add_argument("--eval-n", type=int, default=50,
                    help="held-out images (5 questions each) for the accuracy eval")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -347,10 +362,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = setup_arg_parser().parse_args(argv)
     from .checkpoint import load, read_config, resolve, save
+    from .materialize import materialize
 
     src = resolve(args.model)
     if Path(args.out).expanduser().resolve() == src.resolve():
-        raise MM1Error("--out must differ from --model")
+        raise MM1Error("--mlx-path must differ from --model")
     quantized = bool(read_config(src).quantization)
     group_size = args.group_size or (32 if args.mode == "mxfp4" else 64)
     if args.dequantize and not quantized:
@@ -361,26 +377,34 @@ def main(argv=None) -> dict:
         _check_settings(args.bits, group_size, args.mode, args.vision_bits, args.connector_bits,
                         args.recipe)
     t0 = time.time()
-    model, processor = load(str(src), compute_dtype=None)  # written back: keep stored types
+    progress = not args.quiet
+    model, processor = load(str(src), compute_dtype=None,  # written back: keep stored types
+                            progress=progress)
     report = {"input": str(src), "output": str(Path(args.out))}
     if args.dequantize:
         dequantize_model(model, getattr(mx, args.dtype))
         report.update(quantization=None, dtype=args.dtype)
     else:
         if not args.no_eval:  # the float model's outputs, before it changes in place
+            if progress:
+                print(f"measuring quality (KL over {args.eval_prompts} conversations, accuracy "
+                      f"on {args.eval_n} images; --no-eval skips it)", file=sys.stderr)
             inputs = eval_inputs(processor, args.eval_prompts, args.seed)
-            ref = log_probs(model, inputs, model.config.image_token_id)
-            acc_float = accuracy(model, processor, args.eval_n, args.seed)
+            ref = log_probs(model, inputs, model.config.image_token_id,
+                            "float model: KL" if progress else None)
+            if progress:
+                print("float model: accuracy", file=sys.stderr)
+            acc_float = accuracy(model, processor, args.eval_n, args.seed, progress)
         q = quantize_model(model, args.bits, group_size, args.mode, args.vision_bits,
                            args.connector_bits, args.recipe)
-        mx.eval(model.parameters())
+        materialize(model, False, progress, disk_size(src), desc="quantizing")
         report["quantization"] = {k: v for k, v in q.items() if k not in ("modules", "skipped")}
         report["quantization"].update(modules=len(q["modules"]), skipped=len(q["skipped"]))
         if args.no_eval:
             report["kl"] = report["accuracy"] = "skipped: --no-eval"
         else:
             report.update(quality(model, processor, inputs, ref, acc_float, args.eval_n,
-                                  args.seed))
+                                  args.seed, progress))
     out = save(model, processor, args.out)
     dec_bytes, dec_n = weight_stats(model, DECODER)
     report.update(

@@ -7,7 +7,8 @@ linear head reads every position slot's shape and colour from the connector's to
 first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. Pre-training uses MM1's
 data mix (45% interleaved, 45% captions, 10% text-only) with loss on text tokens only (plus MoE
 auxiliary losses); SFT trains on chat conversations with loss on the assistant's tokens. State is
-saved atomically every ``--save-every`` steps; rerunning the same command resumes where it stopped.
+saved atomically every ``--save-every`` steps and after the current step on Ctrl-C or SIGTERM (a
+second one stops at once); rerunning the same command resumes where it stopped, and says where.
 Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
 """
@@ -19,8 +20,11 @@ import json
 import queue
 import random
 import shutil
+import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,8 +287,10 @@ def setup_processor(run: Path, recipe: Recipe) -> Processor:
 
 
 def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = None,
-          quiet: bool = False, max_steps: int | None = None) -> tuple[Model, Processor, list]:
-    """Run (or resume) the recipe in ``run``; ``max_steps`` stops this call early (it resumes)."""
+          quiet: bool = False, max_steps: int | None = None,
+          stop: Callable[[], bool] | None = None) -> tuple[Model, Processor, list]:
+    """Run (or resume) the recipe in ``run``; ``max_steps`` stops this call early, and so does
+    ``stop()`` turning true (checked after every step, which is then saved); both resume."""
     mx.random.seed(recipe.seed)
     run.mkdir(parents=True, exist_ok=True)
     processor = setup_processor(run, recipe)
@@ -295,6 +301,9 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
     head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
     stage, start, losses, opt_state = load_state(run, model, head)
     steps = dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    if opt_state is not None:
+        print(f"resuming {recipe.name} from {run / 'state'}: stage {stage}, step {start} of "
+              f"{steps[stage]}", file=sys.stderr)
     stopped = False
     for name in STAGES[STAGES.index(stage):]:
         total = steps[name]
@@ -321,8 +330,8 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
         bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
                    dynamic_ncols=True)
         t0, ntoks = time.perf_counter(), 0
-        stop = total if max_steps is None else min(total, start + max_steps)
-        for step, arrays in prefetch(batches, range(start, stop)):
+        end = total if max_steps is None else min(total, start + max_steps)
+        for step, arrays in prefetch(batches, range(start, end)):
             (loss, ntok), grads = step_fn(trained, *(None if a is None else mx.array(a)
                                                      for a in arrays))
             grads, _ = optim.clip_grad_norm(grads, 1.0)
@@ -331,16 +340,22 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
             losses.append((name, loss.item()))
             ntoks += int(ntok.item())
             unit = "img_s" if name == "encoder" else "tok_s"
-            bar.set_postfix({"loss": f"{loss.item():.3f}", "lr": f"{opt.learning_rate.item():.1e}",
+            bar.set_postfix({"loss": f"{loss.item():.4g}", "lr": f"{opt.learning_rate.item():.1e}",
                              unit: f"{ntoks / (time.perf_counter() - t0):.0f}"})
             bar.update(1)
-            if (step + 1) % save_every == 0 or step + 1 == total:
+            asked = stop is not None and stop()
+            if (step + 1) % save_every == 0 or step + 1 == total or asked:
                 save_state(run, model, opt, name, step + 1, losses,
                            head if name == "encoder" else None)
                 plot_losses(losses, run / "loss.png", recipe.name)
+            if asked:
+                bar.write(f"stopped: {name} step {step + 1} saved in {run / 'state'}; the same "
+                          "command resumes from there", file=sys.stderr)
+                end = step + 1
+                break
         bar.close()
-        stopped = stop < total
-        if stopped:  # by max_steps: the next call resumes
+        stopped = end < total or (stop is not None and stop())
+        if stopped:  # by max_steps or stop(): the next call resumes
             break
     model.unfreeze()
     model.eval()
@@ -350,7 +365,8 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train an MM1-style model on shapes world.")
+    p = argparse.ArgumentParser(prog="python -m mm1_mlx.train",
+                                description="Train an MM1-style model on shapes world.")
     p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
     p.add_argument("--run-dir", default=None, help="state and logs (default runs/RECIPE)")
     p.add_argument("--out", default=None, help="final checkpoint (default RUN_DIR/model)")
@@ -363,7 +379,22 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="interleaved,captions,text-only fractions (default 0.45,0.45,0.10)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+class StopRequest:
+    """Signal handler: the first SIGINT / SIGTERM asks the training loop to save and stop after
+    the current step; a second one stops at once (losing that step)."""
+
+    def __init__(self):
+        self.asked = False
+
+    def handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (again to stop at once)", file=sys.stderr)
 
 
 @cli_errors
@@ -384,14 +415,21 @@ def main(argv=None):
     run = Path(args.run_dir or f"runs/{args.recipe}")
     out = Path(args.out) if args.out else run / "model"
     t = time.perf_counter()
-    train(recipe, run, args.save_every, out)
+    stop = StopRequest()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(recipe, run, args.save_every, out, quiet=args.quiet, stop=lambda: stop.asked)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.asked:
+        sys.exit(130)
     print(f"saved {out} in {(time.perf_counter() - t) / 60:.1f} min")
     if args.install:
         dst = WEIGHTS_DIR / recipe.name
         with atomic_dir(dst) as tmp:
             shutil.copytree(out, tmp, dirs_exist_ok=True)
         print(f"installed as {dst}")
-
 
 
 if __name__ == "__main__":

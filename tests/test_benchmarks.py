@@ -4,6 +4,7 @@ system (a peer that cannot run is reported failed with its error), and compute r
 import mm1_mlx  # noqa: F401, I001  (binds the BLAS before mlx.core loads)
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,23 @@ def test_each_run_is_compared_with_its_own_bandwidth(monkeypatch, tmp_path):
     assert r["decode_fraction_of_bound"] == pytest.approx(0.8)  # median of 0.5, 0.8, 1.0
     assert r["read_gbps"] == 30.0 and r["decode_bound_tps"] == pytest.approx(30.0)
     assert r["decode_fraction_of_start_probe"] == pytest.approx(0.4)
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_worker_peak_rss_is_its_own_address_space():
+    """A worker started by a parent holding 600 MB reports its own peak, not the parent's (Linux
+    carries ru_maxrss across fork+exec: every system once reported the parent's 4.6 GB)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(600_000_000 // 8)  # resident in this (parent) process
+    code = "from benchmarks.worker import peak_rss_gb; print(peak_rss_gb())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert 0.005 < float(r.stdout) < 0.3
+    del held
+
 
 @pytest.mark.slow
 def test_tiny_run(tmp_path):

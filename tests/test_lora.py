@@ -329,16 +329,69 @@ def test_error_mid_run_keeps_finished_steps(tmp_path, monkeypatch, tiny_checkpoi
 
 
 def test_generate_cli_uses_the_adapter(tmp_path, capsys, tiny_checkpoint, data):
-    from mm1_mlx import generate
+    import importlib
+
+    generate = importlib.import_module("mm1_mlx.generate")  # the module, not the function
 
     out = tmp_path / "ad"
     lora.train(small_args(tiny_checkpoint, data, out, iters=10), quiet=True)
     image = str(data.parent / "img" / "0.png")
     argv = ["--model", str(tiny_checkpoint), "--image", image, "--prompt",
             "what color is the square ?", "--max-tokens", "4"]
-    generate.main(argv + ["--adapter", str(out)])
+    generate.main(argv + ["--adapter-path", str(out)])
     with_adapter = capsys.readouterr().out.strip()
     model, processor = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
     assert with_adapter == generate.generate(model, processor, "what color is the square ?",
                                              [image], max_tokens=4).strip()
     assert with_adapter.startswith("it is")  # learned the answer's form
+
+
+def test_data_directory_and_epochs_schedule(tmp_path, capsys, tiny_checkpoint, data):
+    """--data DIR reads mlx-lm's layout (train.jsonl, valid.jsonl); without --iters the run takes
+    --epochs passes over the data and says so before it starts."""
+    import shutil
+
+    folder = tmp_path / "dir"
+    shutil.copytree(data.parent, folder)
+    (folder / "valid.jsonl").write_text("".join(data.read_text().splitlines(True)[:4]))
+    out = tmp_path / "ad"
+    log = lora.main(["--model", str(tiny_checkpoint), "--data", str(folder), "--adapter-path",
+                     str(out), "--epochs", "2", "--batch-size", "4", "--quiet"])
+    assert log["step"] == 8 and log["args"]["iters"] == 8  # 2 x 16 samples / 4
+    assert log["valid_samples"] == 4 and [s for s, _ in log["valid"]] == [8]
+    assert "training 8 steps of batch 4 over 16 samples (2.0 epochs)" in capsys.readouterr().err
+    with pytest.raises(MM1Error, match="without train.jsonl"):
+        lora.train(small_args(tiny_checkpoint, tmp_path / "ad", out))
+    default = lora.TrainingArgs(data=str(data)).schedule(300)
+    assert default.iters == 300 and default.warmup == 15  # 8 epochs of batch 8; 5% warm-up
+
+
+def test_progress_shows_small_losses_and_quiet_keeps_warnings(tmp_path, monkeypatch, capsys,
+                                                              tiny_checkpoint, data):
+    """Losses of 1e-4 show with significant digits (not 0.000); --quiet hides the bar only."""
+    shown = []
+
+    class Bar:  # records the progress bar's loss
+        def __init__(self, *a, **k):
+            pass
+
+        def set_postfix(self, **k):
+            shown.append(k["loss"])
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    real = lora.loss_fn
+    monkeypatch.setattr(lora, "tqdm", Bar)
+    monkeypatch.setattr(lora, "loss_fn", lambda *a: real(*a) * 1e-4)
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(data.read_text().replace("img/", str(data.parent / "img") + "/")
+                   + '{"image": "gone.png", "prompt": "what", "response": "it"}\n')
+    log = lora.train(small_args(tiny_checkpoint, bad, tmp_path / "ad", iters=2), quiet=True)
+    assert [float(x) for x in shown] == pytest.approx([v for _, v in log["train"]], rel=1e-2)
+    assert all(1e-5 < float(x) < 1e-2 for x in shown)
+    err = capsys.readouterr().err
+    assert "skipped 1 bad record(s) in the training data" in err and "gone.png" in err

@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 def test_two_processes_match_one(tmp_path, tiny_checkpoint, data):
     """Global batch 4 as 2 x 2 over the ring backend == 4 in one process (gradient checkpointing
     on in the single process: it must not change the result either)."""
-    steps = ["--iters", "4", "--save-every", "4"]
+    steps = ["--iters", "4", "--save-every", "4", "--rank", "8", "--alpha", "16"]
     one = subprocess.run(cli(tiny_checkpoint, data, tmp_path / "one", *steps,
                              "--grad-checkpoint"), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
@@ -62,6 +62,9 @@ def test_two_processes_match_one(tmp_path, tiny_checkpoint, data):
         assert s1 == s2 and abs(l1 - l2) < 1e-4 * max(1, l2)
     assert_same_adapters(tmp_path / "two", tmp_path / "one", atol=1e-5)
     assert "saved" in outs[0][0] and outs[1][0] == ""  # rank 0 alone reports and writes
+    # both ranks on this machine: the CLI says ring data parallel does not pay here
+    assert "ring data parallel pays across machines" in outs[0][1]
+    assert "ring data parallel" not in one.stderr
 
 
 def test_killed_run_resumes_to_the_same_adapters(tmp_path, tiny_checkpoint, data):

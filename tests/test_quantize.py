@@ -209,7 +209,12 @@ def test_cli_quantize_report_and_requantize_error(processor, tmp_path, capsys):
     assert saved["kl"]["mean"] == report["kl"]["mean"] and 0 < saved["kl"]["mean"] < 1e-2
     assert saved["size_after"] < 0.6 * saved["size_before"]
     assert 8 < saved["bits_per_weight"]["decoder"] < 9
-    assert "size on disk" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "size on disk" in shown.out
+    # the default evaluation takes most of the time: it is announced and shows progress
+    for step in ("--no-eval skips it", "float model: KL", "float model: accuracy",
+                 "quantized model: KL", "eval: 100%"):
+        assert step in shown.err, step
     with pytest.raises(SystemExit) as e:
         main(["--model", str(out), "--out", str(again), "--no-eval"])
     assert e.value.code == 2
@@ -257,7 +262,7 @@ def test_cli_accuracy_delta(processor, inputs, tmp_path, monkeypatch):
     save(make_model(processor), processor, src)
     target = np.array(logprobs(make_model(processor), inputs).argmax(-1))
 
-    def evaluate(model, processor, n, seed):  # % of next tokens agreeing with the float model
+    def evaluate(model, processor, n, seed, progress=False):  # % of next tokens agreeing
         return {"overall": 100 * float((np.array(logprobs(model, inputs).argmax(-1)) == target)
                                        .mean())}
 

@@ -4,6 +4,7 @@ import mm1_mlx  # noqa: F401, I001
 
 import json
 import random
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -149,6 +150,33 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     a, b = dict(tree_flatten(full.parameters())), dict(tree_flatten(resumed.parameters()))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-4, err_msg=k)
+
+
+def test_cli_saves_on_sigint_and_says_where_it_resumes(tmp_path, capsys):
+    """Ctrl-C (SIGINT) stops `python -m mm1_mlx.train` after the current step, saved; the next
+    run says where it resumes."""
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mm1_mlx.train", "--recipe", "smoke", "--run-dir", str(run),
+           "--pretrain-steps", "5000", "--save-every", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "tokenizer" / "tokenizer.json").exists() and time.time() < deadline:
+        time.sleep(0.2)  # the tokenizer is made after the handlers are set
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert progress["step"] >= 1 and "stopped:" in err and "Traceback" not in err
+    r = RECIPES["smoke"]()
+    r.pretrain_steps = 5000
+    train(r, run, save_every=100000, quiet=True, max_steps=1)
+    assert (f"stage {progress['stage']}, step {progress['step']} of"
+            in capsys.readouterr().err)
 
 
 def test_independent_drawing_for_the_robustness_check():

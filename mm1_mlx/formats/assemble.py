@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
+from ..materialize import materialize
 from ..model import Model
 from . import configs, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
@@ -117,9 +118,11 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
             connector_hidden: int | None = None, feature_layer: int = -2,
             dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
-            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
+            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0,
+            progress: bool = True) -> tuple:
     """A LLaVA model (``hf_path``) converted, or one assembled from ``vision`` + ``text`` parts:
-    (model in eval mode, processor)."""
+    (model in eval mode, processor); ``progress``: bars on stderr while tensors are converted and
+    quantized."""
     if hf_path:
         src = llava_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
@@ -162,7 +165,9 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
         if fresh else {}
     weights = {**fresh_params, **weights}
     target = DTYPES[dtype]
-    for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False):
+    nbytes = sum(v.nbytes for v in weights.values())
+    for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False,
+                  disable=not progress):
         v = weights[k]
         weights[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
         mx.eval(weights[k])
@@ -172,5 +177,6 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
         from ..quantize import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
+        materialize(model, False, progress, nbytes, desc="quantizing")
     model.eval()
     return model, preprocess.build_processor(tok, settings, config.num_image_tokens)
