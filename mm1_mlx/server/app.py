@@ -165,39 +165,40 @@ async def chat_completions(request: Request) -> Response:
               time.monotonic() + srv.limits.request_timeout)
     if not srv.scheduler.submit(job):
         raise APIError(429, "the server is busy (queue full); retry later", code="rate_limit_exceeded")
+    watcher = asyncio.create_task(_watch(request, queue, job))
     try:
-        first = await _next_event(request, queue, job)
+        first = await queue.get()
+        if first is None:  # the client left
+            return Response(status_code=499)
+        if first.error is not None:
+            raise APIError(first.status, first.error)
+        reply = Reply(srv.name, req.stream_options is not None and req.stream_options.include_usage)
+        if req.stream:  # from here Starlette watches the connection and cancels the stream
+            return StreamingResponse(_stream(reply, first, queue, job),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        events = [first]
+        while events[-1].finish_reason is None and events[-1].error is None:
+            events.append(await queue.get())
+            if events[-1] is None:
+                return Response(status_code=499)
+        if events[-1].error is not None:
+            raise APIError(events[-1].status, events[-1].error)
+        return JSONResponse(reply.whole("".join(e.text for e in events), events[-1]))
     except BaseException:
         job.cancelled.set()
         raise
-    if first is None:  # the client left
-        return Response(status_code=499)
-    if first.error is not None:
-        raise APIError(first.status, first.error)
-    reply = Reply(srv.name, req.stream_options is not None and req.stream_options.include_usage)
-    if req.stream:
-        return StreamingResponse(_stream(reply, first, queue, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    events = [first]
-    while events[-1].finish_reason is None and events[-1].error is None:
-        event = await _next_event(request, queue, job)
-        if event is None:
-            return Response(status_code=499)
-        events.append(event)
-    if events[-1].error is not None:
-        raise APIError(events[-1].status, events[-1].error)
-    return JSONResponse(reply.whole("".join(e.text for e in events), events[-1]))
+    finally:
+        watcher.cancel()
 
 
-async def _next_event(request: Request, queue: asyncio.Queue, job: Job) -> Event | None:
-    """The job's next event; None (and the job cancelled) once the client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                return None
+async def _watch(request: Request, queue: asyncio.Queue, job: Job) -> None:
+    """Cancel the job (and wake its handler with None) once the client has disconnected."""
+    while not job.cancelled.is_set():
+        await asyncio.sleep(POLL_S)
+        if await request.is_disconnected():
+            job.cancelled.set()
+            queue.put_nowait(None)
 
 
 class Reply:

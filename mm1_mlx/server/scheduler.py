@@ -165,6 +165,8 @@ class Scheduler:
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.prefix = PrefixCache(cache_bytes)
         self.tokenizer = TokenizerWrapper(processor.tokenizer)
+        self.eos = set(self.tokenizer.eos_token_ids)
+        self.cancelled = 0  # jobs stopped because their client went away
         # the image placeholder (and padding) must never be generated (as generate.stream_generate)
         vocab = self.lm.args.vocab_size
         banned = [t for t in {processor.image_token_id, processor.tokenizer.pad_token_id}
@@ -222,6 +224,7 @@ class Scheduler:
         for job in list(self.waiting):
             if job.cancelled.is_set():
                 self.waiting.remove(job)
+                self.cancelled += 1
             elif now > job.deadline and job.kv is None:
                 self.waiting.remove(job)
                 job.emit(Event(error="the request timed out waiting for the model", status=504))
@@ -318,6 +321,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         gone = [i for i, j in enumerate(self.active) if j.cancelled.is_set()]
         if gone:
+            self.cancelled += len(gone)
             self._leave(gone)
 
     def _join(self, job: Job) -> None:
@@ -350,15 +354,18 @@ class Scheduler:
 
     def _accept(self, job: Job, token: int) -> bool:
         """Take a sampled token; emit the text it completes. False once the job is finished."""
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            return False
         job.n += 1
         s = job.sampling
-        if token in self.tokenizer.eos_token_ids:
+        if token in self.eos:
             return self._finish(job, "stop")
         job.detok.add_token(token)
         job.text += job.detok.last_segment
         if self._cut_at_stop(job):
             return self._finish(job, "stop", cut=True)
-        if job.n >= s.max_tokens or time.monotonic() > job.deadline or job.cancelled.is_set():
+        if job.n >= s.max_tokens or time.monotonic() > job.deadline:
             return self._finish(job, "length")
         hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may be starting
         if len(job.text) - hold > job.sent:
