@@ -1,4 +1,5 @@
-"""``python -m app [--model PATH_OR_REPO] [--adapter PATH]`` / ``mm1-chat``: the terminal chat UI."""
+"""``python -m app [--model PATH_OR_REPO] [--adapter PATH]`` / ``mm1-chat``: the terminal chat UI.
+``--server URL`` chats through a running ``mm1-server`` (or any OpenAI-compatible server) instead."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat through a running server (e.g. http://127.0.0.1:8080) instead of "
+                        "loading a model here")
+    p.add_argument("--api-key", default=None, help="the server's API key (with --server)")
     p.add_argument("--data-dir", default=None,
                    help="where conversations and images are kept (default: the user data directory, "
                         "or $MM1_CHAT_DATA_DIR)")
@@ -24,8 +29,16 @@ def main(argv=None) -> None:
     import textual_image.widget  # noqa: F401
 
     from .app import ChatApp
+    from .engine import load_engine
 
-    ChatApp(args.model, args.adapter, data_dir=args.data_dir).run()
+    loader = load_engine
+    if args.server:  # the model lives in the server; "loading" connects to it
+        from .server_engine import ServerEngine
+
+        def loader(spec, adapter):
+            return ServerEngine(args.server, args.api_key)
+
+    ChatApp(args.model, args.adapter, loader=loader, data_dir=args.data_dir).run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 cross-talk, a bounded load test. Servers run in-process on 127.0.0.1 (ephemeral ports)."""
 
 import mm1_mlx  # noqa: F401, I001
+import mm1_mlx.errors
 
 import base64
 import concurrent.futures as cf
@@ -433,3 +434,55 @@ def test_disconnect_stops_generation(tiny, stream, monkeypatch):
             assert endless.cancelled == 1 and stats["active"] == stats["queued"] == 0
     finally:
         endless.stop()
+
+
+# ---- the TUI as a client ----
+def test_server_engine_streams_the_servers_answer(url, tiny):
+    from app.engine import Settings
+    from app.server_engine import ServerEngine, _openai_messages
+
+    msgs = [{"role": "user", "content": "<image>\nWhat color is the star?"}]
+    assert _openai_messages(msgs, [SHAPES])[0]["content"][1] == {
+        "type": "text", "text": "What color is the star?"}
+    engine = ServerEngine(url)
+    assert engine.model == "mm1-tiny"
+    chunks = list(engine.stream(msgs, [SHAPES], Settings(), engine.new_cache()))
+    assert "".join(c.text for c in chunks) == solo(tiny, "What color is the star?", [SHAPES])
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].generation_tokens >= 4
+    with pytest.raises(mm1_mlx.errors.MM1Error, match="does not exist|cannot reach"):
+        ServerEngine("http://127.0.0.1:9").stream(msgs, [SHAPES], Settings(), None)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_tui_chats_through_the_server(url, tiny, tmp_path):
+    pytest.importorskip("textual", reason="the tui extra is not installed")
+    from textual_image.widget import UnicodeImage
+
+    from app.app import ChatApp
+    from app.server_engine import ServerEngine
+
+    app = ChatApp(loader=lambda spec, adapter: ServerEngine(url), data_dir=tmp_path / "data",
+                  image_widget=UnicodeImage, picker_root=tmp_path)
+    async with app.run_test(size=(110, 36)) as pilot:
+        for text in (f"/image {SHAPES}", "What color is the star?"):
+            await _settle(app, pilot)
+            app.query_one("#prompt").value = text
+            await pilot.press("enter")
+        await _settle(app, pilot)
+        [conv] = app.store.conversations()
+        reply = app.store.messages(conv.id)[-1]
+        assert (reply.role, reply.finish) == ("assistant", "stop")
+        assert reply.content == solo(tiny, "What color is the star?", [SHAPES])
+
+
+async def _settle(app, pilot):
+    for _ in range(3):
+        await pilot.pause()
+        for worker in [w for w in app.workers if w.group in ("model", "attach", "generate")]:
+            await worker.wait()
+        await pilot.pause()
