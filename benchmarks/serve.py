@@ -122,7 +122,8 @@ def peak_rss_gb(pid: int) -> float | None:
         return None
 
 
-def run_mm1(model: Path, label: str, concurrency: int, reqs, max_tokens: int, timeout: float):
+def run_mm1(model: Path, label: str, concurrency: int, levels, reqs, max_tokens: int,
+            timeout: float, save):
     port = free_port()
     cmd = [sys.executable, "-m", "mm1_mlx.server", "--model", str(model), "--port", str(port),
            "--max-concurrency", str(concurrency), "--prompt-cache-bytes", "0",
@@ -134,11 +135,12 @@ def run_mm1(model: Path, label: str, concurrency: int, reqs, max_tokens: int, ti
         name = str(model)
         stream_one(base, name, reqs[1], 4)  # warm-up: first calls build tables
         out = []
-        for clients in CLIENTS:
+        for clients in levels:
             r = drive(base, name, reqs, clients, max_tokens)
             log(f"{label} x{clients}: {r['tokens_per_s']:.1f} tok/s, TTFT p50 "
                 f"{r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s ({r['wall_s']:.0f} s)")
             out.append(dict(r, system=label, peak_rss_gb=peak_rss_gb(proc.pid)))
+            save(out)
         return out
     finally:
         proc.terminate()
@@ -210,21 +212,27 @@ def main(argv=None) -> dict:
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model),
                "requests": args.requests, "max_tokens": args.max_tokens,
                "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
-    rows = run_mm1(model, f"mm1-mlx (batched, --max-concurrency {args.max_concurrency})",
-                   args.max_concurrency, reqs, args.max_tokens, args.timeout)
-    rows += run_mm1(model, "mm1-mlx one at a time (--max-concurrency 1)", 1, reqs,
-                    args.max_tokens, args.timeout)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def save(new: list[dict]) -> None:  # after every setting: a long run keeps what it measured
+        results["rows"] = rows + new
+        (out / "serve.json").write_text(json.dumps(results, indent=2))
+        (out / "serve.md").write_text(table(results["rows"]) + "\n")
+
+    rows += run_mm1(model, f"mm1-mlx batched (--max-concurrency {args.max_concurrency})",
+                    args.max_concurrency, CLIENTS, reqs, args.max_tokens, args.timeout, save)
+    # one client is one request at a time for both servers: measured once, above
+    rows += run_mm1(model, "mm1-mlx one at a time (--max-concurrency 1)", 1, CLIENTS[1:], reqs,
+                    args.max_tokens, args.timeout, save)
     peer = run_mlx_vlm(hf, reqs, args.max_tokens, args.timeout) if hf else "no HF checkpoint"
     if isinstance(peer, list):
         rows += peer
     else:
         results["mlx_vlm"] = peer
         log(peer)
-    results["rows"] = rows
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(results, indent=2))
-    (out / "serve.md").write_text(table(rows) + "\n")
+    save([])
     print(table(rows))
     return results
 

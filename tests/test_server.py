@@ -191,6 +191,9 @@ def test_max_tokens_stop_and_seed(client):
                                            seed=s, max_tokens=12).choices[0].message.content
             for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0]
+    r = client.chat.completions.create(model="mm1-tiny", messages=msgs, temperature=1.0, seed=-5,
+                                       top_p=0.9, max_tokens=4)
+    assert r.usage.completion_tokens >= 1
 
 
 def test_conversation_reuses_the_prefix(client, tiny):
@@ -269,6 +272,8 @@ def test_local_images_refused_by_default(tiny, scheduler):
     ({"messages": user("hi"), "n": 2}, "n"),
     ({"messages": user("hi"), "stop": 3}, "stop"),
     ({"messages": user("hi"), "seed": 1.5}, "seed"),
+    ({"messages": user("hi"), "seed": 1 << 70}, "seed"),
+    ({"messages": [1, 2]}, "messages.0"),
     ({"messages": user("hi"), "frequency_penalty": "x"}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
      "messages.0.content"),
@@ -291,6 +296,15 @@ def test_other_errors(url, tiny):
     assert_error(post(url, {"messages": user("an <image> tag")}), 400, "<image>")
     r = httpx.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    assert_error(httpx.post(f"{url}/v1/chat/completions", content=b"[]", timeout=10), 400, "")
+    assert_error(httpx.post(f"{url}/v1/chat/completions", content=b"", timeout=10), 400, "json")
+    r = httpx.get(f"{url}/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_image_pixel_limit(url, tiny, monkeypatch):
+    monkeypatch.setattr(tiny[1].image, "max_pixels", 1000)
+    assert_error(post(url, {"messages": user("Hi.", data_url(SHAPES))}), 400, "too large")
 
 
 def test_api_key(tiny, scheduler):
@@ -421,7 +435,8 @@ def test_disconnect_stops_generation(tiny, stream, monkeypatch):
     try:
         with serve(create_app(make_server(tiny, endless))) as base:
             if stream:
-                with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+                with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
+                                  timeout=120) as r:
                     next(r.iter_lines())
             else:
                 with pytest.raises(httpx.ReadTimeout):
@@ -486,3 +501,19 @@ async def _settle(app, pilot):
         for worker in [w for w in app.workers if w.group in ("model", "attach", "generate")]:
             await worker.wait()
         await pilot.pause()
+
+
+@pytest.mark.slow
+def test_serve_benchmark_runs_end_to_end(tmp_path, monkeypatch):
+    from benchmarks import serve
+
+    monkeypatch.setattr(serve, "CLIENTS", (1, 2))
+    res = serve.main(["--model", "mm1-tiny", "--requests", "4", "--max-tokens", "4",
+                      "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    rows = res["rows"]
+    assert [(r["system"].split()[1], r["clients"]) for r in rows] == [
+        ("batched", 1), ("batched", 2), ("one", 2)]
+    assert all(r["tokens"] >= 4 and r["tokens_per_s"] > 0 and r["ttft_p95_s"] >= r["ttft_p50_s"] > 0
+               for r in rows)
+    assert "| mm1-mlx batched" in (tmp_path / "serve.md").read_text()
+    assert serve.percentile([1, 2, 3, 4], 0.5) == 2.5

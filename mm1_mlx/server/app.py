@@ -121,8 +121,11 @@ class Server:
                 images.append(self.processor.prepare_image(src))
             except MM1Error as e:
                 raise APIError(400, str(e), "messages", "invalid_image") from None
-        with self._tokenize_lock:
-            ids = self.processor.tokenize(self.processor.apply_chat_template(msgs), images)
+        try:
+            with self._tokenize_lock:
+                ids = self.processor.tokenize(self.processor.apply_chat_template(msgs), images)
+        except MM1Error as e:  # e.g. a chat template that drops a message holding an image
+            raise APIError(400, str(e), "messages") from None
         if len(ids) >= self.context:
             raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the model's context "
                                 f"({self.context})", "messages", "context_length_exceeded")

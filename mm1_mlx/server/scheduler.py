@@ -274,7 +274,7 @@ class Scheduler:
             mx.eval([c.state for c in job.kv])
             return None
         if job.sampling.seed is not None:
-            job.key = mx.random.key(job.sampling.seed)
+            job.key = mx.random.key(job.sampling.seed % (1 << 63))
         elif job.sampling.temperature > 0:
             job.key = mx.random.key(secrets.randbits(32))
         return self._sample([job], logits[:, -1]).item()
