@@ -210,6 +210,21 @@ def test_conversation_reuses_the_prefix(client, tiny):
     assert b.choices[0].message.content == generate(model, processor, msgs, [SHAPES])
 
 
+def test_text_before_image_reads_as_the_cli(client, tiny):
+    """OpenAI's examples send the text part first; one text part puts the images first (as the
+    CLI does), interleaved parts keep their order."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What color is the star?"},
+                                         {"type": "image_url", "image_url": {"url": data_url(SHAPES)}}]}]
+    r = client.chat.completions.create(model="mm1-tiny", messages=msgs)
+    assert r.choices[0].message.content == solo(tiny, "What color is the star?", [SHAPES])
+    from mm1_mlx.server.schema import Message, flatten
+
+    parts = [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": "a"},
+             {"type": "text", "text": "with"}, {"type": "image_url", "image_url": "b"}]
+    out, images = flatten([Message.model_validate({"role": "user", "content": parts})], "<image>")
+    assert out[0]["content"] == "Compare\n<image>\nwith\n<image>" and images == ["a", "b"]
+
+
 def test_models_and_health(client, url):
     assert [m.id for m in client.models.list().data] == ["mm1-tiny"]
     h = httpx.get(f"{url}/health").json()

@@ -98,8 +98,9 @@ def image_source(part: Part) -> str:
 
 def flatten(messages: list[Message], image_token: str) -> tuple[list[dict], list[str]]:
     """OpenAI messages -> chat messages whose text holds one ``image_token`` per image, and the
-    image sources in order. An image part becomes ``image_token`` on its own line, so
-    [image, text] reads as the CLI's ``--image X --prompt TEXT``."""
+    image sources in order. An image part becomes ``image_token`` on its own line. A message with
+    one text part puts its images first, whatever the parts' order (OpenAI's examples send the text
+    first), so it reads as the CLI's ``--image X --prompt TEXT``; interleaved parts keep their order."""
     out, images = [], []
     for i, m in enumerate(messages):
         parts = [m.content or ""] if not isinstance(m.content, list) else m.content
@@ -116,6 +117,9 @@ def flatten(messages: list[Message], image_token: str) -> tuple[list[dict], list
                                     "image_url parts", f"messages.{i}.content")
             elif text or isinstance(part, str):
                 pieces.append(text)
+        texts = [p for p in pieces if p != image_token]
+        if len(texts) <= 1:
+            pieces = [image_token] * (len(pieces) - len(texts)) + texts
         role = "system" if m.role == "developer" else m.role
         out.append({"role": role, "content": "\n".join(pieces)})
     return out, images
