@@ -32,15 +32,16 @@ def log(msg: str) -> None:
     print(f"[serve] {msg}", file=sys.stderr, flush=True)
 
 
-def workload(n: int, image_dir: Path) -> list[dict]:
-    """``n`` chat requests: every fourth with its own image, the others 10-70-word questions."""
+def workload(n: int, image_dir: Path, image_every: int = 4) -> list[dict]:
+    """``n`` chat requests: every ``image_every``-th with its own image, the others 10-70-word
+    questions."""
     import base64
 
     reqs = []
     for i in range(n):
         words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(10 + 15 * (i % 5)))
         text = f"Question {i}: {words}?"
-        if i % 4 == 0:
+        if i % image_every == 0:
             path = make_image(image_dir / f"image{i}.png", seed=100 + i)
             url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
             content = [{"type": "image_url", "image_url": {"url": url}},
@@ -139,7 +140,8 @@ def run_mm1(model: Path, label: str, concurrency: int, levels, reqs, max_tokens:
             r = drive(base, name, reqs, clients, max_tokens)
             log(f"{label} x{clients}: {r['tokens_per_s']:.1f} tok/s, TTFT p50 "
                 f"{r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s ({r['wall_s']:.0f} s)")
-            out.append(dict(r, system=label, peak_rss_gb=peak_rss_gb(proc.pid)))
+            out.append(dict(r, system=label, peak_rss_gb=peak_rss_gb(proc.pid),
+                            load_average=os.getloadavg()[0]))
             save(out)
         return out
     finally:
@@ -184,6 +186,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="serve this checkpoint instead of the benchmark model (e.g. mm1-tiny)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--image-every", type=int, default=4, help="every N-th request has an image")
+    p.add_argument("--serial-clients", default="4,16",
+                   help="client counts for the one-at-a-time server (comma-separated)")
     p.add_argument("--max-concurrency", type=int, default=8, help="the batching server's limit")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--cache", default=None, help="where built checkpoints are kept")
@@ -208,9 +213,10 @@ def main(argv=None) -> dict:
         model, hf = paths["mm1-mlx"], paths["hf"]
     image_dir = cache / "serve-images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    reqs = workload(args.requests, image_dir)
+    reqs = workload(args.requests, image_dir, args.image_every)
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model),
                "requests": args.requests, "max_tokens": args.max_tokens,
+               "image_every": args.image_every, "load_average_at_start": os.getloadavg(),
                "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,8 @@ def main(argv=None) -> dict:
     rows += run_mm1(model, f"mm1-mlx batched (--max-concurrency {args.max_concurrency})",
                     args.max_concurrency, CLIENTS, reqs, args.max_tokens, args.timeout, save)
     # one client is one request at a time for both servers: measured once, above
-    rows += run_mm1(model, "mm1-mlx one at a time (--max-concurrency 1)", 1, CLIENTS[1:], reqs,
+    serial = [int(c) for c in args.serial_clients.split(",") if c.strip()]
+    rows += run_mm1(model, "mm1-mlx one at a time (--max-concurrency 1)", 1, serial, reqs,
                     args.max_tokens, args.timeout, save)
     peer = run_mlx_vlm(hf, reqs, args.max_tokens, args.timeout) if hf else "no HF checkpoint"
     if isinstance(peer, list):

@@ -524,7 +524,8 @@ def test_serve_benchmark_runs_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(serve, "CLIENTS", (1, 2))
     res = serve.main(["--model", "mm1-tiny", "--requests", "4", "--max-tokens", "4",
-                      "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+                      "--serial-clients", "2", "--out", str(tmp_path),
+                      "--cache", str(tmp_path / "cache")])
     rows = res["rows"]
     assert [(r["system"].split()[1], r["clients"]) for r in rows] == [
         ("batched", 1), ("batched", 2), ("one", 2)]
