@@ -93,13 +93,26 @@ class Server:
             raise APIError(400, "image URLs must be http(s) or data:image/...;base64 (local paths "
                                 "need the server's --allow-local-images DIR)", "messages",
                            "invalid_image_url")
-        path = source[len("file://"):] if source.startswith("file://") else source
+        path = source[len("file://"):] if source.lower().startswith("file://") else source
         root = os.path.realpath(root)
         real = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, real]) != root:
             raise APIError(400, "local image path is outside the allowed directory", "messages",
                            "invalid_image_url")
         return real
+
+    def image(self, source: str):
+        """A ``PreparedImage`` from a data: or http(s) URL (fetched by ``mm1_mlx.images``, with its
+        timeout and byte cap) or an allowed local path."""
+        if not is_url(source):
+            if ":" in source.split("/")[0] and not source.lower().startswith("file://"):
+                raise APIError(400, f"unsupported image URL scheme: {source[:60]}", "messages",
+                               "invalid_image_url")
+            source = self.local_image(source)
+        try:
+            return self.processor.prepare_image(source)
+        except MM1Error as e:
+            raise APIError(400, str(e), "messages", "invalid_image") from None
 
     # ---- preparing a job (worker thread) ----
     def prepare(self, req: ChatRequest) -> tuple[list[int], list, list]:
@@ -109,18 +122,7 @@ class Server:
         if len(sources) > self.limits.max_images:
             raise APIError(400, f"{len(sources)} images, over the limit of {self.limits.max_images}",
                            "messages", "too_many_images")
-        images = []
-        for src in sources:
-            lower = src.lower()
-            if not is_url(src) and ":" in src.split("/")[0] and not lower.startswith("file://"):
-                raise APIError(400, f"unsupported image URL scheme: {src[:60]}", "messages",
-                               "invalid_image_url")
-            if not is_url(src):
-                src = self.local_image(src)
-            try:
-                images.append(self.processor.prepare_image(src))
-            except MM1Error as e:
-                raise APIError(400, str(e), "messages", "invalid_image") from None
+        images = [self.image(src) for src in sources]
         try:
             with self._tokenize_lock:
                 ids = self.processor.tokenize(self.processor.apply_chat_template(msgs), images)
