@@ -1,6 +1,7 @@
 """``python -m app [--model PATH_OR_REPO] [--adapter-path PATH]`` / ``mm1-chat``: the terminal chat UI.
 
-The sampling flags (mlx-lm's ``chat`` spellings) override the saved settings for this session."""
+The sampling flags (mlx-lm's ``chat`` spellings) override the saved settings for this session.
+``--server URL`` chats through a running ``mm1-server`` (or any OpenAI-compatible server) instead."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-tokens", "-m", type=int, default=None)
     p.add_argument("--system-prompt", "--system", dest="system_prompt", default=None)
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat through a running server (e.g. http://127.0.0.1:8080) instead of "
+                        "loading a model here")
+    p.add_argument("--api-key", default=None, help="the server's API key (with --server)")
     p.add_argument("--data-dir", default=None,
                    help="where conversations and images are kept (default: the user data directory, "
                         "or $MM1_CHAT_DATA_DIR)")
@@ -32,10 +37,18 @@ def main(argv=None) -> None:
     import textual_image.widget  # noqa: F401
 
     from .app import ChatApp
+    from .engine import load_engine
 
     given = {k: getattr(args, k) for k in ("temperature", "top_p", "max_tokens", "system_prompt")
              if getattr(args, k) is not None}
-    ChatApp(args.model, args.adapter, data_dir=args.data_dir, settings=given).run()
+    loader = load_engine
+    if args.server:  # the model lives in the server; "loading" connects to it
+        from .server_engine import ServerEngine
+
+        def loader(spec, adapter):
+            return ServerEngine(args.server, args.api_key)
+
+    ChatApp(args.model, args.adapter, loader=loader, data_dir=args.data_dir, settings=given).run()
 
 
 if __name__ == "__main__":
