@@ -10,7 +10,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mm1_mlx.checkpoint import save
+from mm1_mlx.atomic import check_output
+from mm1_mlx.checkpoint import check_dtypes, save
 from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
 from mm1_mlx.model import Model
@@ -47,7 +48,18 @@ def model_config_json(path: Path) -> dict:
     cfg = read_json(path, "config.json")
     if cfg is None:
         raise MM1Error(f"{path} has no config.json")
+    if not isinstance(cfg, dict):
+        raise MM1Error(f"{path / 'config.json'} holds a {type(cfg).__name__}, not an object")
     return cfg
+
+
+def parsed(fn, path: Path, *args):
+    """``fn(*args)`` on a source's config dicts; a missing or mistyped field -> one line."""
+    try:
+        return fn(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
+        raise MM1Error(f"bad config.json in {path}: {what}") from None
 
 
 def llava_source(path: Path) -> Source:
@@ -55,13 +67,14 @@ def llava_source(path: Path) -> Source:
     if cfg.get("model_type") != "llava":
         raise MM1Error(f"--hf-path expects a LLaVA model (model_type 'llava'), {path} is "
                        f"{cfg.get('model_type')!r}; build other models with --vision and --text")
+    parsed(configs.llava_config, path, cfg, 0).check(str(path / "config.json"))  # before the tokenizer
     tok = preprocess.load_tokenizer(path)
     tok_id = preprocess.image_token_id(tok)
     cfg_id = cfg.get("image_token_index", cfg.get("image_token_id"))
     if cfg_id is not None and cfg_id != tok_id:
         raise MM1Error(f"the model's image_token_index {cfg_id} is not the tokenizer's <image> "
                        f"id {tok_id}")
-    config = configs.llava_config(cfg, tok_id)
+    config = parsed(configs.llava_config, path, cfg, tok_id)
     settings = preprocess.image_settings(path, config.vision_config)
     return Source(read_weights(path), model=config, tokenizer=tok, image_settings=settings,
                   dtype=source_dtype(cfg))
@@ -70,7 +83,7 @@ def llava_source(path: Path) -> Source:
 def vision_source(path: Path, feature_layer: int) -> Source:
     oc = read_json(path, "open_clip_config.json") if path.is_dir() else None
     if oc is not None:
-        vc = configs.openclip_vision_config(oc)
+        vc = parsed(configs.openclip_vision_config, path, oc)
         files = sorted(glob.glob(str(path / "open_clip*.safetensors"))) or sorted(
             glob.glob(str(path / "open_clip*.bin")))
         raw = {}
@@ -79,7 +92,7 @@ def vision_source(path: Path, feature_layer: int) -> Source:
         dtype = None
     else:
         cfg = model_config_json(path)
-        vc = configs.hf_vision_config(cfg)
+        vc = parsed(configs.hf_vision_config, path, cfg)
         raw, dtype = read_weights(path), source_dtype(cfg)
     vc.feature_layer = feature_layer
     return Source({"vision_tower." + k: v for k, v in raw.items()}, vision=vc,
@@ -88,11 +101,13 @@ def vision_source(path: Path, feature_layer: int) -> Source:
 
 def text_source(path: Path) -> Source:
     cfg = model_config_json(path)
+    text = parsed(configs.text_config, path, cfg)
+    text.check(str(path / "config.json"), "")
     raw = read_weights(path)
     # a bare decoder (LlamaModel) has no "model." prefix
     prefix = "language_model." if any(k.startswith("model.") for k in raw) else \
         "language_model.model."
-    return Source({prefix + k: v for k, v in raw.items()}, text=configs.text_config(cfg),
+    return Source({prefix + k: v for k, v in raw.items()}, text=text,
                   tokenizer=preprocess.load_tokenizer(path), dtype=source_dtype(cfg))
 
 
@@ -118,8 +133,12 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
             connector_hidden: int | None = None, feature_layer: int = -2,
             dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
-            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
-    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts."""
+            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0,
+            force: bool = False) -> Path:
+    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts.
+    ``mlx_path`` must be new or empty, or (with ``force``) a checkpoint; never an input."""
+    inputs = [resolve(p) for p in (hf_path, vision, text) if p]
+    check_output(mlx_path, "checkpoint", inputs, force, flag="--mlx-path")  # before the work
     if hf_path:
         src = llava_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
@@ -153,6 +172,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
                                                       moe_every, top_k, seed)
     weights = convert_weights(weights, config, allow_missing=fresh)  # idempotent: re-checks
 
+    config.check("the converted config")
     mx.random.seed(seed)
     try:
         model = Model(config)
@@ -166,6 +186,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
         v = weights[k]
         weights[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
         mx.eval(weights[k])
+    check_dtypes(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if q_bits:  # the decoder; records config.quantization (per-module) for loading
@@ -174,4 +195,4 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
         quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()
     processor = preprocess.build_processor(tok, settings, config.num_image_tokens)
-    return save(model, processor, mlx_path)
+    return save(model, processor, mlx_path, inputs=inputs, force=force, flag="--mlx-path")

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 import typing
@@ -38,8 +37,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import adapters, atomic, finetune_data
+from . import adapters, atomic, cli_args, finetune_data
 from .errors import MM1Error, cli_errors
+from .signals import sigterm_interrupts
 from .train import collate, prefetch
 
 STATE_FILE = "training_state.safetensors"
@@ -452,7 +452,7 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
 
 # ---- command line ----
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.lora",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.lora",
                                 description="LoRA / QLoRA fine-tuning of an MM1 model.")
     p.add_argument("--config", default=None, help="YAML file of TrainingArgs (flags override it)")
     p.add_argument("--model", help="base checkpoint (default mm1-tiny); a quantized one = QLoRA")
@@ -536,19 +536,12 @@ def read_yaml(path: str) -> dict:
     return values
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # `kill` saves the finished steps like Ctrl-C does
-
-
 @cli_errors
 def main(argv=None) -> dict:
     ns = setup_arg_parser().parse_args(argv)
     args = args_from(ns)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    try:
+    with sigterm_interrupts():
         log = train(args, quiet=ns.quiet)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if mx.distributed.init().rank() == 0:
         last = log["train"][-1][1] if log["train"] else float("nan")
         val = f", validation loss {log['valid'][-1][1]:.4f}" if log["valid"] else ""
