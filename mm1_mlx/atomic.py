@@ -126,8 +126,9 @@ def _check_existing(p: Path, given, kind: str, force: bool, flag: str) -> None:
     if not any(not _ours(p.name, e) for e in os.listdir(p)):
         return  # an empty directory: nothing to lose
     if not recognised(p, kind):
-        raise OutputError(f"{flag} {given} exists and holds files that are not a {kind} "
-                          "directory; nothing was written (choose a new path)")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise OutputError(f"{flag} {given} exists and is not {article} {kind} directory (it "
+                          "holds other files); nothing was written, choose a new path")
     if not force:
         how = "--resume to continue or --force" if kind == "adapter" else "--force"
         raise OutputError(f"{flag} {given} already holds a {kind}; pass {how} to replace it")
