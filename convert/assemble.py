@@ -162,6 +162,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
     if upcycle and config.text_config.num_experts:
         raise MM1Error("--upcycle-experts needs a dense decoder, this one is already MoE")
 
+    config.check("the converted config")  # before any model is built from it
     weights = convert_weights(raw, config, allow_missing=fresh)
     del raw
     if config.image_token_id >= config.text_config.vocab_size:

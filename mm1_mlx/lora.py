@@ -367,7 +367,7 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
     if args.valid:
         valid_ds, vproblems = finetune_data.load_dataset(args.valid, processor, max_length,
                                                          args.mask_prompt, args.on_bad_data)
-    if rank == 0 and not quiet:
+    if rank == 0:  # even when quiet (no progress bar): skipped data must never be silent
         report_problems(problems, "training")
         report_problems(vproblems, "validation")
     opt = make_optimizer(args)
