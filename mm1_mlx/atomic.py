@@ -76,16 +76,22 @@ def _related(a: Path, b: Path) -> str | None:
 
 
 def _ours(name: str, entry: str) -> bool:
-    """A hidden temporary, backup or lock of ours beside ``name`` (or inside a run directory)."""
+    """A hidden temporary, backup or lock of ours (as the savers inside a run directory leave)."""
     return entry.startswith(".") and (entry.endswith((".lock", ".tmp")) or ".tmp" in entry
                                       or ".old." in entry)
+
+
+def _entries(path: Path, kind: str) -> list[str]:
+    """What ``path`` holds; a run directory's own locks and temporaries (of its state,
+    tokenizer, model) do not count."""
+    return [e for e in os.listdir(path) if kind != "run" or not _ours(path.name, e)]
 
 
 def recognised(path: Path, kind: str) -> bool:
     """Whether the directory ``path`` holds exactly what a writer of ``kind`` writes."""
     required, allowed = KINDS[kind]
     try:
-        entries = [e for e in os.listdir(path) if not _ours(path.name, e)]
+        entries = _entries(path, kind)
     except OSError:
         return False
     if not all(e in entries for e in required):
@@ -123,7 +129,7 @@ def check_output(path: str | os.PathLike, kind: str, inputs=(), force: bool = Fa
 def _check_existing(p: Path, given, kind: str, force: bool, flag: str) -> None:
     if not p.is_dir():
         raise OutputError(f"{flag} {given} exists and is not a directory; choose another path")
-    if not any(not _ours(p.name, e) for e in os.listdir(p)):
+    if not _entries(p, kind):
         return  # an empty directory: nothing to lose
     if not recognised(p, kind):
         article = "an" if kind[0] in "aeiou" else "a"
