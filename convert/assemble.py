@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 from pathlib import Path
@@ -129,6 +130,14 @@ def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                            hidden_act="gelu" if kind == "mlp" else "silu")
 
 
+def check_config(config: ModelConfig) -> None:
+    """Types, ranges, consistency, before any model is built from it (the vocabulary as it will
+    be, with ``<image>`` added)."""
+    grown = copy.deepcopy(config)
+    grown.text_config.vocab_size = max(config.text_config.vocab_size, config.image_token_id + 1)
+    grown.check("the converted config")
+
+
 def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None,
             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
             connector_hidden: int | None = None, feature_layer: int = -2,
@@ -162,7 +171,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
     if upcycle and config.text_config.num_experts:
         raise MM1Error("--upcycle-experts needs a dense decoder, this one is already MoE")
 
-    config.check("the converted config")  # before any model is built from it
+    check_config(config)
     weights = convert_weights(raw, config, allow_missing=fresh)
     del raw
     if config.image_token_id >= config.text_config.vocab_size:

@@ -365,6 +365,7 @@ def test_lora_hostile_yaml_data_and_resume(tmp_path):
     ]
     (d / "bad.jsonl").write_bytes("\n".join(bad_lines).encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
     (d / "mixed.jsonl").write_bytes((d / "bad.jsonl").read_bytes() + (good + "\n").encode() * 4)
+    (d / "good.jsonl").write_text((good + "\n") * 4)
     (d / "deep.json").write_text("[" + "[" * 200_000 + "]" * 200_000 + "]")
     (d / "latin1.json").write_bytes(b'[{"prompt": "caf\xe9", "response": "x"}]')
     ad = tmp_path / "ad"
@@ -414,7 +415,8 @@ def test_lora_hostile_yaml_data_and_resume(tmp_path):
         shutil.copytree(ad, copy)
         (copy / f).write_bytes(content)
         cases.append(case(f"resume_{name}", "mm1_mlx.lora", "--config", d / "ok.yaml",
-                          "--adapter-path", copy, "--resume", "--iters", "3", "--quiet"))
+                          "--adapter-path", copy, "--resume", "--iters", "3", "--quiet",
+                          "--data", d / "good.jsonl"))
     before = tree_hash(tmp_path)
     results = run_cases(tmp_path, cases)
     assert_refused(results)
