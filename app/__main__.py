@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
+from mm1_mlx import cli_args
+from mm1_mlx.errors import cli_errors
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app",
+    p = cli_args.ArgumentParser(prog="python -m app",
                                 description="Chat with an MM1 model about images (also: mm1-chat).")
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
@@ -31,6 +33,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     # textual-image asks the terminal about graphics support; it must do so before Textual starts

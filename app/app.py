@@ -123,7 +123,7 @@ class ChatApp(App):
     def _model_ready(self, spec: str | None, engine: Engine) -> None:
         self.engine, self.model_spec = engine, spec
         self.caches.clear()
-        recent = [spec or engine.name] + [s for s in self.store.get_setting("recent_models", [])
+        recent = [spec or engine.name] + [s for s in self.store.get_strings("recent_models")
                                           if s != (spec or engine.name)]
         self.store.set_setting("recent_models", recent[:10])
         self.query_one(ModelStatus).show_ready(f"model: {engine.name}")
@@ -408,7 +408,7 @@ class ChatApp(App):
         self.push_screen(SettingsScreen(self.settings), done)
 
     def action_choose_model(self) -> None:
-        models = local_models(self.models_dir, self.store.get_setting("recent_models", []))
+        models = local_models(self.models_dir, self.store.get_strings("recent_models"))
 
         def done(spec: str | None) -> None:
             if spec:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -22,8 +22,21 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Settings:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        """Stored settings; a value of the wrong type or out of range keeps its default."""
+        bounds = {"temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0),
+                  "max_tokens": (int, 1, 100_000), "system_prompt": (str, None, None)}
+        kept = {}
+        for k, v in (d if isinstance(d, dict) else {}).items():
+            kind, lo, hi = bounds.get(k, (None, None, None))
+            if kind is None or isinstance(v, bool):
+                continue
+            if kind is str and isinstance(v, str):
+                kept[k] = v
+            elif kind is not str and isinstance(v, (int, float)) and (kind is float or
+                                                                      isinstance(v, int)):
+                if lo <= v <= hi:  # NaN fails too
+                    kept[k] = kind(v)
+        return cls(**kept)
 
     def to_dict(self) -> dict:
         return asdict(self)

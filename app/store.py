@@ -11,8 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mm1_mlx.errors import MM1Error
+
 DB_NAME = "chat.db"
 ENV_DATA_DIR = "MM1_CHAT_DATA_DIR"
+BUSY_TIMEOUT_S = 10.0  # wait this long for another writer before reporting "locked"
 
 # each entry upgrades the schema by one version; never edit a released one, append a new one
 MIGRATIONS = [
@@ -82,28 +85,65 @@ def file_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class StoreError(MM1Error):
+    """The data directory or database cannot be used (locked, read-only, not creatable)."""
+
+
+def damaged(e: sqlite3.DatabaseError) -> bool:
+    """A database that is really corrupt, as opposed to busy, locked or read-only."""
+    text = str(e).lower()
+    return isinstance(e, Damaged) or any(s in text for s in (
+        "not a database", "malformed", "corrupt", "file is encrypted"))
+
+
+class Damaged(sqlite3.DatabaseError):
+    pass
+
+
 class Store:
-    """One SQLite file plus an ``images/`` folder. ``recovered`` names a corrupted file moved aside."""
+    """One SQLite file plus an ``images/`` folder. ``recovered`` names a corrupted file moved aside.
+
+    A database locked by another writer is waited for (``BUSY_TIMEOUT_S``), then reported
+    (StoreError); only a damaged one (not a database, malformed, failing its integrity check) is
+    moved aside."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.dir = Path(directory) if directory is not None else data_dir()
         self.images_dir = self.dir / "images"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the chat data directory {self.images_dir}: "
+                             f"{e.strerror or e}") from None
+        if not os.access(self.dir, os.W_OK):
+            raise StoreError(f"the chat data directory {self.dir} is read-only; choose another "
+                             "with --data-dir")
         self.path = self.dir / DB_NAME
         self.recovered: Path | None = None
         try:
             self.db = self._open()
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as e:
+            if not damaged(e):
+                raise self._error(e) from None
             self.recovered = self._move_aside()
             self.db = self._open()
 
+    def _error(self, e: sqlite3.DatabaseError) -> StoreError:
+        text = str(e).lower()
+        if "locked" in text or "busy" in text:
+            return StoreError(f"the chat database {self.path} is locked by another program "
+                              f"(waited {BUSY_TIMEOUT_S:.0f} s); close it and try again")
+        return StoreError(f"cannot open the chat database {self.path}: {e}")
+
     # ---- schema ----
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
+                             isolation_level=None)
+        db.text_factory = lambda b: b.decode("utf-8", "replace")  # bytes another tool wrote
         try:
             db.execute("PRAGMA foreign_keys = ON")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("integrity check failed")
+                raise Damaged("integrity check failed")
             self._migrate(db)
         except sqlite3.DatabaseError:
             db.close()
@@ -204,8 +244,17 @@ class Store:
 
     # ---- settings ----
     def get_setting(self, key: str, default=None):
+        """The stored value, or ``default`` if absent or not valid JSON (a hand-edited row)."""
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        try:
+            return json.loads(row[0]) if row else default
+        except (ValueError, TypeError, RecursionError):
+            return default
+
+    def get_strings(self, key: str) -> list[str]:
+        """A stored list of strings (anything else in the row reads as empty)."""
+        value = self.get_setting(key, [])
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
     def set_setting(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, json.dumps(value)))

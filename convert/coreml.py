@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 
 import mm1_mlx  # binds OpenBLAS before mlx.core loads
+from mm1_mlx import cli_args
+from mm1_mlx.atomic import atomic_dir, check_output
 from mm1_mlx.errors import MM1Error, cli_errors
 
 PRECISIONS = ("float16", "float32")
@@ -163,25 +164,17 @@ def check_output_path(out: str) -> Path:
     return path
 
 
-def save_package(mlmodel, path: Path) -> None:
-    """Save to a temporary sibling, then swap it in: a failed save leaves no half package."""
-    path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mlpackage")
-    old = path.with_name(f".{path.stem}.{os.getpid()}.old.mlpackage")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+def save_package(mlmodel, path: Path, inputs=(), force: bool = False) -> None:
+    """Save to a temporary sibling, then swap it in (``atomic_dir``): a failed save leaves no
+    half package, an existing one is replaced only with ``force``."""
+    with atomic_dir(path, "mlpackage", inputs, force) as tmp:
+        tmp.rmdir()  # coremltools copies the package to a path that must not exist
         mlmodel.save(str(tmp))
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export(model_path: str | None, out: str, precision: str = "float16",
-           compression: str = "none", compute_units: str = "all", check: bool = True):
+           compression: str = "none", compute_units: str = "all", check: bool = True,
+           force: bool = False):
     """Export encoder + connector of ``model_path`` to ``out``; returns (MLModel, twin diff)."""
     import mlx.core as mx
 
@@ -200,6 +193,7 @@ def export(model_path: str | None, out: str, precision: str = "float16",
         raise MM1Error(f"unsupported connector {kind!r} for Core ML export; supported: "
                        f"{', '.join(TWIN_CONNECTORS)}")
     target = check_output_path(out)
+    check_output(target, "mlpackage", [path], force)  # before the slow export
     ct = import_coremltools()
     model, processor = checkpoint.load(str(path), lazy=True)  # decoder weights stay unread
     settings = processor.image
@@ -219,17 +213,18 @@ def export(model_path: str | None, out: str, precision: str = "float16",
     name = config.name if config.name != "mm1" else path.name
     describe(mlmodel, package_metadata(config, name, settings, precision, compression,
                                        compute_units, diff))
-    save_package(mlmodel, target)
+    save_package(mlmodel, target, [path], force)
     return mlmodel, diff
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli_args.ArgumentParser(
         prog="python -m convert.coreml",
         description="Export the image encoder + connector to a Core ML .mlpackage.")
     p.add_argument("--model", default=None,
                    help="checkpoint directory or bundled model name (default: mm1-tiny)")
     p.add_argument("--out", required=True, help="output path, ending in .mlpackage")
+    p.add_argument("--force", action="store_true", help="replace an existing package at --out")
     p.add_argument("--precision", choices=PRECISIONS, default="float16")
     p.add_argument("--compress", choices=COMPRESSIONS, default="none",
                    help="weight compression: int8 linear or 4-bit palettes (k-means)")
@@ -244,7 +239,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     _, diff = export(args.model, args.out, args.precision, args.compress, args.compute_units,
-                     check=not args.no_check)
+                     check=not args.no_check, force=args.force)
     checked = "" if args.no_check else f" (graph vs MLX: max |diff| {diff:.2g})"
     print(f"wrote {args.out}{checked}")
 

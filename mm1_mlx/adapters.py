@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .checkpoint import atomic_dir
+from . import atomic
 from .errors import MM1Error
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -85,13 +84,37 @@ def adapter_config(model: nn.Module, params: dict, train_connector: bool) -> dic
 
 
 def read_config(path: Path) -> dict:
+    """adapter_config.json, checked field by field (type and range)."""
+    f = path / CONFIG_FILE
     try:
-        with open(path / CONFIG_FILE) as f:
-            return json.load(f)
+        with open(f, encoding="utf-8") as fh:
+            config = json.load(fh)
     except FileNotFoundError:
         raise MM1Error(f"{path} is not an adapter directory (no {CONFIG_FILE})") from None
-    except json.JSONDecodeError as e:
-        raise MM1Error(f"bad {CONFIG_FILE} in {path}: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8
+        raise MM1Error(f"bad {CONFIG_FILE} in {path}: {str(e)[:200]}") from None
+    check_config(config, f)
+    return config
+
+
+def check_config(config, f: Path) -> None:
+    """The fields ``load_adapters`` uses: lora_parameters (rank, scale, dropout, keys,
+    num_layers), train_connector, base_model."""
+    from .validate import check_fields, need
+
+    need(isinstance(config, dict), f, "", config, "a JSON object")
+    params = config.get("lora_parameters")
+    need(isinstance(params, dict), f, "lora_parameters", params, "an object")
+    check_fields(params, f, "lora_parameters", {
+        "rank": (int, 1, 4096), "scale": (float, -1e6, 1e6), "dropout": (float, 0.0, 0.999),
+        "num_layers": (int, -1, 10**6), "keys": (list, None, None)})
+    need(all(isinstance(k, str) for k in params["keys"]) and params["keys"], f,
+         "lora_parameters.keys", params["keys"], "a non-empty list of module names")
+    need(params["num_layers"] != 0, f, "lora_parameters.num_layers", 0, "-1 (all) or >= 1")
+    need(isinstance(config.get("train_connector", False), bool), f, "train_connector",
+         config.get("train_connector"), "true or false")
+    need(isinstance(config.get("base_model") or {}, dict), f, "base_model",
+         config.get("base_model"), "an object")
 
 
 def check_base(model: nn.Module, config: dict, path: Path) -> None:
@@ -139,25 +162,13 @@ def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
 
 
 def recover(path: str | os.PathLike) -> bool:
-    """Restore the last complete save if a kill hit between the two renames of ``atomic_dir``
-    (the directory is gone and only its ``.NAME.old.PID`` copy remains). Leftover partial temporary
-    directories are removed. Returns True when something was restored."""
-    path = Path(path).expanduser().resolve()
-    if not path.parent.is_dir():
-        return False
-    restored = False
-    olds = sorted(path.parent.glob(f".{path.name}.old.*"), key=lambda p: p.stat().st_mtime)
-    if not path.exists() and olds and (olds[-1] / CONFIG_FILE).exists():
-        os.replace(olds.pop(), path)
-        restored = True
-    for stale in olds + list(path.parent.glob(f".{path.name}.*.tmp")):
-        shutil.rmtree(stale, ignore_errors=True)
-    return restored
+    """Restore the last complete save after a kill between the renames of a fallback swap
+    (see ``atomic.recover``); takes the output lock."""
+    with atomic.output_lock(path):
+        return atomic.recover(path)
 
 
-def save_dir(path: str | os.PathLike):
-    """``atomic_dir`` for an adapter directory, refusing to replace a directory of other files."""
-    p = Path(path).expanduser()
-    if p.is_dir() and any(p.iterdir()) and not (p / CONFIG_FILE).exists():
-        raise MM1Error(f"{p} exists and is not an adapter directory; choose another --adapter-path")
-    return atomic_dir(p)
+def save_dir(path: str | os.PathLike, inputs=(), force: bool = False):
+    """``atomic_dir`` for an adapter directory: a new path, an empty directory, or (with
+    ``force``) an adapter directory; never one of ``inputs``."""
+    return atomic.atomic_dir(path, "adapter", inputs, force, flag="--adapter-path")

@@ -4,29 +4,30 @@
 hub ids): ``formats/`` converts them once into a cache and they load from there.
 
 Load order (as mlx-lm): config -> model -> quantize by recorded predicate -> load_weights(strict).
-Saves are atomic: everything is written to a temporary sibling directory that is then renamed.
+Saves are atomic and never replace what the user has: see ``atomic.py`` (``atomic_dir`` lives
+there and is re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .atomic import atomic_dir, recover_if_interrupted
 from .config import ModelConfig
 from .errors import MM1Error
 from .materialize import materialize
 from .model import Model
 from .processor import Processor
+from .validate import check_dtypes, read_json
 
 DEFAULT_MODEL = "mm1-tiny"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -46,6 +47,7 @@ def resolve(path_or_repo: str | None = None, dtype: str | None = None, q_bits: i
     takes them, and later calls return the cached conversion."""
     name = path_or_repo or DEFAULT_MODEL
     local = Path(name).expanduser()
+    recover_if_interrupted(local)
     if local.is_dir():
         if not (local / "config.json").exists():
             raise MM1Error(f"{name} is not a model checkpoint (no config.json)")
@@ -88,11 +90,8 @@ def converted(name: str, src: Path, dtype: str | None = None, q_bits: int | None
 
 
 def read_config(path: Path) -> ModelConfig:
-    try:
-        with open(path / "config.json") as f:
-            return ModelConfig.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise MM1Error(f"bad config.json in {path}: {e}") from None
+    """config.json, every field checked by type and range before anything is built."""
+    return ModelConfig.from_dict(read_json(path / "config.json"), str(path / "config.json"))
 
 
 def read_weights(path: Path) -> dict:
@@ -115,12 +114,30 @@ def quantize_model(model: nn.Module, quantization: dict) -> None:
     apply_quantization(model, quantization)
 
 
+def check_size(config: ModelConfig, path: Path) -> None:
+    """Refuse a config that describes a model far larger than its weight files, before the
+    (lazy) model and its Python objects are built."""
+    tc, vc = config.text_config, config.vision_config
+    ffn = 3 * tc.hidden_size * max(tc.intermediate_size, tc.moe_intermediate_size) * \
+        max(1, tc.num_experts)
+    attn = tc.hidden_size * tc.head_dim * (tc.num_attention_heads + 2 * tc.num_key_value_heads)
+    n = tc.num_hidden_layers * (ffn // max(1, tc.num_experts and tc.moe_every) + 2 * attn)
+    n += vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size *
+                                 vc.intermediate_size)
+    on_disk = sum(os.path.getsize(f) for f in glob.glob(str(path / "model*.safetensors")))
+    if n > 16 * on_disk + (1 << 24):
+        raise MM1Error(f"{path / 'config.json'} describes a model of ~{n / 1e9:.3g} billion "
+                       f"weights but its weight files hold {on_disk / 1e6:.1f} MB; the config "
+                       "does not belong to these weights")
+
+
 def build(config: ModelConfig, weights: dict | None = None) -> Model:
     model = Model(config)
     if config.quantization:
         quantize_model(model, config.quantization)
     if weights is not None:
         weights = model.sanitize(weights)
+        check_dtypes(model, weights)
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
@@ -183,6 +200,9 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
         retain_freed_memory()
     path = resolve(path_or_repo, dtype, q_bits, q_group_size)
     config = read_config(path)
+    check_size(config, path)
+    processor = Processor.from_pretrained(str(path))
+    check_processor(config, processor, path)
     model = build(config, read_weights(path))
     if compute_dtype == "auto" and cpu and (config.quantization or fits_float32(model)):
         model.set_dtype(mx.float32)
@@ -194,30 +214,21 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
         nbytes = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
         materialize(model, cpu, progress, nbytes)
     model.eval()
-    return model, Processor.from_pretrained(str(path))
+    return model, processor
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
-    path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary dir
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def check_processor(config: ModelConfig, processor: Processor, path: Path) -> None:
+    """The image settings must fit the model: its image tokens, whole patches, its <image> id."""
+    where = path / "preprocessor_config.json"
+    if processor.num_image_tokens != config.num_image_tokens:
+        raise MM1Error(f"{where}: num_image_tokens = {processor.num_image_tokens}: must be the "
+                       f"model's {config.num_image_tokens}")
+    if processor.image.image_size % config.vision_config.patch_size:
+        raise MM1Error(f"{where}: image_size = {processor.image.image_size}: must be a multiple "
+                       f"of the encoder's patch size {config.vision_config.patch_size}")
+    if processor.image_token_id != config.image_token_id:
+        raise MM1Error(f"the tokenizer's {processor.image_token} id {processor.image_token_id} "
+                       f"is not config.json's image_token_id {config.image_token_id}")
 
 
 def save_weights(directory: Path, weights: dict, metadata: dict | None = None) -> None:
@@ -245,10 +256,12 @@ def save_weights(directory: Path, weights: dict, metadata: dict | None = None) -
 
 
 def save(model: Model, processor: Processor, path: str | os.PathLike,
-         extra_files: dict[str, str] | None = None) -> Path:
-    """Write a checkpoint directory atomically; ``extra_files`` maps names to existing files."""
+         extra_files: dict[str, str] | None = None, inputs=(), force: bool = False,
+         flag: str = "--out", allow_package: bool = False) -> Path:
+    """Write a checkpoint directory atomically; ``extra_files`` maps names to existing files.
+    ``path`` must be new or empty, or (with ``force``) a checkpoint; never one of ``inputs``."""
     weights = dict(tree_flatten(model.parameters()))
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, "checkpoint", inputs, force, flag, allow_package) as tmp:
         save_weights(tmp, weights)
         with open(tmp / "config.json", "w") as f:
             json.dump(model.config.to_dict(), f, indent=2)

@@ -12,7 +12,7 @@ import random
 import re
 import sys
 
-from . import data, redraw
+from . import cli_args, data, redraw
 from .errors import cli_errors
 
 SPLITS = {"test": "heldout-test", "valid": "heldout-valid"}
@@ -148,13 +148,13 @@ def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], s
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.eval",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.eval",
                                 description="Evaluate a model on held-out shapes-world questions.")
     p.add_argument("--model", default=None, help="checkpoint (default mm1-tiny)")
     p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
                    help="LoRA adapter directory")
     p.add_argument("--split", default="test", choices=sorted(SPLITS))
-    p.add_argument("--n", type=int, default=200, help="held-out images (6 questions each)")
+    p.add_argument("--n", type=cli_args.positive_int, default=200, help="held-out images (6 questions each)")
     p.add_argument("--new-concepts", action="store_true",
                    help="questions about the LoRA demo's teal/hexagon instead")
     p.add_argument("--drawing", default="ours", choices=sorted(DRAWINGS),

@@ -51,17 +51,30 @@ class BadRecord(ValueError):
     """One record that cannot be used (the message names what is wrong, not where)."""
 
 
+def _loads(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRecord(f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return BadRecord("JSON nested too deeply")
+
+
 def _records(path: Path):
     """Yield (line number, record dict or BadRecord) from a .json array or a .jsonl file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        for n, line in enumerate(text.splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if path.suffix == ".jsonl" or text is None or not text.lstrip().startswith("["):
+        for n, line in enumerate(raw.splitlines(), 1):  # a line that is not UTF-8 is one bad record
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, BadRecord(f"malformed JSON ({e.msg} at column {e.colno})")
+                yield n, _loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield n, BadRecord(f"not UTF-8 text (byte {e.start} of the line)")
         return
     # a JSON array: decode item by item so each record keeps its line number
     dec, i = json.JSONDecoder(), text.index("[") + 1
@@ -78,6 +91,9 @@ def _records(path: Path):
             rec, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             yield e.lineno, BadRecord(f"malformed JSON ({e.msg}); the rest of the file is skipped")
+            return
+        except RecursionError:
+            yield line, BadRecord("JSON nested too deeply; the rest of the file is skipped")
             return
         yield line, rec
 
@@ -145,6 +161,9 @@ def check_messages(msgs: list[dict], num_images: int) -> list[dict]:
     """Place missing <image> placeholders; insist on an assistant turn and matching counts."""
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise BadRecord("the conversation has no assistant turn to learn from")
+    first = next(m["role"] for m in msgs if m["role"] != "system")
+    if first != "user":
+        raise BadRecord("the first turn is the assistant's; a conversation starts with the user")
     n = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
     if n == 0 and num_images:
         first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
@@ -162,7 +181,7 @@ def read_samples(path: str | Path) -> tuple[list[Sample], list[str]]:
     """All usable samples of a data file, and one ``FILE:LINE: reason`` per unusable record."""
     path = Path(path)
     if not path.is_file():
-        raise MM1Error(f"data file not found: {path}")
+        raise MM1Error(f"data file not found (or not a regular file): {path}")
     samples, problems = [], []
     for line, rec in _records(path):
         where = f"{path}:{line}"

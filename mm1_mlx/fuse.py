@@ -14,20 +14,23 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import cli_args
 from .adapters import fuse_lora
-from .errors import MM1Error, cli_errors
+from .atomic import check_output
+from .errors import cli_errors
 
 
 def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool = False,
-         name: str | None = None, dtype: str = "float16", progress: bool = False) -> Path:
+         name: str | None = None, dtype: str = "float16", force: bool = False,
+         progress: bool = False) -> Path:
     """Load base + adapter, merge, save to ``out``; ``dtype`` is the float type of a
     de-quantized result (float32 for MoE models run on Linux CPU, whose gather_mm needs it)."""
     from .checkpoint import load, resolve, save
     from .quantize import dequantize_model, is_quantized
 
     src = resolve(model_path)
-    if Path(out).expanduser().resolve() == src.resolve():
-        raise MM1Error("--save-path must differ from --model")
+    inputs = [src, adapter_path]
+    check_output(out, "checkpoint", inputs, force, flag="--save-path")  # before the slow part
     model, processor = load(str(src), adapter_path=adapter_path, compute_dtype=None,
                             progress=progress)
     fuse_lora(model, dequantize=dequantize)
@@ -36,16 +39,17 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
     # a new name: the base's adapters must not load (and apply twice) on the fused model
     model.config.name = name or f"{model.config.name}+{Path(adapter_path).name}"
     mx.eval(model.parameters())
-    return save(model, processor, out)
+    return save(model, processor, out, inputs=inputs, force=force, flag="--save-path")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.fuse", description=__doc__.split("\n")[0])
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.fuse", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="base checkpoint (default mm1-tiny)")
     p.add_argument("--adapter-path", "--adapter", dest="adapter_path", required=True,
                    help="adapter directory from mm1_mlx.lora")
     p.add_argument("--save-path", "--out", dest="out", required=True,
                    help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --save-path")
     p.add_argument("--dequantize", action="store_true", help="write a float checkpoint")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="float dtype of a de-quantized result")
@@ -57,7 +61,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Path:
     args = setup_arg_parser().parse_args(argv)
     out = fuse(args.model, args.adapter_path, args.out, args.dequantize, args.name, args.dtype,
-               progress=True)
+               args.force, progress=True)
     print(f"saved {out}")
     return out
 

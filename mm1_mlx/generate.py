@@ -20,7 +20,9 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import cli_args
 from .errors import MM1Error, cli_errors
+from .processor import MAX_TILES
 
 # tokens per prefill chunk (mlx-lm's default): a 622-token LLaVA prompt in one chunk prefills in
 # 1.63 s against 1.78 s in two of 512 (every weight is read once per chunk)
@@ -128,6 +130,8 @@ def stream_generate(model, processor, prompt, images=(), *, system: str | None =
     ``prompt`` is text (``<image>`` marks where each image goes; images without a placeholder go
     first) or a list of chat messages. ``images`` are paths or PIL images.
     """
+    check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+                   model.config.text_config.vocab_size)
     if seed is not None:
         mx.random.seed(seed)
     t0 = time.perf_counter()
@@ -217,6 +221,21 @@ def stream_generate(model, processor, prompt, images=(), *, system: str | None =
                 ttft_ms, n, n / gen_s, _peak_gb(), finish)
 
 
+def check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+                   vocab_size: int) -> None:
+    """Sampling settings in range (a NaN temperature or a negative one would decode garbage)."""
+    ok = lambda v, lo, hi: isinstance(v, (int, float)) and lo <= v <= hi  # noqa: E731 (NaN fails)
+    for name, value, lo, hi in (("max_tokens", max_tokens, 1, 1 << 30),
+                                ("temperature", temperature, 0.0, 1e6), ("top_p", top_p, 0.0, 1.0),
+                                ("top_k", top_k, 0, vocab_size), ("min_p", min_p, 0.0, 1.0)):
+        if not ok(value, lo, hi) or (name in ("max_tokens", "top_k") and not isinstance(value, int)):
+            raise MM1Error(f"{name} must be between {lo} and {hi}, got {value}")
+    if repetition_penalty is not None and not ok(repetition_penalty, 1e-6, 1e6):
+        raise MM1Error(f"repetition_penalty must be a positive number, got {repetition_penalty}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise MM1Error(f"seed must be an integer between 0 and {2**32 - 1}, got {seed}")
+
+
 def generate(model, processor, prompt, images=(), **kwargs) -> str:
     """The whole reply as one string (same arguments as ``stream_generate``)."""
     return "".join(c.text for c in stream_generate(model, processor, prompt, images, **kwargs))
@@ -233,27 +252,29 @@ def str2bool(value: str) -> bool:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.generate",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.generate",
                                 description="Answer a prompt about images with an MM1 model.")
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
     p.add_argument("--image", nargs="+", action="extend", default=[], metavar="IMAGE",
                    help="image files or http(s) URLs, one or more (the flag may repeat)")
-    p.add_argument("--prompt", "-p", required=True, help="prompt text, or - to read it from stdin")
-    p.add_argument("--system-prompt", "--system", dest="system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temperature", "--temp", dest="temp", type=float, default=0.0,
-                   help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", "-p", required=True, type=cli_args.utf8_text,
+                   help="prompt text, or - to read it from stdin")
+    p.add_argument("--system-prompt", "--system", dest="system", default=None,
+                   type=cli_args.utf8_text, help="system prompt")
+    p.add_argument("--max-tokens", "-m", type=cli_args.positive_int, default=256)
+    p.add_argument("--temperature", "--temp", dest="temp", type=cli_args.non_negative_float,
+                   default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=cli_args.unit_interval, default=1.0)
+    p.add_argument("--top-k", type=cli_args.non_negative_int, default=0)
+    p.add_argument("--min-p", type=cli_args.unit_interval, default=0.0)
+    p.add_argument("--repetition-penalty", type=cli_args.positive_float, default=None)
+    p.add_argument("--seed", type=cli_args.seed, default=None)
     p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
                    help="LoRA adapter directory")
-    p.add_argument("--max-image-tiles", type=int, default=None,
+    p.add_argument("--max-image-tiles", type=cli_args.int_range(1, MAX_TILES), default=None,
                    help="high-resolution splitting: up to N tiles plus an overview (1 = off)")
-    p.add_argument("--max-pixels", type=int, default=None,
+    p.add_argument("--max-pixels", type=cli_args.positive_int, default=None,
                    help="refuse images larger than this many pixels (default 50M)")
     p.add_argument("--vision-backend", nargs="+", default=["mlx"], metavar="BACKEND",
                    help="mlx (default) or: coreml PATH.mlpackage (macOS)")
@@ -294,7 +315,7 @@ def print_stats(c: Chunk) -> None:
 @cli_errors
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = cli_args.read_stdin_text() if args.prompt == "-" else args.prompt
     if not prompt.strip() and not args.image:
         raise MM1Error("the prompt is empty")
     from .checkpoint import load

@@ -17,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import MM1Error
 
 DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb guard
+MAX_SIDE = 32_768  # longest side accepted
+MAX_ASPECT = 200  # long side / short side at most (as Qwen2-VL): resizes stay bounded
 FETCH_TIMEOUT_S = 10.0  # per connect / read, for http(s) images
 FETCH_MAX_BYTES = 20 << 20  # an image larger than this is refused before it is read whole
 FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -101,16 +103,28 @@ def fetch_image_bytes(url: str, timeout: float = FETCH_TIMEOUT_S,
     return data
 
 
+def check_size(w: int, h: int, name: str, max_pixels: int) -> None:
+    """Pixels, side length and aspect ratio within bounds, from the header, before decoding or
+    any resize or canvas is allocated."""
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has zero size: {name}")
+    if w * h > max_pixels:
+        raise ImageError(f"image too large: {name} is {w}x{h} = {w * h / 1e6:.1f} MP, "
+                         f"limit {max_pixels / 1e6:.0f} MP")
+    if max(w, h) > MAX_SIDE:
+        raise ImageError(f"image too large: {name} is {w}x{h}, a side is over {MAX_SIDE} pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"image too narrow: {name} is {w}x{h}, an aspect ratio over "
+                         f"{MAX_ASPECT}:1")
+
+
 def _open(source, name: str, max_pixels: int) -> Image.Image:
     """Open and decode ``source`` (a path or a file object) with the size guards."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"image too large: {name} is {w}x{h} = {w * h / 1e6:.1f} MP, "
-                                 f"limit {max_pixels / 1e6:.0f} MP")
+            check_size(*img.size, name, max_pixels)
             if img.format not in FORMATS:
                 raise ImageError(f"unsupported image format {img.format}: {name}")
             img.seek(0)  # GIF/WebP/TIFF: first frame
@@ -140,15 +154,12 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise ImageError(f"image not found: {path}")
         if os.path.isdir(path):
             raise ImageError(f"image path is a directory: {path}")
+        if not os.path.isfile(path):  # a FIFO or device would block or never end
+            raise ImageError(f"image path is not a regular file: {path}")
         if os.path.getsize(path) == 0:
             raise ImageError(f"image file is empty (0 bytes): {path}")
         img = _open(path, path, max_pixels)
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"image too large: {w}x{h} = {w * h / 1e6:.1f} MP, "
-                         f"limit {max_pixels / 1e6:.0f} MP")
-    if w == 0 or h == 0:
-        raise ImageError("image has zero size")
+    check_size(*img.size, "the image", max_pixels)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not stop us from using the pixels

@@ -22,12 +22,13 @@ gradients are averaged with ``mx.distributed`` and rank 0 alone writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import adapters, finetune_data
+from . import adapters, atomic, cli_args, finetune_data
 from .errors import MM1Error, cli_errors
+from .signals import sigterm_interrupts
 from .train import collate, prefetch
 
 STATE_FILE = "training_state.safetensors"
@@ -76,6 +78,7 @@ class TrainingArgs:
     steps_per_eval: int = 50
     val_batches: int = 8  # -1 = the whole validation set
     resume: bool = False
+    force: bool = False  # replace an existing adapter directory (start over)
     on_bad_data: str = "skip"  # skip | fail
     dtype: str = "float32"  # compute dtype of the float parameters (float32 is fastest on CPU)
     dequantize_base: bool = False  # compute with float copies of a quantized base (see --help)
@@ -96,24 +99,84 @@ class TrainingArgs:
             data = data / "train.jsonl"
         for name, f in (("data", data), ("valid", valid)):
             if f and not f.is_file():  # before the (slow) model load
-                raise MM1Error(f"--{name} file not found: {f}")
+                raise MM1Error(f"--{name} file not found (or not a regular file): {f}")
         return data, valid
 
     def check(self) -> None:
+        """Every setting's range, one line naming the flag / YAML key and what is allowed."""
         self.data_files()
-        for k in ("batch_size", "grad_accumulation", "rank", "save_every", "steps_per_eval"):
-            if getattr(self, k) < 1:
-                raise MM1Error(f"--{k.replace('_', '-')} must be at least 1")
-        if self.iters is not None and self.iters < 1:
-            raise MM1Error("--iters must be at least 1")
-        if not self.epochs > 0:
-            raise MM1Error(f"--epochs must be positive, got {self.epochs}")
+        for k, lo, hi in (("iters", 1, 10**9), ("batch_size", 1, 10**6),
+                          ("grad_accumulation", 1, 10**6), ("rank", 1, 4096),
+                          ("save_every", 1, 10**9), ("steps_per_eval", 1, 10**9),
+                          ("warmup", 0, 10**9), ("seed", 0, 2**32 - 1)):
+            if getattr(self, k) is not None:  # iters, warmup: None means derived
+                _in_range(k, getattr(self, k), lo, hi)
+        for k in ("learning_rate", "alpha", "epochs"):
+            if not 0 < getattr(self, k) < math.inf:
+                raise MM1Error(f"--{_flag(k)} must be a positive number, got {getattr(self, k)}")
+        for k in ("weight_decay", "max_grad_norm"):
+            if not 0 <= getattr(self, k) < math.inf:
+                raise MM1Error(f"--{_flag(k)} must be a number >= 0, got {getattr(self, k)}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise MM1Error(f"--lr-schedule takes cosine or constant, got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise MM1Error(f"--dtype takes float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.on_bad_data not in ("skip", "fail"):
+            raise MM1Error(f"--on-bad-data takes skip or fail, got {self.on_bad_data!r}")
         if not 0 <= self.dropout < 1:
             raise MM1Error(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.lora_layers != -1:
+            _in_range("lora_layers", self.lora_layers, 1, 10**6, " (or -1 for all)")
+        if self.val_batches != -1:
+            _in_range("val_batches", self.val_batches, 1, 10**9, " (or -1 for all)")
+        if self.max_length is not None:
+            _in_range("max_length", self.max_length, 2, 10**8)
+        if not self.adapter_path:
+            raise MM1Error("--adapter-path must not be empty")
+        if self.lora_keys is not None and not self.lora_keys:
+            raise MM1Error("lora_keys must list at least one module name")
+
+
+def _flag(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _in_range(key: str, value: int, lo: int, hi: int, extra: str = "") -> None:
+    if not lo <= value <= hi:
+        raise MM1Error(f"--{_flag(key)} must be between {lo} and {hi}{extra}, got {value}")
+
+
+def coerce(key: str, value, typ, where: str):
+    """A YAML value -> the type of the TrainingArgs field (YAML 1.1 reads ``1e-3`` as a string),
+    or an MM1Error naming the file, key, value and the type wanted."""
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), typ) if args else typ
+    base = typing.get_origin(base) or base
+    if value is None:
+        if optional:
+            return None
+        raise MM1Error(f"{where}: {key} is empty; it needs a {base.__name__}")
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of strings"}[base]
+    try:
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            f = float(value)
+            if f.is_integer() and abs(f) < 2**63:
+                return int(f)
+        if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            f = float(value)
+            if math.isfinite(f):
+                return f
+        if base is str and isinstance(value, str):
+            return value
+        if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    except (ValueError, OverflowError):
+        pass
+    raise MM1Error(f"{where}: {key} = {str(value)[:60]!r}: must be {want}")
 
     def schedule(self, samples: int) -> TrainingArgs:
         """These settings with the steps and warm-up fixed for ``samples`` training samples."""
@@ -236,11 +299,29 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
             saved.get("train_connector") != adapter_cfg["train_connector"]:
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
-    model.load_weights(list(mx.load(str(path / adapters.ADAPTERS_FILE)).items()), strict=False)
-    state = mx.load(str(path / STATE_FILE))
-    opt.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in state.items()
-                                if k.startswith("optimizer.")])
-    return json.loads((path / LOG_FILE).read_text())
+    damaged = "; start over with --force or use another --adapter-path"
+    try:
+        weights = mx.load(str(path / adapters.ADAPTERS_FILE))
+        model.load_weights(list(weights.items()), strict=False)
+        state = mx.load(str(path / STATE_FILE))
+        opt.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in state.items()
+                                    if k.startswith("optimizer.")])
+        log = json.loads((path / LOG_FILE).read_text(encoding="utf-8"))
+    except (ValueError, RuntimeError, OSError) as e:  # JSONDecodeError, UnicodeError are ValueErrors
+        raise MM1Error(f"--resume: cannot read the save in {path}: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{damaged}") from None
+    pairs = lambda v: isinstance(v, list) and all(  # noqa: E731
+        isinstance(p, list) and len(p) == 2 and all(_number(x) for x in p) for p in v)
+    if not (isinstance(log, dict) and isinstance(log.get("step"), int) and log["step"] >= 0
+            and all(pairs(log.get(k, [])) for k in ("train", "valid"))
+            and _number(log.get("seconds", 0))):
+        raise MM1Error(f"--resume: {path / LOG_FILE} is not a training log (step, train, valid)"
+                       + damaged)
+    return log
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def plot_losses(log: dict, path: Path) -> None:
@@ -321,17 +402,30 @@ ONE_HOST_NOTE = ("note: {n} processes on one machine: ring data parallel pays ac
 
 def train(args: TrainingArgs, quiet: bool = False) -> dict:
     """Fine-tune; returns the training log (losses, timing, peak memory, skipped records).
-    ``quiet`` hides the progress bar, never the skipped records or the schedule."""
+    ``quiet`` hides the progress bar, never the skipped records or the schedule.
+
+    Rank 0 holds the adapter path's lock for the whole run: a second run on it is refused."""
     args.check()
     group = mx.distributed.init()
-    rank, size = group.rank(), group.size()
-    if args.batch_size % size:
+    if args.batch_size % group.size():
         raise MM1Error(f"--batch-size {args.batch_size} must be a multiple of the "
-                       f"{size} processes")
+                       f"{group.size()} processes")
+    rank, size = group.rank(), group.size()
     if size > 1 and one_host(group) and rank == 0:  # every process takes part in the gather
         print(ONE_HOST_NOTE.format(n=size), file=sys.stderr)
+    claim = contextlib.nullcontext()
     if rank == 0:
-        adapters.save_dir(args.adapter_path)  # refuse a directory of other files before training
+        from .checkpoint import resolve
+
+        inputs = [resolve(args.model), args.data, args.valid]
+        claim = atomic.claim_output(args.adapter_path, "adapter", inputs,
+                                    force=args.resume or args.force, flag="--adapter-path")
+    with claim:
+        return run(args, group, quiet)
+
+
+def run(args: TrainingArgs, group, quiet: bool) -> dict:
+    rank, size = group.rank(), group.size()
     model, processor, params = setup_model(args)
     max_length = args.max_length or model.config.text_config.max_position_embeddings
     data, valid = args.data_files()
@@ -342,7 +436,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
     if valid:
         valid_ds, vproblems = finetune_data.load_dataset(valid, processor, max_length,
                                                          args.mask_prompt, args.on_bad_data, show)
-    if rank == 0:
+    if rank == 0:  # even when quiet (no progress bar): skipped data must never be silent
         report_problems(problems, "training")
         report_problems(vproblems, "validation")
     args = args.schedule(len(train_ds))
@@ -432,7 +526,7 @@ def train(args: TrainingArgs, quiet: bool = False) -> dict:
 
 # ---- command line ----
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.lora",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.lora",
                                 description="LoRA / QLoRA fine-tuning of an MM1 model.")
     p.add_argument("--config", "-c", default=None,
                    help="YAML file of TrainingArgs (flags override it)")
@@ -475,6 +569,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", type=int, help="validation batches (-1 = all; default 8)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction,
                    help="continue from the last complete save in --adapter-path")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction,
+                   help="replace an existing adapter directory (start over)")
     p.add_argument("--on-bad-data", choices=["skip", "fail"],
                    help="skip bad records and report them (default) or stop before training")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -497,47 +593,49 @@ def args_from(ns: argparse.Namespace) -> TrainingArgs:
     """TrainingArgs from defaults <- YAML config <- command-line flags."""
     values = {}
     if ns.config:
-        import yaml
-
-        try:
-            with open(ns.config) as f:
-                cfg = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise MM1Error(f"bad YAML in {ns.config}: {str(e).splitlines()[0]}") from None
-        if not isinstance(cfg, dict):
-            raise MM1Error(f"{ns.config} must hold a mapping of training settings")
-        known = {f.name for f in dataclasses.fields(TrainingArgs)}
-        for k, v in cfg.items():
-            key = str(k).replace("-", "_")
-            key = YAML_ALIASES.get(key, key)
-            if key == "train":  # mlx-lm's "train: true"; this tool always trains
-                continue
-            if key not in known:
-                raise MM1Error(f"unknown setting {k!r} in {ns.config}")
-            values[key] = v
+        values = read_yaml(ns.config)
     for f in dataclasses.fields(TrainingArgs):
         v = getattr(ns, f.name, None)
         if v is not None:
             values[f.name] = v
+    return TrainingArgs(**values)
+
+
+def read_yaml(path: str) -> dict:
+    """The YAML settings file, each value coerced to its TrainingArgs field's type."""
+    import yaml
+
     try:
-        return TrainingArgs(**values)
-    except TypeError as e:
-        raise MM1Error(f"bad training settings: {e}") from None
-
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # `kill` saves the finished steps like Ctrl-C does
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise MM1Error(f"bad YAML in {path}: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise MM1Error(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise MM1Error(f"{path} is nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise MM1Error(f"{path} must hold a mapping of training settings, not a "
+                       f"{type(cfg).__name__}")
+    types = typing.get_type_hints(TrainingArgs)
+    values = {}
+    for k, v in cfg.items():
+        key = str(k).replace("-", "_")
+        key = YAML_ALIASES.get(key, key)
+        if key == "train":  # mlx-lm's "train: true"; this tool always trains
+            continue
+        if key not in types:
+            raise MM1Error(f"{path}: unknown setting {str(k)[:60]!r}")
+        values[key] = coerce(str(k), v, types[key], path)
+    return values
 
 
 @cli_errors
 def main(argv=None) -> dict:
     ns = setup_arg_parser().parse_args(argv)
     args = args_from(ns)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    try:
+    with sigterm_interrupts():
         log = train(args, quiet=ns.quiet)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if mx.distributed.init().rank() == 0:
         last = log["train"][-1][1] if log["train"] else float("nan")
         val = f", validation loss {log['valid'][-1][1]:.4f}" if log["valid"] else ""

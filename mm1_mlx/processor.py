@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -12,9 +13,12 @@ from PIL import Image
 from .config import _FromDict
 from .errors import MM1Error
 from .images import DEFAULT_MAX_PIXELS, load_image, pixel_hash
+from .validate import is_int, is_number, need, read_json
 
 IMAGE_TOKEN = "<image>"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+MAX_TILES = 64  # high-resolution splitting: tiles per image at most
+PAD_CANVAS_SIDE = 4096  # a longer image is shrunk before padding (the canvas is side x side)
 
 
 @dataclass
@@ -26,6 +30,20 @@ class ImageSettings(_FromDict):
     pad_color: list | None = None  # pad colour (0-255); defaults to the mean
     max_image_tiles: int = 1  # high-resolution splitting: at most this many tiles (+ overview)
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    RULES: ClassVar[dict] = {"image_size": (1, 8192), "resize_mode": {"crop", "pad", "squash"},
+                             "max_image_tiles": (1, MAX_TILES), "max_pixels": (1, 1 << 31)}
+
+    def check(self, where: str = PREPROCESSOR_FILE, prefix: str = "") -> None:
+        super().check(where, prefix)
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            need(len(v) == 3 and all(is_number(x) for x in v), where, name, v, "three numbers")
+        need(all(x > 0 for x in self.image_std), where, "image_std", self.image_std,
+             "three positive numbers")
+        pc = self.pad_color
+        need(pc is None or (len(pc) == 3 and all(is_int(x) and 0 <= x <= 255 for x in pc)),
+             where, "pad_color", pc, "null or three integers 0-255")
 
 
 @dataclass
@@ -73,8 +91,12 @@ class Processor:
         pre = os.path.join(path, PREPROCESSOR_FILE)
         if not os.path.exists(pre):
             raise MM1Error(f"{path} has no {PREPROCESSOR_FILE}")
-        with open(pre) as f:
-            cfg = json.load(f)
+        cfg = read_json(pre)
+        settings = ImageSettings.from_dict(cfg, pre)
+        settings.check(pre)
+        tokens, token = cfg.get("num_image_tokens"), cfg.get("image_token", IMAGE_TOKEN)
+        need(is_int(tokens) and tokens >= 1, pre, "num_image_tokens", tokens, "a positive integer")
+        need(isinstance(token, str) and token, pre, "image_token", token, "a non-empty string")
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
@@ -85,8 +107,18 @@ class Processor:
             raise MM1Error(f"cannot load the tokenizer in {path}: {e}".splitlines()[0]) from None
         finally:
             hf_logging.set_verbosity(level)
-        return cls(tok, ImageSettings.from_dict(cfg), cfg["num_image_tokens"],
-                   cfg.get("image_token", IMAGE_TOKEN))
+        processor = cls(tok, settings, tokens, token)
+        processor.check_template(path)
+        return processor
+
+    def check_template(self, path: str) -> None:
+        """Render a one-turn conversation: a broken chat template fails here, naming its file."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return
+        try:
+            self.apply_chat_template([{"role": "user", "content": "hi"}])
+        except MM1Error as e:
+            raise MM1Error(f"{path}: {e}") from None
 
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)
@@ -105,6 +137,10 @@ class Processor:
         w, h = img.size
         mode = self.image.resize_mode
         if mode == "pad" and w != h:
+            if max(w, h) > PAD_CANVAS_SIDE:  # bound the canvas: shrink first (keeps the aspect)
+                s = PAD_CANVAS_SIDE / max(w, h)
+                img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+                w, h = img.size
             side = max(w, h)
             color = self.image.pad_color or [int(round(m * 255)) for m in self.image.image_mean]
             canvas = Image.new("RGB", (side, side), tuple(color))
@@ -125,8 +161,8 @@ class Processor:
         img = load_image(source, self.image.max_pixels)
         size = self.image.image_size
         max_tiles = self.image.max_image_tiles if max_tiles is None else max_tiles
-        if max_tiles < 1:
-            raise MM1Error(f"max image tiles must be at least 1, got {max_tiles}")
+        if not 1 <= max_tiles <= MAX_TILES:
+            raise MM1Error(f"max image tiles must be between 1 and {MAX_TILES}, got {max_tiles}")
         subs = []
         cols, rows = best_grid(*img.size, size, max_tiles) if max_tiles > 1 else (1, 1)
         if cols * rows > 1:
@@ -156,8 +192,15 @@ class Processor:
             if "'type'" in template or '"type"' in template:  # templates over content parts
                 messages = [dict(m, content=self.content_parts(m["content"]))
                             if isinstance(m["content"], str) else m for m in messages]
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            except Exception as e:  # jinja2 errors, raise_exception(), empty conversations
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise MM1Error(f"the chat template fails: {msg[:200]}") from None
+            if not isinstance(text, str):
+                raise MM1Error("the chat template does not render text")
+            return text
         text = "".join(f"{m['role'].upper()}: {m['content']}\n" for m in messages)
         return text + ("ASSISTANT:" if add_generation_prompt else "")
 

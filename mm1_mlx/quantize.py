@@ -32,6 +32,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from . import cli_args
+from .atomic import check_output
 from .cpu import Linear
 from .errors import MM1Error, cli_errors
 
@@ -330,11 +332,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.quantize",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.quantize",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="input checkpoint (directory or bundled name)")
     p.add_argument("--mlx-path", "--out", dest="out", required=True,
-                   help="output checkpoint directory")
+                   help="output checkpoint directory (new, or a checkpoint replaced with --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --mlx-path")
     p.add_argument("-q", "--quantize", action="store_true",
                    help="accepted for mlx-lm's convert habit (this tool always quantizes)")
     p.add_argument("--q-bits", "--bits", dest="bits", type=int, default=4, choices=[4, 8])
@@ -350,10 +353,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true",
                    help="skip the KL and accuracy measurements (on by default; they take most "
                         "of the time)")
-    p.add_argument("--eval-prompts", type=int, default=16, help="conversations for the KL")
-    p.add_argument("--eval-n", type=int, default=50,
+    p.add_argument("--eval-prompts", type=cli_args.positive_int, default=16,
+                   help="conversations for the KL")
+    p.add_argument("--eval-n", type=cli_args.positive_int, default=50,
                    help="held-out images (5 questions each) for the accuracy eval")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli_args.seed, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -365,8 +369,7 @@ def main(argv=None) -> dict:
     from .materialize import materialize
 
     src = resolve(args.model)
-    if Path(args.out).expanduser().resolve() == src.resolve():
-        raise MM1Error("--mlx-path must differ from --model")
+    check_output(args.out, "checkpoint", [src], args.force, flag="--mlx-path")  # before the slow part
     quantized = bool(read_config(src).quantization)
     group_size = args.group_size or (32 if args.mode == "mxfp4" else 64)
     if args.dequantize and not quantized:
@@ -405,7 +408,7 @@ def main(argv=None) -> dict:
         else:
             report.update(quality(model, processor, inputs, ref, acc_float, args.eval_n,
                                   args.seed, progress))
-    out = save(model, processor, args.out)
+    out = save(model, processor, args.out, inputs=[src], force=args.force, flag="--mlx-path")
     dec_bytes, dec_n = weight_stats(model, DECODER)
     report.update(
         size_before=disk_size(src), size_after=disk_size(out),
@@ -416,7 +419,7 @@ def main(argv=None) -> dict:
         decoder_fraction_of_float16=dec_bytes / (2 * dec_n),
         seconds=round(time.time() - t0, 1),
     )
-    report["size_ratio"] = report["size_after"] / report["size_before"]
+    report["size_ratio"] = report["size_after"] / max(1, report["size_before"])
     write_atomic(out / "quantization_report.json", json.dumps(report, indent=2) + "\n")
     md = report_markdown(report)
     write_atomic(out / "quantization_report.md", md)

@@ -35,8 +35,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from . import data
-from .checkpoint import WEIGHTS_DIR, atomic_dir, save
+from . import cli_args, data
+from .atomic import atomic_dir, check_output, claim_output
+from .checkpoint import WEIGHTS_DIR, save
 from .config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from .connector import grid_side
 from .errors import MM1Error, cli_errors
@@ -226,7 +227,7 @@ def schedule(recipe: Recipe, stage: str, total: int):
 # ---- state ----
 def save_state(run: Path, model: Model, opt, stage: str, step: int, losses: list,
                head: nn.Module | None = None) -> None:
-    with atomic_dir(run / "state") as tmp:
+    with atomic_dir(run / "state", "train-state", force=True) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         if head is not None:
             mx.save_safetensors(str(tmp / "head.safetensors"), dict(tree_flatten(head.parameters())))
@@ -241,12 +242,19 @@ def load_state(run: Path, model: Model, head: nn.Module | None = None
     state = run / "state"
     if not (state / "progress.json").exists():
         return STAGES[0], 0, [], None
-    model.load_weights(str(state / "model.safetensors"))
-    if head is not None and (state / "head.safetensors").exists():
-        head.load_weights(str(state / "head.safetensors"))
-    opt_state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
-    p = json.loads((state / "progress.json").read_text())
-    return p["stage"], p["step"], [tuple(x) for x in p["losses"]], opt_state
+    try:
+        model.load_weights(str(state / "model.safetensors"))
+        if head is not None and (state / "head.safetensors").exists():
+            head.load_weights(str(state / "head.safetensors"))
+        opt_state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
+        p = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+        stage, step, losses = p["stage"], p["step"], [tuple(x) for x in p["losses"]]
+        if stage not in STAGES or not isinstance(step, int) or step < 0:
+            raise ValueError(f"progress.json has stage {stage!r}, step {step!r}")
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+        raise MM1Error(f"cannot resume from {state}: {str(e).splitlines()[0][:200]}; move it "
+                       "away or use another --run-dir") from None
+    return stage, step, losses, opt_state
 
 
 def plot_losses(losses: list, path: Path, title: str) -> None:
@@ -278,7 +286,7 @@ def setup_processor(run: Path, recipe: Recipe) -> Processor:
     if not (tok_dir / "tokenizer.json").exists():
         texts = data.corpus_text(random.Random(f"{recipe.seed}:tokenizer"), recipe.tokenizer_corpus)
         tok = train_tokenizer(texts, recipe.vocab_size)
-        with atomic_dir(tok_dir) as tmp:
+        with atomic_dir(tok_dir, "tokenizer", force=True) as tmp:
             tok.save_pretrained(str(tmp))
     from transformers import AutoTokenizer
 
@@ -288,9 +296,22 @@ def setup_processor(run: Path, recipe: Recipe) -> Processor:
 
 def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = None,
           quiet: bool = False, max_steps: int | None = None,
-          stop: Callable[[], bool] | None = None) -> tuple[Model, Processor, list]:
+          stop: Callable[[], bool] | None = None, force: bool = False
+          ) -> tuple[Model, Processor, list]:
     """Run (or resume) the recipe in ``run``; ``max_steps`` stops this call early, and so does
-    ``stop()`` turning true (checked after every step, which is then saved); both resume."""
+    ``stop()`` turning true (checked after every step, which is then saved); both resume.
+
+    ``run`` must be new, empty or a run directory (it is locked while training); ``out`` is
+    replaced only with ``force`` or when it is the run's own ``model``."""
+    with claim_output(run, "run", force=True, flag="--run-dir"):
+        if out is not None:
+            check_output(out, "checkpoint", force=force or Path(out) == run / "model")
+        return _train(recipe, run, save_every, out, quiet, max_steps, stop, force)
+
+
+def _train(recipe: Recipe, run: Path, save_every: int, out: Path | None, quiet: bool,
+           max_steps: int | None, stop: Callable[[], bool] | None, force: bool
+           ) -> tuple[Model, Processor, list]:
     mx.random.seed(recipe.seed)
     run.mkdir(parents=True, exist_ok=True)
     processor = setup_processor(run, recipe)
@@ -360,25 +381,27 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
     model.unfreeze()
     model.eval()
     if out is not None and not stopped:
-        save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")})
+        save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")},
+             force=force or Path(out) == run / "model")
     return model, processor, losses
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mm1_mlx.train",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.train",
                                 description="Train an MM1-style model on shapes world.")
     p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
     p.add_argument("--run-dir", default=None, help="state and logs (default runs/RECIPE)")
     p.add_argument("--out", default=None, help="final checkpoint (default RUN_DIR/model)")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--install", action="store_true",
                    help="also install the result as a bundled model in the package")
-    p.add_argument("--pretrain-steps", type=int)
-    p.add_argument("--sft-steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--pretrain-steps", type=cli_args.non_negative_int)
+    p.add_argument("--sft-steps", type=cli_args.non_negative_int)
+    p.add_argument("--batch-size", type=cli_args.positive_int)
     p.add_argument("--mix", default=None,
                    help="interleaved,captions,text-only fractions (default 0.45,0.45,0.10)")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=cli_args.positive_int, default=100)
+    p.add_argument("--seed", type=cli_args.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -418,7 +441,8 @@ def main(argv=None):
     stop = StopRequest()
     previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(recipe, run, args.save_every, out, quiet=args.quiet, stop=lambda: stop.asked)
+        train(recipe, run, args.save_every, out, quiet=args.quiet, stop=lambda: stop.asked,
+              force=args.force)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -427,7 +451,7 @@ def main(argv=None):
     print(f"saved {out} in {(time.perf_counter() - t) / 60:.1f} min")
     if args.install:
         dst = WEIGHTS_DIR / recipe.name
-        with atomic_dir(dst) as tmp:
+        with atomic_dir(dst, "checkpoint", force=True, allow_package=True) as tmp:
             shutil.copytree(out, tmp, dirs_exist_ok=True)
         print(f"installed as {dst}")
 

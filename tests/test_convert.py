@@ -273,3 +273,34 @@ def test_quantize(tmp_path, llava_dir, capsys):
     assert "language_model.model.layers.0.self_attn.q_proj" in q["modules"]
     assert not any(k.startswith("vision_tower.") for k in q["modules"])
     np.testing.assert_allclose(np.array(qm(ids)), np.array(ref(ids)), atol=2e-2)
+
+
+def test_hostile_sources_and_values(tmp_path, llava_dir, parts, capsys):
+    """Integer / bool / complex weights, a broken LLaVA config (reported as a config, not as a
+    tokenizer problem), values the converted config cannot hold, outputs over the inputs."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in llava_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(llava_dir / "model.safetensors")
+    for dtype in (torch.int32, torch.bool, torch.complex64):
+        w = dict(sd, **{"language_model.model.norm.weight":
+                        sd["language_model.model.norm.weight"].to(dtype)})
+        save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+        assert_fails(["--hf-path", str(bad)], capsys, tmp_path / "out", "norm.weight",
+                     "floating")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((llava_dir / "config.json").read_text())
+    for text_config in ("x", {"model_type": "llama"}, dict(cfg["text_config"],
+                                                           num_attention_heads=0)):
+        (bad / "config.json").write_text(json.dumps(dict(cfg, text_config=text_config)))
+        line = assert_fails(["--hf-path", str(bad)], capsys, tmp_path / "out", "config")
+        assert "tokenizer" not in line
+    path, _ = parts
+    src = ["--vision", str(path / "vision"), "--text", str(path / "text")]
+    assert_fails([*src, "--image-tokens", "5"], capsys, tmp_path / "out", "square")
+    assert_fails([*src, "--feature-layer", "99"], capsys, tmp_path / "out", "feature_layer")
+    before = sorted(p.name for p in (path / "text").iterdir())
+    code, err = run_cli([*src, "--mlx-path", str(path / "text")], capsys)
+    assert code == 2 and "input" in err and sorted(p.name for p in (path / "text").iterdir()) \
+        == before

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from PIL import Image
 
-from mm1_mlx import adapters, checkpoint, finetune_data, lora
+from mm1_mlx import adapters, atomic, checkpoint, finetune_data, lora
 from mm1_mlx.errors import MM1Error
 
 COLORS = {"red": (230, 20, 20), "blue": (20, 40, 230), "green": (20, 170, 40),
@@ -284,7 +284,8 @@ def test_crash_inside_a_save_keeps_the_last_complete_one(tmp_path, monkeypatch, 
 def test_kill_between_the_renames_of_a_save(tmp_path, monkeypatch, tiny_checkpoint, data,
                                             uninterrupted):
     out = tmp_path / "ad"
-    real_replace, calls = checkpoint.os.replace, []
+    real_replace, calls = atomic.os.replace, []
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # the two-rename fallback
 
     def killed_after_second_rename(src, dst):
         calls.append(dst)
@@ -293,10 +294,10 @@ def test_kill_between_the_renames_of_a_save(tmp_path, monkeypatch, tiny_checkpoi
         if len(calls) >= 2:  # ...and then the kill: no later rename happens
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed_after_second_rename)
+    monkeypatch.setattr(atomic.os, "replace", killed_after_second_rename)
     with pytest.raises(KeyboardInterrupt):
         lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert not out.exists() and list(tmp_path.glob(".ad.old.*"))
     assert adapters.recover(out)
     assert json.loads((out / "training_log.json").read_text())["step"] == 3

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
 from ..materialize import materialize
 from ..model import Model
+from ..validate import check_dtypes
 from . import configs, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
@@ -47,7 +49,18 @@ def model_config_json(path: Path) -> dict:
     cfg = read_json(path, "config.json")
     if cfg is None:
         raise MM1Error(f"{path} has no config.json")
+    if not isinstance(cfg, dict):
+        raise MM1Error(f"{path / 'config.json'} holds a {type(cfg).__name__}, not an object")
     return cfg
+
+
+def parsed(fn, path: Path, *args):
+    """``fn(*args)`` on a source's config dicts; a missing or mistyped field -> one line."""
+    try:
+        return fn(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
+        raise MM1Error(f"bad config.json in {path}: {what}") from None
 
 
 def llava_source(path: Path) -> Source:
@@ -55,13 +68,14 @@ def llava_source(path: Path) -> Source:
     if cfg.get("model_type") != "llava":
         raise MM1Error(f"--hf-path expects a LLaVA model (model_type 'llava'), {path} is "
                        f"{cfg.get('model_type')!r}; build other models with --vision and --text")
+    parsed(configs.llava_config, path, cfg, 0).check(str(path / "config.json"))  # before the tokenizer
     tok = preprocess.load_tokenizer(path)
     tok_id = preprocess.image_token_id(tok)
     cfg_id = cfg.get("image_token_index", cfg.get("image_token_id"))
     if cfg_id is not None and cfg_id != tok_id:
         raise MM1Error(f"the model's image_token_index {cfg_id} is not the tokenizer's <image> "
                        f"id {tok_id}")
-    config = configs.llava_config(cfg, tok_id)
+    config = parsed(configs.llava_config, path, cfg, tok_id)
     settings = preprocess.image_settings(path, config.vision_config)
     return Source(read_weights(path), model=config, tokenizer=tok, image_settings=settings,
                   dtype=source_dtype(cfg))
@@ -70,7 +84,7 @@ def llava_source(path: Path) -> Source:
 def vision_source(path: Path, feature_layer: int) -> Source:
     oc = read_json(path, "open_clip_config.json") if path.is_dir() else None
     if oc is not None:
-        vc = configs.openclip_vision_config(oc)
+        vc = parsed(configs.openclip_vision_config, path, oc)
         files = sorted(glob.glob(str(path / "open_clip*.safetensors"))) or sorted(
             glob.glob(str(path / "open_clip*.bin")))
         raw = {}
@@ -79,7 +93,7 @@ def vision_source(path: Path, feature_layer: int) -> Source:
         dtype = None
     else:
         cfg = model_config_json(path)
-        vc = configs.hf_vision_config(cfg)
+        vc = parsed(configs.hf_vision_config, path, cfg)
         raw, dtype = read_weights(path), source_dtype(cfg)
     vc.feature_layer = feature_layer
     return Source({"vision_tower." + k: v for k, v in raw.items()}, vision=vc,
@@ -88,11 +102,13 @@ def vision_source(path: Path, feature_layer: int) -> Source:
 
 def text_source(path: Path) -> Source:
     cfg = model_config_json(path)
+    text = parsed(configs.text_config, path, cfg)
+    text.check(str(path / "config.json"), "")
     raw = read_weights(path)
     # a bare decoder (LlamaModel) has no "model." prefix
     prefix = "language_model." if any(k.startswith("model.") for k in raw) else \
         "language_model.model."
-    return Source({prefix + k: v for k, v in raw.items()}, text=configs.text_config(cfg),
+    return Source({prefix + k: v for k, v in raw.items()}, text=text,
                   tokenizer=preprocess.load_tokenizer(path), dtype=source_dtype(cfg))
 
 
@@ -112,6 +128,14 @@ def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                            hidden_size=hidden or vision.hidden_size,
                            num_heads=vision.num_attention_heads,
                            hidden_act="gelu" if kind == "mlp" else "silu")
+
+
+def check_config(config: ModelConfig) -> None:
+    """Types, ranges, consistency, before any model is built from it (the vocabulary as it will
+    be, with ``<image>`` added)."""
+    grown = copy.deepcopy(config)
+    grown.text_config.vocab_size = max(config.text_config.vocab_size, config.image_token_id + 1)
+    grown.check("the converted config")
 
 
 def assemble(hf_path: str | None = None, vision: str | None = None,
@@ -146,6 +170,7 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
     if upcycle and config.text_config.num_experts:
         raise MM1Error("--upcycle-experts needs a dense decoder, this one is already MoE")
 
+    check_config(config)
     weights = convert_weights(raw, config, allow_missing=fresh)
     del raw
     if config.image_token_id >= config.text_config.vocab_size:
@@ -156,6 +181,7 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
                                                       moe_every, top_k, seed)
     weights = convert_weights(weights, config, allow_missing=fresh)  # idempotent: re-checks
 
+    config.check("the converted config")
     mx.random.seed(seed)
     try:
         model = Model(config)
@@ -171,6 +197,7 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
         v = weights[k]
         weights[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
         mx.eval(weights[k])
+    check_dtypes(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if q_bits:  # the decoder; records config.quantization (per-module) for loading

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MM1Error
+from ..validate import read_json as read_json_file
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.jinja", "*.model", "*.txt",
                 "*.tiktoken"]
@@ -37,11 +37,7 @@ def read_json(path: Path, name: str) -> dict | None:
     f = path / name
     if not f.exists():
         return None
-    try:
-        with open(f) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise MM1Error(f"bad JSON in {f}: {e}") from None
+    return read_json_file(f)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -88,19 +84,43 @@ def _torch_to_mx(t) -> mx.array:
     return mx.array(np.ascontiguousarray(t.numpy()))
 
 
+def _is_pickle(f: Path) -> bool:
+    """Whether ``f`` is a zip (torch's format) or parses as a pickle stream (random bytes do not):
+    tells a refused pickle from a corrupt file."""
+    import pickletools
+
+    data = f.read_bytes()[:64 << 20]
+    if data.startswith(b"PK"):
+        return True
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:
+        return False
+    return True
+
+
 def _read_pickle(f: Path) -> dict:
     """A PyTorch pickle, loaded with weights_only=True: a file that would run code is refused."""
     torch = _import_torch()
 
+    if not f.is_file():
+        raise MM1Error(f"{f} is not a regular file")
+    if f.stat().st_size == 0:
+        raise MM1Error(f"{f} is empty (0 bytes), not a PyTorch weights file")
     try:
         obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise MM1Error(f"refusing to load {f}: it is not a plain weights file and unpickling it "
-                       f"could run code ({first[:160]})") from None
+    except pickle.UnpicklingError:
+        if _is_pickle(f):
+            raise MM1Error(f"refusing to load {f}: it is not a plain weights file and unpickling "
+                           f"it could run code") from None
+        raise MM1Error(f"{f} is not a PyTorch weights file (corrupt, truncated or not a "
+                       "pickle)") from None
+    except EOFError:
+        raise MM1Error(f"{f} is truncated: not a complete PyTorch weights file") from None
     except Exception as e:
-        raise MM1Error(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e)}") \
-            from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MM1Error(f"cannot read {f} as PyTorch weights: {msg[:160]}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
