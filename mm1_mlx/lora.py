@@ -136,6 +136,13 @@ class TrainingArgs:
         if self.lora_keys is not None and not self.lora_keys:
             raise MM1Error("lora_keys must list at least one module name")
 
+    def schedule(self, samples: int) -> TrainingArgs:
+        """These settings with the steps and warm-up fixed for ``samples`` training samples."""
+        iters = self.iters or max(1, min(MAX_DEFAULT_ITERS,
+                                         math.ceil(self.epochs * samples / self.batch_size)))
+        warmup = self.warmup if self.warmup is not None else round(0.05 * iters)
+        return dataclasses.replace(self, iters=iters, warmup=min(warmup, iters - 1))
+
 
 def _flag(key: str) -> str:
     return key.replace("_", "-")
@@ -177,13 +184,6 @@ def coerce(key: str, value, typ, where: str):
     except (ValueError, OverflowError):
         pass
     raise MM1Error(f"{where}: {key} = {str(value)[:60]!r}: must be {want}")
-
-    def schedule(self, samples: int) -> TrainingArgs:
-        """These settings with the steps and warm-up fixed for ``samples`` training samples."""
-        iters = self.iters or max(1, min(MAX_DEFAULT_ITERS,
-                                         math.ceil(self.epochs * samples / self.batch_size)))
-        warmup = self.warmup if self.warmup is not None else round(0.05 * iters)
-        return dataclasses.replace(self, iters=iters, warmup=min(warmup, iters - 1))
 
 
 # ---- model ----
