@@ -13,9 +13,10 @@ from tqdm import tqdm
 from mm1_mlx.checkpoint import save
 from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
+from mm1_mlx.formats import honeybee
 from mm1_mlx.model import Model
 
-from . import configs, preprocess
+from . import configs, families, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
 
@@ -67,6 +68,14 @@ def llava_source(path: Path) -> Source:
                   dtype=source_dtype(cfg))
 
 
+def hf_source(path: Path) -> Source:
+    """A whole model: Honeybee's layout, else LLaVA's."""
+    cfg = model_config_json(path)
+    if honeybee.is_honeybee(cfg):
+        return Source(**families.honeybee_source(path, cfg))
+    return llava_source(path)
+
+
 def vision_source(path: Path, feature_layer: int) -> Source:
     oc = read_json(path, "open_clip_config.json") if path.is_dir() else None
     if oc is not None:
@@ -108,10 +117,13 @@ def pad_vocab(weights: dict, size: int) -> dict:
 
 def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                      hidden: int | None) -> ConnectorConfig:
+    # a fresh c-abstractor is Honeybee's (MM1's): depthwise 3x3, LayerNorm2d eps 1e-5, pos_emb
+    honeybee_blocks = dict(group_size=1, layer_norm_eps=1e-5, pos_emb=True) \
+        if kind == "c-abstractor" else {}
     return ConnectorConfig(type=kind, num_image_tokens=image_tokens,
                            hidden_size=hidden or vision.hidden_size,
                            num_heads=vision.num_attention_heads,
-                           hidden_act="gelu" if kind == "mlp" else "silu")
+                           hidden_act="gelu" if kind == "mlp" else "silu", **honeybee_blocks)
 
 
 def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None,
@@ -121,7 +133,7 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
             upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
     """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts."""
     if hf_path:
-        src = llava_source(resolve(hf_path))
+        src = hf_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
             src.image_settings, ()
         dtype = dtype or src.dtype

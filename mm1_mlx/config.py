@@ -61,6 +61,13 @@ class ConnectorConfig(_FromDict):
     hidden_act: str = "silu"  # readout activation (gelu for LLaVA's mlp projector)
     bias: bool = True
     output_norm: bool = False  # LayerNorm on the image tokens (keeps them at the text's scale)
+    # c-abstractor blocks, named as in timm's RegNet Bottleneck and Honeybee's projector config;
+    # the defaults are the shipped models' (Honeybee: group_size 1, layer_norm_eps 1e-5, pos_emb)
+    group_size: int = 0  # channels per group of the 3x3 conv (1 = depthwise); 0 = one dense conv
+    se_ratio: float = 0.25  # squeeze-excite width, a fraction of the block's input channels
+    layer_norm_eps: float = 1e-6  # the blocks' LayerNorm2d
+    pos_emb: bool = False  # a learned position embedding added to the patch features
+    prenorm: bool = False  # LayerNorm on the patch features first
 
 
 @dataclass

@@ -24,7 +24,8 @@ class Model(nn.Module):
         self.config = config
         self.vision_tower = VisionModel(config.vision_config)
         self.connector = build_connector(
-            config.connector_config, config.vision_config.hidden_size, config.text_config.hidden_size
+            config.connector_config, config.vision_config.hidden_size,
+            config.text_config.hidden_size, config.vision_config.num_patches,
         )
         self.language_model = LanguageModel(config.text_config)
 

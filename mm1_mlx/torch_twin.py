@@ -158,10 +158,10 @@ class AdaptivePool(tnn.Module):
 
 
 class ConvNorm(tnn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int, groups: int = 1):
+    def __init__(self, cin: int, cout: int, kernel: int, eps: float, groups: int = 1):
         super().__init__()
         self.conv = tnn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
-        self.norm = tnn.LayerNorm(cout, eps=1e-6)
+        self.norm = tnn.LayerNorm(cout, eps=eps)
 
     def forward(self, x):
         return layer_norm_2d(self.norm, self.conv(x))
@@ -179,13 +179,15 @@ class SqueezeExcite(tnn.Module):
 
 
 class ResBlock(tnn.Module):
-    def __init__(self, cin: int, cout: int, groups: int = 1):
+    def __init__(self, cin: int, cout: int, config: ConnectorConfig):
         super().__init__()
-        self.conv1 = ConvNorm(cin, cout, 1)
-        self.conv2 = ConvNorm(cout, cout, 3, groups=groups)
-        self.se = SqueezeExcite(cout, max(1, cin // 4))
-        self.conv3 = ConvNorm(cout, cout, 1)
-        self.shortcut = ConvNorm(cin, cout, 1) if cin != cout else None
+        eps = config.layer_norm_eps
+        groups = cout // config.group_size if config.group_size else 1
+        self.conv1 = ConvNorm(cin, cout, 1, eps)
+        self.conv2 = ConvNorm(cout, cout, 3, eps, groups)
+        self.se = SqueezeExcite(cout, int(round(cin * config.se_ratio)))
+        self.conv3 = ConvNorm(cout, cout, 1, eps)
+        self.shortcut = ConvNorm(cin, cout, 1, eps) if cin != cout else None
 
     def forward(self, x):
         h = F.silu(self.conv1(x))
@@ -216,19 +218,25 @@ def to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class CAbstractor(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.grid = grid
-        C = config.hidden_size
+        C = config.hidden_size if config.depth else vision_dims
+        self.prenorm = tnn.LayerNorm(vision_dims, eps=1e-6) if config.prenorm else None
+        self.pos_emb = tnn.Parameter(torch.zeros(1, grid * grid, vision_dims)) \
+            if config.pos_emb else None
         self.stage1 = tnn.ModuleList(
-            [ResBlock(vision_dims if i == 0 else C, C, groups) for i in range(config.depth)])
+            [ResBlock(vision_dims if i == 0 else C, C, config) for i in range(config.depth)])
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
-        self.stage2 = tnn.ModuleList([ResBlock(C, C, groups) for _ in range(config.depth)])
+        self.stage2 = tnn.ModuleList([ResBlock(C, C, config) for _ in range(config.depth)])
         self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias,
                                config.output_norm)
 
     def forward(self, x):
+        if self.prenorm is not None:
+            x = self.prenorm(x)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb
         x = to_grid(x, self.grid)
         for block in self.stage1:
             x = block(x)
@@ -239,8 +247,7 @@ class CAbstractor(tnn.Module):
 
 
 class AvgPool(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.grid = grid
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
@@ -253,8 +260,7 @@ class AvgPool(tnn.Module):
 
 
 class AttentionPool(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.queries = tnn.Parameter(torch.zeros(config.num_image_tokens, vision_dims))
         self.norm_q = tnn.LayerNorm(vision_dims)
@@ -269,8 +275,7 @@ class AttentionPool(tnn.Module):
 
 
 class MLPProjector(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
                                config.bias, config.output_norm)
@@ -288,13 +293,9 @@ CONNECTORS = {
 
 
 class ImageEncoder(tnn.Module):
-    """RGB image in [0, 1], (N, 3, S, S) -> image tokens (N, T, D_text).
+    """RGB image in [0, 1], (N, 3, S, S) -> image tokens (N, T, D_text)."""
 
-    ``conv_groups``: groups of the c-abstractor's 3x3 convs, as the checkpoint's weights have them.
-    """
-
-    def __init__(self, config: ModelConfig, num_layers: int, image_mean, image_std,
-                 conv_groups: int = 1):
+    def __init__(self, config: ModelConfig, num_layers: int, image_mean, image_std):
         super().__init__()
         vc, cc = config.vision_config, config.connector_config
         if cc.type not in CONNECTORS:
@@ -308,7 +309,7 @@ class ImageEncoder(tnn.Module):
         self.vision_tower = VisionModel(vc, num_layers)
         grid = vc.image_size // vc.patch_size
         self.connector = CONNECTORS[cc.type](cc, vc.hidden_size, config.text_config.hidden_size,
-                                             grid, conv_groups)
+                                             grid)
 
     def forward(self, image):
         return self.connector(self.vision_tower(image * self.scale + self.shift))
@@ -370,10 +371,8 @@ def load_twin_weights(twin: tnn.Module, weights: dict[str, np.ndarray]) -> None:
 def build_twin(model, image_mean, image_std) -> ImageEncoder:
     """The PyTorch twin (float32, eval mode) of ``model.vision_tower`` + ``model.connector``."""
     weights = export_weights(model)
-    conv = weights.get("connector.stage1.0.conv2.conv.weight")  # MLX layout (O, kh, kw, I/groups)
-    groups = conv.shape[0] // conv.shape[-1] if conv is not None else 1
     twin = ImageEncoder(model.config, len(model.vision_tower.encoder.layers), image_mean,
-                        image_std, groups)
+                        image_std)
     load_twin_weights(twin, weights)
     return twin.eval()
 

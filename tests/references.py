@@ -1,0 +1,228 @@
+"""PyTorch reference models for the family parity tests, built in a subprocess.
+
+``python tests/references.py KIND OUT SPEC_JSON`` builds a small random model the way its own
+project builds it (timm, open_clip, transformers), writes its checkpoint into OUT in that
+project's layout, and writes ``io.npz``: the inputs it was run on and what it computed. Exit code
+3 with one line on stderr: a reference library is not installed (the test skips with that line).
+
+Why a subprocess: PyPI's torchvision 0.28 (the one for torch 2.13) is a CUDA build whose compiled
+ops do not load beside torch's CPU build, and importing it then fails, which breaks transformers'
+image processors too. timm and open_clip import torchvision at import time, but only for things
+these references never call (FrozenBatchNorm2d, data transforms), so where torchvision is absent
+a stand-in module answers those imports, here, in a process of its own, never in the test run.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+MISSING = 3
+
+
+# ---- the test side ------------------------------------------------------------------------
+
+def run_reference(kind: str, out: Path, **spec) -> dict:
+    """Build reference ``kind`` into ``out``; returns io.npz's arrays. Skips when a library is absent."""
+    import numpy as np
+    import pytest
+
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, __file__, kind, str(out), json.dumps(spec)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == MISSING:
+        pytest.skip(r.stderr.strip().splitlines()[-1])
+    if r.returncode:
+        raise AssertionError(f"reference {kind} failed:\n{r.stderr[-3000:]}")
+    with np.load(out / "io.npz") as f:
+        return dict(f)
+
+
+# ---- the reference side -------------------------------------------------------------------
+
+class _Unavailable:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision is not installed (a stand-in answered the import)")
+
+
+class _AnyAttribute(type):
+    def __getattr__(cls, name):  # InterpolationMode.BICUBIC and the like, read at import time
+        return name
+
+
+def _standin(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__path__ = []
+
+    def getattr_(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _AnyAttribute(attr, (_Unavailable,), {})
+
+    module.__getattr__ = getattr_
+    return module
+
+
+def torchvision_standin() -> None:
+    """Answer timm's and open_clip's import-time torchvision imports where torchvision is absent."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    import torch
+
+    names = ["torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
+             "torchvision.transforms.functional", "torchvision.transforms.v2",
+             "torchvision.utils", "torchvision.datasets", "torchvision.models",
+             "torchvision.models.feature_extraction"]
+    for name in names:
+        sys.modules[name] = _standin(name)
+    for name in names[1:]:
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, sys.modules[name])
+    sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type(
+        "FrozenBatchNorm2d", (torch.nn.Module,), {})
+
+
+def randomize(module, std: float = 0.2) -> None:
+    """Random values everywhere (norm weights around 1), so no parameter can be silently ignored."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            one = p.ndim == 1 and name.endswith("weight") and "norm" in name.lower() or \
+                name.endswith((".bn.weight", "gamma"))
+            p.copy_(torch.randn_like(p) * std + (1.0 if one else 0.0))
+
+
+def save_state(module, path: Path, prefix: str = "") -> None:
+    from safetensors.torch import save_file
+
+    save_file({prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()},
+              str(path))
+
+
+# Honeybee: honeybee/projectors/projectors.py (Projector + CAbstractor), as their code builds it
+def honeybee_abstractor(p: dict, num_input_tokens: int, enc: int, out_dims: int):
+    import torch
+    from timm.layers import LayerNorm, LayerNorm2d
+    from timm.models.regnet import RegStage
+    from torch import nn
+
+    class CAbstractor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, enc)) \
+                if p["pos_emb"] else None
+            self.prenorm = LayerNorm(enc) if p.get("prenorm") else None
+            RegBlock = partial(RegStage, stride=1, dilation=1, act_layer=nn.SiLU,
+                               norm_layer=LayerNorm2d)
+            hw = int(p["num_query_tokens"] ** 0.5)
+            depth, hidden = p["depth"], p["hidden_size"]
+            self.net = nn.Sequential(RegBlock(depth, enc, hidden), nn.AdaptiveAvgPool2d((hw, hw)),
+                                     RegBlock(depth, hidden, hidden))
+            layers = [nn.Linear(hidden, out_dims)]
+            for _ in range(1, p["mlp_depth"]):
+                layers += [nn.SiLU(), nn.Linear(out_dims, out_dims)]
+            self.readout = nn.Sequential(*layers)
+
+        def forward(self, x):
+            if self.prenorm is not None:
+                x = self.prenorm(x)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb
+            B, L, D = x.shape
+            hw = int(L ** 0.5)
+            x = x.transpose(1, 2).reshape(B, D, hw, hw)  # "b (h w) d -> b d h w"
+            x = self.net(x)
+            return self.readout(x.flatten(2).transpose(1, 2))  # "b d h w -> b (h w) d"
+
+    return CAbstractor()
+
+
+def honeybee(out: Path, spec: dict) -> dict:
+    """A Honeybee directory (their config.json and key layout) and the model's outputs."""
+    import numpy as np
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vcfg = CLIPVisionConfig(**spec["vision"])
+    vision = CLIPVisionModel(vcfg).eval()
+    tcfg = LlamaConfig(**spec["text"])
+    lm = LlamaForCausalLM(tcfg).eval()
+    proj = dict(spec["projector"], projector_type="c-abs", num_eos_tokens=0,
+                encoder_hidden_size=vcfg.hidden_size, output_hidden_size=tcfg.hidden_size)
+    P = (vcfg.image_size // vcfg.patch_size) ** 2
+    abstractor = honeybee_abstractor(proj, P, vcfg.hidden_size, tcfg.hidden_size).eval()
+    randomize(abstractor)
+
+    feats = torch.randn(2, P, vcfg.hidden_size)
+    px = torch.randn(1, 3, vcfg.image_size, vcfg.image_size)
+    ids = torch.tensor([spec["input_ids"]])
+    with torch.no_grad():
+        alone = abstractor(feats)
+        hidden = vision(pixel_values=px, output_hidden_states=True).hidden_states
+        image = abstractor(hidden[proj["feature_layer_index"]][:, 1:])
+        embeds = lm.get_input_embeddings()(ids)
+        embeds[ids == spec["image_token_id"]] = image.reshape(-1, image.shape[-1])
+        logits = lm(inputs_embeds=embeds).logits
+        tokens = []
+        for _ in range(20):
+            nxt = lm(inputs_embeds=embeds).logits[:, -1].argmax(-1)
+            tokens.append(int(nxt))
+            embeds = torch.cat([embeds, lm.get_input_embeddings()(nxt)[:, None]], dim=1)
+
+    # transformers 4 (Honeybee's) keeps CLIPVisionModel's own vision_model. prefix, 5 drops it
+    clip = {k if k.startswith("vision_model.") else "vision_model." + k: v
+            for k, v in vision.state_dict().items()}
+    state = {**{"vision_model." + k: v for k, v in clip.items()},
+             **{"abstractor." + k: v for k, v in abstractor.state_dict().items()},
+             **{"language_model." + k: v for k, v in lm.state_dict().items()}}
+    if spec.get("cls_pos_emb"):  # an old checkpoint: their loader drops this first row
+        state["abstractor.pos_emb"] = torch.cat([torch.randn(1, 1, vcfg.hidden_size),
+                                                 state["abstractor.pos_emb"]], dim=1)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    vdict = dict(vcfg.to_dict(), encoder_type="openai.clip", image_mean=[0.5, 0.5, 0.5],
+                 image_std=[0.25, 0.25, 0.25])
+    cfg = {"architectures": ["HoneybeeForConditionalGeneration"], "vision_config": vdict,
+           "projector_config": proj, "lm_config": {"pretrained_lm_name_or_path": "llama"},
+           "text_config": tcfg.to_dict(), "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return dict(features=feats.numpy(), abstractor_out=alone.numpy(),
+                pixel_values=px.permute(0, 2, 3, 1).numpy(), input_ids=ids.numpy(),
+                logits=logits.numpy(), tokens=np.array(tokens))
+
+
+REFERENCES = {"honeybee": honeybee}
+
+
+def main(argv: list[str]) -> int:
+    kind, out = argv[0], Path(argv[1])
+    spec = json.loads(argv[2]) if len(argv) > 2 else {}
+    import numpy as np
+    import transformers  # before the stand-in: its torchvision check must see the real state
+
+    transformers.logging.set_verbosity_error()
+    torchvision_standin()
+    try:
+        result = REFERENCES[kind](out, spec)
+    except ModuleNotFoundError as e:
+        if e.name in ("timm", "open_clip", "ftfy", "torch", "transformers"):
+            print(f"reference library {e.name} is not installed "
+                  f"(pip install --no-deps timm open_clip_torch ftfy)", file=sys.stderr)
+            return MISSING
+        raise
+    np.savez(out / "io.npz", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
