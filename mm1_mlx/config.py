@@ -29,6 +29,7 @@ class VisionConfig(_FromDict):
     num_channels: int = 3
     image_size: int = 224  # the resolution images are encoded at
     pretrain_image_size: int | None = None  # grid the position embeddings hold (interpolated if differs)
+    pos_embed_antialias: bool = False  # resize that grid as open_clip does (antialiased bicubic)
     patch_size: int = 16
     hidden_act: str = "quick_gelu"  # quick_gelu (CLIP/OpenAI), gelu (DFN/OpenCLIP), gelu_pytorch_tanh
     layer_norm_eps: float = 1e-5

@@ -346,7 +346,7 @@ def export_weights(model) -> dict[str, np.ndarray]:
     cls, patch = (pos[:1], pos[1:]) if vc.class_token else (None, pos)
     src, dst = math.isqrt(patch.shape[0]), vc.image_size // vc.patch_size
     if src != dst:
-        patch = interpolate_grid(patch, src, dst)
+        patch = interpolate_grid(patch, src, dst, vc.pos_embed_antialias)
         weights[key] = patch if cls is None else mx.concatenate([cls, patch], axis=0)
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
 

@@ -6,6 +6,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import VisionConfig
 from .cpu import Linear, attention, gelu, gelu_approx, quick_gelu, silu
@@ -67,10 +68,38 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def interpolate_grid(pos: mx.array, src: int, dst: int) -> mx.array:
-    """Resize (src*src, D) grid position embeddings to (dst*dst, D), bicubic as MM1's SFT does."""
+def cubic(x: float, a: float = -0.5) -> float:
+    """Keys' cubic convolution kernel; a = -0.5 is PIL's (torch's antialiased bicubic)."""
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+
+def antialias_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) weights of torch's ``interpolate(mode="bicubic", antialias=True)`` (PIL's)."""
+    scale = src / dst
+    support = 2.0 * max(scale, 1.0)  # the kernel widens when shrinking
+    stretch = 1.0 / max(scale, 1.0)
+    m = np.zeros((dst, src), dtype=np.float64)
+    for i in range(dst):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), src)
+        w = np.array([cubic((j - center + 0.5) * stretch) for j in range(lo, hi)])
+        m[i, lo:hi] = w / w.sum()
+    return m.astype(np.float32)
+
+
+def interpolate_grid(pos: mx.array, src: int, dst: int, antialias: bool = False) -> mx.array:
+    """Resize (src*src, D) grid position embeddings to (dst*dst, D), bicubic as MM1's SFT does.
+
+    ``antialias``: as open_clip's ``resize_pos_embed`` (PIL's kernel), else as transformers' CLIP.
+    """
     D = pos.shape[-1]
     grid = pos.reshape(1, src, src, D)
+    if antialias:
+        m = mx.array(antialias_matrix(src, dst)).astype(pos.dtype)
+        return mx.einsum("ih,jw,hwd->ijd", m, m, grid[0]).reshape(dst * dst, D)
     up = nn.Upsample(scale_factor=dst / src, mode="cubic", align_corners=False)(grid)
     return up[:, :dst, :dst].reshape(dst * dst, D)
 
@@ -99,7 +128,7 @@ class Embeddings(nn.Module):
         if h != src or w != src:
             if h != w:
                 raise ValueError(f"expected square images, got a {h}x{w} patch grid")
-            patch_pos = interpolate_grid(patch_pos, src, h)
+            patch_pos = interpolate_grid(patch_pos, src, h, self.config.pos_embed_antialias)
         x = x + patch_pos.astype(x.dtype)
         if self.config.class_token:
             cls = mx.broadcast_to(self.class_embedding + cls_pos[0], (N, 1, D)).astype(x.dtype)

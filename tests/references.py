@@ -201,7 +201,50 @@ def honeybee(out: Path, spec: dict) -> dict:
                 logits=logits.numpy(), tokens=np.array(tokens))
 
 
-REFERENCES = {"honeybee": honeybee}
+def capture_blocks(blocks) -> list:
+    """Forward hooks collecting each block's output, batch first."""
+    outs = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+    return outs
+
+
+def openclip(out: Path, spec: dict) -> dict:
+    """An OpenCLIP checkpoint as the hub holds DFN5B-CLIP-ViT-H-14-378 (open_clip_config.json,
+    open_clip_model.safetensors); run at ``run_image_size``, its position grid resized by
+    open_clip's own ``resize_pos_embed`` when that differs from the checkpoint's."""
+    import numpy as np
+    import torch
+    from open_clip.model import CLIP, resize_pos_embed
+
+    torch.manual_seed(0)
+    vision = dict(spec["vision"])
+    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    model = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+    randomize(model.visual, std=0.05)
+    state = model.state_dict()
+    save_state(model, out / "open_clip_model.safetensors")
+    model_cfg = {"embed_dim": 16, "quick_gelu": True, "vision_cfg": vision, "text_cfg": text}
+    pre = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic",
+           "resize_mode": "squash"}
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}))
+
+    size = spec.get("run_image_size", vision["image_size"])
+    if size != vision["image_size"]:
+        model = CLIP(embed_dim=16, vision_cfg=dict(vision, image_size=size), text_cfg=text,
+                     quick_gelu=True).eval()
+        resize_pos_embed(state, model)  # bicubic, antialias=True
+        model.load_state_dict(state)
+    hidden = capture_blocks(model.visual.transformer.resblocks)
+    px = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        model.encode_image(px)
+    return dict(pixel_values=px.permute(0, 2, 3, 1).numpy(),
+                hidden=np.stack([h.numpy() for h in hidden]))
+
+
+REFERENCES = {"honeybee": honeybee, "openclip": openclip}
 
 
 def main(argv: list[str]) -> int:

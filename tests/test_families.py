@@ -19,6 +19,7 @@ from test_parity import IMAGE_ID, VOCAB, convert_cli, make_tokenizer, mlx_greedy
 from mm1_mlx.config import ModelConfig  # noqa: E402
 from mm1_mlx.connector import CAbstractor  # noqa: E402
 from mm1_mlx.formats import honeybee  # noqa: E402
+from mm1_mlx.vision import VisionModel  # noqa: E402
 
 
 def rel_err(a, b):
@@ -84,3 +85,54 @@ def json_config(path):
     import json
 
     return json.loads((path / "config.json").read_text())
+
+
+# ---- DFN-CLIP (OpenCLIP) ------------------------------------------------------------------
+
+def openclip_tower(path, layer, image_size):
+    from test_parity import TEXT
+
+    from convert.assemble import vision_source
+    from convert.configs import text_config
+    from convert.weights import convert_weights
+
+    src = vision_source(path, layer)
+    vc = src.vision
+    vc.keep_class_token = True
+    vc.pretrain_image_size, vc.image_size = vc.image_size, image_size
+    config = ModelConfig(vision_config=vc, text_config=text_config(dict(TEXT, model_type="llama")))
+    w = convert_weights(src.weights, config, allow_missing=("connector.", "language_model."))
+    tower = VisionModel(vc)
+    tower.load_weights([(k[len("vision_tower."):], v) for k, v in w.items()], strict=True)
+    return tower, src
+
+
+# DFN5B-CLIP-ViT-H-14-378's vision_cfg (image_size 378, patch 14: a 27x27 grid, quick_gelu),
+# narrow and shallow
+DFN = dict(image_size=378, layers=3, width=32, head_width=8, patch_size=14)
+
+
+@pytest.mark.parametrize("run_size", [378, 434])
+def test_dfn_clip_parity(tmp_path, run_size):
+    io = run_reference("openclip", tmp_path, vision=DFN, run_image_size=run_size)
+    px = mx.array(io["pixel_values"])
+    for layer in (-2, -1):
+        tower, src = openclip_tower(tmp_path, layer, run_size)
+        assert rel_err(tower(px), io["hidden"][layer]) <= 1e-4
+    assert src.vision.hidden_act == "quick_gelu" and tower.config.num_patches == (run_size // 14) ** 2
+    s = src.image_settings
+    assert (s.image_size, s.resize_mode, s.image_std) == (378, "squash", [0.2, 0.25, 0.3])
+
+
+@pytest.mark.parametrize("src,dst", [(27, 31), (27, 16), (5, 5)])
+def test_antialias_matrix_is_torchs(src, dst):
+    import torch
+
+    from mm1_mlx.vision import interpolate_grid
+
+    grid = torch.randn(1, 3, src, src)
+    ref = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", antialias=True,
+                                          align_corners=False)
+    pos = mx.array(grid[0].permute(1, 2, 0).reshape(src * src, 3).numpy())
+    ours = np.array(interpolate_grid(pos, src, dst, antialias=True)).reshape(dst, dst, 3)
+    np.testing.assert_allclose(ours, ref[0].permute(1, 2, 0).numpy(), atol=1e-5)
