@@ -13,7 +13,7 @@ from tqdm import tqdm
 from mm1_mlx.checkpoint import save
 from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
-from mm1_mlx.formats import honeybee
+from mm1_mlx.formats import aimv2, honeybee
 from mm1_mlx.model import Model
 
 from . import configs, families, preprocess
@@ -86,8 +86,10 @@ def vision_source(path: Path, feature_layer: int) -> Source:
         for f in files or weight_files(path):
             raw.update(read_weights(Path(f)))
         dtype = None
+    elif aimv2.is_aimv2(cfg := model_config_json(path)):
+        vc = aimv2.aimv2_vision_config(cfg)
+        raw, dtype = aimv2.aimv2_weights(read_weights(path)), source_dtype(cfg)
     else:
-        cfg = model_config_json(path)
         vc = configs.hf_vision_config(cfg)
         raw, dtype = read_weights(path), source_dtype(cfg)
     vc.feature_layer = feature_layer

@@ -39,6 +39,12 @@ class VisionConfig(_FromDict):
     post_layernorm: bool = False  # apply the final LayerNorm to the features (SigLIP, last layer)
     feature_layer: int = -2  # hidden state fed to the connector (-2 = penultimate, as LLaVA/MM1)
     keep_class_token: bool = False  # pass the class token on to the connector
+    # AIMv2's variant (transformers' Aimv2VisionConfig names): RMSNorm, SwiGLU, no biases
+    rms_norm: bool = False  # RMSNorm (eps layer_norm_eps) wherever CLIP has a LayerNorm
+    patch_norm: bool = False  # a norm on the patch embeddings (AIMv2's embeddings.rms_norm)
+    gated_mlp: bool = False  # gate_proj/up_proj/down_proj: down(act(gate(x)) * up(x))
+    qkv_bias: bool = True  # biases of q/k/v and the attention's output projection
+    mlp_bias: bool = True
 
     def __post_init__(self):
         if self.pretrain_image_size is None:
