@@ -13,7 +13,7 @@ from tqdm import tqdm
 from mm1_mlx.checkpoint import save
 from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
-from mm1_mlx.formats import aimv2, honeybee
+from mm1_mlx.formats import aimv2, fastvlm, honeybee
 from mm1_mlx.model import Model
 
 from . import configs, families, preprocess
@@ -69,10 +69,12 @@ def llava_source(path: Path) -> Source:
 
 
 def hf_source(path: Path) -> Source:
-    """A whole model: Honeybee's layout, else LLaVA's."""
+    """A whole model: Honeybee's or FastVLM's layout, else LLaVA's."""
     cfg = model_config_json(path)
     if honeybee.is_honeybee(cfg):
         return Source(**families.honeybee_source(path, cfg))
+    if fastvlm.is_fastvlm(cfg):
+        return Source(**families.fastvlm_source(path, cfg))
     return llava_source(path)
 
 

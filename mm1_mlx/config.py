@@ -55,6 +55,53 @@ class VisionConfig(_FromDict):
         return (self.image_size // self.patch_size) ** 2
 
 
+def _tuple(*values):
+    return field(default_factory=lambda: list(values))
+
+
+@dataclass
+class FastViTConfig(_FromDict):
+    """FastViTHD, FastVLM's hybrid conv/attention encoder (timm's ``fastvit_mci3``, Apple's
+    ``fastvithd``) in inference form. Field names follow timm's ``FastVit`` arguments."""
+
+    model_type: str = "fastvit"  # tells ModelConfig which encoder config this is
+    layers: list = _tuple(2, 12, 24, 4, 2)
+    embed_dims: list = _tuple(96, 192, 384, 768, 1536)
+    mlp_ratios: list = _tuple(4.0, 4.0, 4.0, 4.0, 4.0)
+    downsamples: list = _tuple(False, True, True, True, True)
+    token_mixers: list = _tuple("repmixer", "repmixer", "repmixer", "attention", "attention")
+    pos_embs: list = _tuple(False, False, False, True, True)  # a RepCPE before the stage's blocks
+    pos_emb_kernel: int = 7
+    repmixer_kernel_size: int = 3
+    down_patch_size: int = 7
+    down_stride: int = 2
+    lkc_use_act: bool = True  # an activation after the downsampling's large-kernel conv
+    cls_ratio: float = 2.0  # final_conv widens the last stage by this
+    head_dim: int = 32
+    layer_norm_eps: float = 1e-5  # the attention stages' LayerNorm2d
+    hidden_act: str = "gelu"
+    image_size: int = 1024
+    # what the rest of the model reads from any encoder config
+    feature_layer: int = -1
+    keep_class_token: bool = False
+
+    def downsampled(self, i: int) -> bool:
+        return bool(self.downsamples[i]) or (i > 0 and self.embed_dims[i] != self.embed_dims[i - 1])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed_dims[-1] * self.cls_ratio)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per output position: the stem's 4, times 2 per downsampling stage."""
+        return 4 * self.down_stride ** sum(self.downsampled(i) for i in range(len(self.layers)))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 @dataclass
 class ConnectorConfig(_FromDict):
     """The vision-language connector that maps patch features to image tokens."""
@@ -124,7 +171,7 @@ class TextConfig(_FromDict):
 class ModelConfig(_FromDict):
     """The whole model; written to and read from config.json."""
 
-    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    vision_config: VisionConfig | FastViTConfig = field(default_factory=VisionConfig)
     connector_config: ConnectorConfig = field(default_factory=ConnectorConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_id: int = 32000
@@ -134,7 +181,9 @@ class ModelConfig(_FromDict):
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
-            self.vision_config = VisionConfig.from_dict(self.vision_config)
+            kind = FastViTConfig if self.vision_config.get("model_type") == "fastvit" \
+                else VisionConfig
+            self.vision_config = kind.from_dict(self.vision_config)
         if isinstance(self.connector_config, dict):
             self.connector_config = ConnectorConfig.from_dict(self.connector_config)
         if isinstance(self.text_config, dict):

@@ -186,6 +186,10 @@ class VisionModel(nn.Module):
         if config.post_layernorm:
             self.post_layernorm = norm(config)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
     def __call__(self, pixels: mx.array) -> mx.array:
         x = self.embeddings(pixels)
         if self.config.pre_layernorm:

@@ -244,7 +244,108 @@ def openclip(out: Path, spec: dict) -> dict:
                 hidden=np.stack([h.numpy() for h in hidden]))
 
 
-REFERENCES = {"honeybee": honeybee, "openclip": openclip}
+# Apple's ml-fastvlm names (mobileclip/mci.py's fastvithd) for timm's: the inverse of timm's
+# fastvit.checkpoint_filter_fn, applied to a llava_qwen2 checkpoint's vision tower
+TIMM_TO_APPLE = [("stem.", "patch_embed."), ("final_conv.", "conv_exp."), (".mlp.", ".convffn."),
+                 ("se.fc1.", "se.reduce."), ("se.fc2.", "se.expand.")]
+
+
+def apple_fastvit_names(state: dict, stages: int) -> dict:
+    import re
+
+    net, index = 0, {}  # network list: [stage blocks, PatchEmbed, (RepCPE), stage blocks, ...]
+    for i in range(stages):
+        if any(k.startswith(f"stages.{i}.downsample.") for k in state):
+            index[(i, "downsample")], net = net, net + 1
+        if any(k.startswith(f"stages.{i}.pos_emb.") for k in state):
+            index[(i, "pos_emb")], net = net, net + 1
+        index[(i, "blocks")], net = net, net + 1
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"stages\.(\d+)\.(downsample|pos_emb|blocks)\.(.*)", k)
+        if m:
+            rest = m[3].replace("reparam_conv.", "reparam_conv.") if m[2] != "downsample" else m[3]
+            k = f"network.{index[(int(m[1]), m[2])]}.{rest}"
+        for old, new in TIMM_TO_APPLE:
+            k = k.replace(old, new)
+        k = re.sub(r"(layer_scale(_[12])?)\.gamma$", r"\1", k)
+        out[k] = v
+    return out
+
+
+def fastvlm(out: Path, spec: dict) -> dict:
+    """transformers' FastVlmForConditionalGeneration (timm fastvit_mci3 + Qwen2), saved in its
+    native layout (OUT/native) and in Apple's llava_qwen2 layout (OUT/apple)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config
+    from transformers.models.timm_wrapper import TimmWrapperConfig
+
+    # transformers decided at import that timm is unusable without torchvision; ask again now
+    # that the stand-in answers (the model needs timm alone)
+    from transformers.utils import import_utils
+
+    for check in ("is_torchvision_available", "is_timm_available"):
+        getattr(getattr(import_utils, check), "cache_clear", lambda: None)()
+    torch.manual_seed(0)
+    args = dict(spec["model_args"], inference_mode=True)
+    hidden = int(args["embed_dims"][-1] * 2)
+    vision = TimmWrapperConfig(architecture="fastvit_mci3", model_args=args, hidden_size=hidden,
+                               do_pooling=False)
+    text = Qwen2Config(**spec["text"])
+    config = FastVlmConfig(vision_config=vision, text_config=text,
+                           image_token_index=spec["image_token_id"],
+                           image_seq_length=spec["image_tokens"])
+    model = FastVlmForConditionalGeneration(config).eval()
+    randomize(model.model.vision_tower, std=0.2)
+    randomize(model.model.multi_modal_projector, std=0.2)
+    with torch.no_grad():  # BatchNorm statistics matter once fused
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn_like(buf) * 0.2)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand_like(buf) + 0.5)
+    model.save_pretrained(out / "native")
+
+    size = spec["image_size"]
+    px = torch.randn(1, 3, size, size)
+    ids = torch.tensor([spec["input_ids"]])
+    with torch.no_grad():
+        feats = model.model.vision_tower(px).last_hidden_state
+        logits = model(input_ids=ids, pixel_values=px).logits
+        tokens = []
+        for _ in range(20):
+            nxt = model(input_ids=ids, pixel_values=px).logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(nxt))
+            ids = torch.cat([ids, nxt], dim=1)
+
+    state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    apple = {}
+    tower = {k[len("model.vision_tower.timm_model."):]: v for k, v in state.items()
+             if k.startswith("model.vision_tower.timm_model.")}
+    for k, v in apple_fastvit_names(tower, len(args["layers"])).items():
+        apple["model.vision_tower.vision_tower.model." + k] = v
+    for k, v in state.items():
+        if k.startswith("model.multi_modal_projector.linear_"):
+            n = int(k.split("linear_")[1][0])
+            apple[f"model.mm_projector.{2 * (n - 1)}." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.language_model."):
+            apple["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("lm_head."):
+            apple[k] = v
+    (out / "apple").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in apple.items()}, str(out / "apple/model.safetensors"))
+    cfg = dict(text.to_dict(), model_type="llava_qwen2", architectures=["LlavaQwen2ForCausalLM"],
+               mm_vision_tower=f"mobileclip_l_{size}", mm_projector_type="mlp2x_gelu",
+               mm_hidden_size=hidden, image_aspect_ratio="pad", torch_dtype="float32")
+    (out / "apple/config.json").write_text(json.dumps(cfg))
+    return dict(pixel_values=px.permute(0, 2, 3, 1).numpy(), input_ids=ids[:, :-20].numpy(),
+                logits=logits.numpy(), tokens=np.array(tokens),
+                features=feats.flatten(2).transpose(1, 2).numpy())
+
+
+REFERENCES = {"honeybee": honeybee, "openclip": openclip, "fastvlm": fastvlm}
 
 
 def main(argv: list[str]) -> int:

@@ -207,3 +207,53 @@ def test_aimv2_assembly(tmp_path):
                            [image()])
     logits, tokens = mlx_greedy(model, np.array([ids]), n=3, pixel_values=mx.array(px))
     assert np.isfinite(logits).all() and len(tokens) == 3
+
+
+# ---- FastVLM -----------------------------------------------------------------------------------
+
+FASTVLM = dict(
+    # fastvit_mci3's layout (3 RepMixer stages, 2 attention stages with RepCPE), one block each
+    model_args=dict(layers=[1, 1, 1, 1, 2], embed_dims=[8, 16, 32, 32, 64]),
+    text=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    image_token_id=IMAGE_ID, image_tokens=9, image_size=192,  # 192 / 64 = 3: 9 image tokens
+)
+
+
+@pytest.fixture(scope="module")
+def fastvlm_dirs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fastvlm")
+    io = run_reference("fastvlm", out, **FASTVLM, input_ids=[1, 5, *[IMAGE_ID] * 9, 7, 8])
+    for d in ("native", "apple"):
+        make_tokenizer().save_pretrained(out / d)
+    return out, io
+
+
+@pytest.mark.parametrize("layout", ["native", "apple"])
+def test_fastvlm_cli_parity(fastvlm_dirs, tmp_path, layout):
+    path, io = fastvlm_dirs
+    model, processor = convert_cli(["--hf-path", str(path / layout),
+                                    "--mlx-path", str(tmp_path / "mlx")])
+    vc = model.config.vision_config
+    assert (vc.layers, vc.token_mixers[3], vc.pos_embs, vc.hidden_size) == \
+        ([1, 1, 1, 1, 2], "attention", [False, False, False, True, True], 128)
+    px = mx.array(io["pixel_values"])
+    assert rel_err(model.vision_tower(px), io["features"]) <= 1e-4
+    ours, tokens = mlx_greedy(model, io["input_ids"], pixel_values=px)
+    assert rel_err(ours, io["logits"]) <= 1e-3
+    assert tokens == io["tokens"].tolist()
+    if layout == "apple":  # ml-fastvlm's processor: pad to square, mean 0, std 1
+        assert (processor.image.resize_mode, processor.image.image_std) == ("pad", [1.0] * 3)
+
+
+def test_fastvlm_weights_idempotent(fastvlm_dirs):
+    from mm1_mlx.formats import fastvlm
+
+    path, _ = fastvlm_dirs
+    native = fastvlm.fastvlm_weights(mx.load(str(path / "native/model.safetensors")))
+    apple = fastvlm.fastvlm_weights(mx.load(str(path / "apple/model.safetensors")))
+    assert native.keys() == apple.keys()
+    assert all(np.array_equal(native[k], apple[k]) for k in native)
+    again = fastvlm.fastvlm_weights(native)
+    assert again.keys() == native.keys() and all(np.array_equal(again[k], native[k])
+                                                 for k in native)
