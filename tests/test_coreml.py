@@ -170,7 +170,8 @@ def test_export_quantized_checkpoint(tmp_path):
 def test_twin_rejects_missing_weights():
     config = tiny_config("mlp")
     model = Model(config)
-    twin = torch_twin.ImageEncoder(config, 2, MEAN, STD)
+    twin = torch_twin.ImageEncoder(config, torch_twin.VisionModel(config.vision_config, 2), MEAN,
+                                   STD)
     weights = torch_twin.export_weights(model)
     del weights["connector.readout.layers.1.weight"]
     with pytest.raises(mm1_mlx.errors.MM1Error, match="missing.*readout.layers.1.weight"):

@@ -257,3 +257,28 @@ def test_fastvlm_weights_idempotent(fastvlm_dirs):
     again = fastvlm.fastvlm_weights(native)
     assert again.keys() == native.keys() and all(np.array_equal(again[k], native[k])
                                                  for k in native)
+
+
+def test_fastvlm_coreml_export(fastvlm_dirs, tmp_path):
+    """FastVLM's encoder + projector as Core ML, as Apple ships it (prediction needs macOS)."""
+    pytest.importorskip("coremltools")
+    from convert.coreml import main as coreml_main
+    from mm1_mlx import torch_twin
+
+    path, io = fastvlm_dirs
+    convert_cli(["--hf-path", str(path / "apple"), "--mlx-path", str(tmp_path / "mlx")])
+    model, _ = mm1_mlx.load(str(tmp_path / "mlx"))
+    twin = torch_twin.build_twin(model, [0.0] * 3, [1.0] * 3)
+    images = np.random.default_rng(0).random((2, 192, 192, 3), np.float32)
+    ref = torch_twin.mlx_features(model, images, [0.0] * 3, [1.0] * 3)
+    assert rel_err(torch_twin.twin_features(twin, images), ref) <= 1e-4
+    # the converter's config records 192 px (mm_vision_tower mobileclip_l_192)
+    coreml_main(["--model", str(tmp_path / "mlx"), "--out", str(tmp_path / "enc.mlpackage"),
+                 "--precision", "float32"])
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(tmp_path / "enc.mlpackage"))
+    (inp,) = spec.description.input
+    assert inp.name == "image" and (inp.type.imageType.width, inp.type.imageType.height) == (192, 192)
+    (out,) = spec.description.output
+    assert list(out.type.multiArrayType.shape) == [1, 9, 32]  # 3x3 positions, decoder width
