@@ -70,6 +70,9 @@ def llava_source(path: Path) -> Source:
 
 def hf_source(path: Path) -> Source:
     """A whole model: Honeybee's or FastVLM's layout, else LLaVA's."""
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise MM1Error(f"{path} is an archive (as Honeybee's checkpoints ship): extract it "
+                       f"(tar xzf {path.name}) and give the directory")
     cfg = model_config_json(path)
     if honeybee.is_honeybee(cfg):
         return Source(**families.honeybee_source(path, cfg))

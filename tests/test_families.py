@@ -282,3 +282,14 @@ def test_fastvlm_coreml_export(fastvlm_dirs, tmp_path):
     assert inp.name == "image" and (inp.type.imageType.width, inp.type.imageType.height) == (192, 192)
     (out,) = spec.description.output
     assert list(out.type.multiArrayType.shape) == [1, 9, 32]  # 3x3 positions, decoder width
+
+
+def test_honeybee_archive_named(tmp_path, capsys):
+    from convert.__main__ import main as convert_main
+
+    (tmp_path / "7B-C-Abs-M144.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--hf-path", str(tmp_path / "7B-C-Abs-M144.tar.gz"),
+                      "--mlx-path", str(tmp_path / "out")])
+    assert e.value.code == 2 and "extract it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
