@@ -135,6 +135,19 @@ class AttentionBlock(nn.Module):
 BLOCKS = {"repmixer": RepMixerBlock, "attention": AttentionBlock}
 
 
+class Downsample(nn.Module):
+    """timm's PatchEmbed: a large-kernel stride-2 conv, then a 1x1."""
+
+    def __init__(self, proj: list):
+        super().__init__()
+        self.proj = proj
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
 class Stage(nn.Module):
     def __init__(self, config: FastViTConfig, i: int):
         super().__init__()
@@ -157,17 +170,6 @@ class Stage(nn.Module):
             x = self.pos_emb(x)
         for block in self.blocks:
             x = block(x)
-        return x
-
-
-class Downsample(nn.Module):
-    def __init__(self, proj: list):
-        super().__init__()
-        self.proj = proj
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.proj:
-            x = layer(x)
         return x
 
 
