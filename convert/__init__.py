@@ -2,10 +2,18 @@
 
 ``python -m convert --hf-path llava-hf/llava-1.5-7b-hf --mlx-path out`` converts a whole LLaVA
 model; ``--vision PATH --text PATH --connector c-abstractor`` assembles an MM1-style model from
-parts with a freshly initialised connector (optionally upcycling the decoder into an MoE).
+parts with a freshly initialised connector (optionally upcycling the decoder into an MoE). The
+conversion itself lives in the library (``mm1_mlx.formats``), which ``mm1_mlx.load`` also uses.
 """
 
-from .assemble import convert
-from .weights import convert_weights, upcycle_experts
+from mm1_mlx.checkpoint import save
+from mm1_mlx.formats.assemble import assemble
+from mm1_mlx.formats.weights import convert_weights, upcycle_experts
+
+
+def convert(mlx_path: str, **options):
+    """Convert or assemble a model (``assemble``'s options) and save it at ``mlx_path``."""
+    return save(*assemble(**options), mlx_path)
+
 
 __all__ = ["convert", "convert_weights", "upcycle_experts"]

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if args.hf_path and (args.vision or args.text):
         setup_arg_parser().error("--hf-path cannot be combined with --vision/--text")
-    from .assemble import convert
+    from . import convert
 
     out = convert(
         args.mlx_path, hf_path=args.hf_path, vision=args.vision, text=args.text,

@@ -1,5 +1,8 @@
 """Checkpoints: a directory with config.json, model*.safetensors, tokenizer and image settings.
 
+``load`` / ``resolve`` also take Hugging Face transformers and mlx-community checkpoints (local or
+hub ids): ``formats/`` converts them once into a cache and they load from there.
+
 Load order (as mlx-lm): config -> model -> quantize by recorded predicate -> load_weights(strict).
 Saves are atomic: everything is written to a temporary sibling directory that is then renamed.
 """
@@ -11,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,30 +36,54 @@ def bundled_models() -> list[str]:
     return sorted(p.parent.name for p in WEIGHTS_DIR.glob("*/config.json"))
 
 
-def resolve(path_or_repo: str | None = None) -> Path:
-    """A local directory, a bundled model name, or a Hugging Face hub id -> local directory."""
+def resolve(path_or_repo: str | None = None, dtype: str | None = None, q_bits: int | None = None,
+            q_group_size: int = 64) -> Path:
+    """A local directory, a bundled model name, or a Hugging Face hub id -> local mm1-mlx checkpoint.
+
+    A Hugging Face transformers or mlx-vlm (mlx-community) checkpoint is converted on first use
+    into the cache (``formats/cache.py``) with ``dtype`` / ``q_bits`` as ``python -m convert``
+    takes them, and later calls return the cached conversion."""
     name = path_or_repo or DEFAULT_MODEL
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
             raise MM1Error(f"{name} is not a model checkpoint (no config.json)")
-        return local
-    if (WEIGHTS_DIR / name / "config.json").exists():
-        return WEIGHTS_DIR / name
-    if local.exists():
+        src = local
+    elif (WEIGHTS_DIR / name / "config.json").exists():
+        src = WEIGHTS_DIR / name
+    elif local.exists():
         raise MM1Error(f"{name} is a file, not a model directory")
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    elif name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise MM1Error(f"model not found: {name} (not a directory, a bundled model "
                        f"({', '.join(bundled_models()) or 'none'}) or a hub id org/name)")
-    from huggingface_hub import snapshot_download
+    else:
+        from .formats.hub import fetch
 
-    try:
-        return Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
-    except Exception as e:
-        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise MM1Error(f"model {name} is not a local directory and could not be fetched from the "
-                       f"Hugging Face hub{offline}: {type(e).__name__}") from None
+        src = fetch(name)
+    from .formats.families import NATIVE, check_supported
+    from .formats.sources import read_json
+
+    if check_supported(read_json(src, "config.json") or {}, name) != NATIVE:
+        return converted(name, src, dtype, q_bits, q_group_size)
+    if dtype or q_bits:
+        raise MM1Error(f"{name} is already an mm1-mlx checkpoint: --dtype / -q apply when "
+                       f"converting one (use python -m mm1_mlx.quantize to quantize it)")
+    return src
+
+
+def converted(name: str, src: Path, dtype: str | None = None, q_bits: int | None = None,
+              q_group_size: int = 64) -> Path:
+    """The cached conversion of the foreign checkpoint ``src`` (``name`` as the user gave it),
+    converted and saved (atomically) first if the cache has no complete entry."""
+    from .formats.cache import entry
+    from .formats.families import convert_checkpoint
+
+    out = entry(name, src, dtype, q_bits, q_group_size)
+    if (out / "config.json").exists():
+        return out
+    print(f"converting {name} for mm1-mlx into {out} (first use only)", file=sys.stderr)
+    model, processor = convert_checkpoint(src, dtype, q_bits, q_group_size)
+    return save(model, processor, out)
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -126,8 +154,13 @@ def fits_float32(model: nn.Module) -> bool:
 
 
 def load(path_or_repo: str | None = None, adapter_path: str | None = None,
-         lazy: bool = False, compute_dtype: str | None = "auto") -> tuple[Model, Processor]:
+         lazy: bool = False, compute_dtype: str | None = "auto", dtype: str | None = None,
+         q_bits: int | None = None, q_group_size: int = 64) -> tuple[Model, Processor]:
     """Open a checkpoint (default: the bundled mm1-tiny). Returns (model in eval mode, processor).
+
+    ``path_or_repo`` is anything ``resolve`` takes: our checkpoints, and Hugging Face
+    transformers or mlx-community checkpoints (local or hub ids), converted once into a cache
+    (``dtype``, ``q_bits``, ``q_group_size``: the conversion's, as ``python -m convert``'s).
 
     ``compute_dtype="auto"``: on the CPU, a quantized model's float parts (norms, biases, scales,
     the patch embedding) become float32, the CPU's fast type (half-precision convolutions and
@@ -146,7 +179,7 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     cpu = on_cpu()
     if cpu:
         retain_freed_memory()
-    path = resolve(path_or_repo)
+    path = resolve(path_or_repo, dtype, q_bits, q_group_size)
     config = read_config(path)
     model = build(config, read_weights(path))
     if compute_dtype == "auto" and cpu and (config.quantization or fits_float32(model)):

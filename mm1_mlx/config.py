@@ -39,12 +39,18 @@ class VisionConfig(_FromDict):
     post_layernorm: bool = False  # apply the final LayerNorm to the features (SigLIP, last layer)
     feature_layer: int = -2  # hidden state fed to the connector (-2 = penultimate, as LLaVA/MM1)
     keep_class_token: bool = False  # pass the class token on to the connector
+    drop_first_patch: bool = False  # LLaVA's "default" strategy on a tower without a class token
     # AIMv2's variant (transformers' Aimv2VisionConfig names): RMSNorm, SwiGLU, no biases
     rms_norm: bool = False  # RMSNorm (eps layer_norm_eps) wherever CLIP has a LayerNorm
     patch_norm: bool = False  # a norm on the patch embeddings (AIMv2's embeddings.rms_norm)
     gated_mlp: bool = False  # gate_proj/up_proj/down_proj: down(act(gate(x)) * up(x))
     qkv_bias: bool = True  # biases of q/k/v and the attention's output projection
     mlp_bias: bool = True
+
+    @property
+    def drops_first(self) -> bool:
+        """Whether the first position of the hidden state is dropped before the connector."""
+        return (self.class_token and not self.keep_class_token) or self.drop_first_patch
 
     def __post_init__(self):
         if self.pretrain_image_size is None:
@@ -87,6 +93,9 @@ class FastViTConfig(_FromDict):
 
     def downsampled(self, i: int) -> bool:
         return bool(self.downsamples[i]) or (i > 0 and self.embed_dims[i] != self.embed_dims[i - 1])
+
+    class_token = False  # no class token, nothing dropped (read as a ViT config's are)
+    drops_first = False
 
     @property
     def hidden_size(self) -> int:
@@ -190,7 +199,8 @@ class ModelConfig(_FromDict):
             self.text_config = TextConfig.from_dict(self.text_config)
         if self.connector_config.type == "mlp":  # one token per patch
             vc = self.vision_config
-            self.connector_config.num_image_tokens = vc.num_patches + int(vc.keep_class_token)
+            self.connector_config.num_image_tokens = vc.num_patches + int(vc.class_token) - \
+                int(vc.drops_first)
 
     @property
     def num_image_tokens(self) -> int:

@@ -353,10 +353,14 @@ def _gemv(x: mx.array, weight: mx.array) -> mx.array:
 
 
 def gemv_numpy(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``w @ x`` for a C-contiguous float32 (N, K) ``w`` through the bound OpenBLAS's sgemv."""
+    """``w @ x`` for a C-contiguous float32 (N, K) ``w`` through the bound OpenBLAS's sgemv
+    (numpy's own BLAS where none is bound: ``MM1_MLX_BLAS=off``, or macOS)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    sgemv = backend.sgemv()
+    if sgemv is None:
+        return w @ x
     y = np.empty(w.shape[0], np.float32)
-    backend.sgemv()(101, 111, w.shape[0], w.shape[1], 1.0, w.ctypes.data, w.shape[1],  # row-major
+    sgemv(101, 111, w.shape[0], w.shape[1], 1.0, w.ctypes.data, w.shape[1],  # row-major
                     x.ctypes.data, 1, 0.0, y.ctypes.data, 1)
     return y
 

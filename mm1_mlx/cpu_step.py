@@ -33,7 +33,7 @@ def decode(lm, embeds: mx.array, cache) -> mx.array | None:
     """Logits (1, 1, V) of ``lm`` (a ``decoder.LanguageModel``) for one token's embedding
     (1, 1, D), advancing ``cache``; None where the MLX layers must run instead."""
     if not (ENABLED and on_cpu() and cache is not None and embeds.shape[:2] == (1, 1)
-            and embeds.dtype == mx.float32 and not lm.training and backend.sgemv() is not None):
+            and embeds.dtype == mx.float32 and not lm.training):
         return None
     tables = [_rope_tables(layer, c) for layer, c in zip(lm.layers, cache)]
     head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head

@@ -244,6 +244,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-backend", nargs="+", default=["mlx"], metavar="BACKEND",
                    help="mlx (default) or: coreml PATH.mlpackage (macOS)")
     p.add_argument("--stats", action="store_true", help="print timing and memory statistics")
+    g = p.add_argument_group("a Hugging Face / mlx-community --model is converted on first use "
+                             "(cached), as python -m convert does")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype (default: the source's, else float16)")
+    g.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder")
+    g.add_argument("--q-bits", type=int, choices=[4, 8], default=4)
+    g.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
     return p
 
 
@@ -276,7 +283,9 @@ def main(argv=None):
         raise MM1Error("the prompt is empty")
     from .checkpoint import load
 
-    model, processor = load(args.model, adapter_path=args.adapter)
+    model, processor = load(args.model, adapter_path=args.adapter, dtype=args.dtype,
+                            q_bits=args.q_bits if args.quantize else None,
+                            q_group_size=args.q_group_size)
     if args.max_pixels is not None:
         processor.image.max_pixels = args.max_pixels
     encoder = vision_backend(args.vision_backend, model)

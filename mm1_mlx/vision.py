@@ -198,6 +198,6 @@ class VisionModel(nn.Module):
             x = layer(x)
         if self.config.post_layernorm:
             x = self.post_layernorm(x)
-        if self.config.class_token and not self.config.keep_class_token:
+        if self.config.drops_first:
             x = x[:, 1:]
         return x

@@ -92,9 +92,9 @@ def json_config(path):
 def openclip_tower(path, layer, image_size):
     from test_parity import TEXT
 
-    from convert.assemble import vision_source
-    from convert.configs import text_config
-    from convert.weights import convert_weights
+    from mm1_mlx.formats.assemble import vision_source
+    from mm1_mlx.formats.configs import text_config
+    from mm1_mlx.formats.weights import convert_weights
 
     src = vision_source(path, layer)
     vc = src.vision
@@ -170,8 +170,8 @@ def randomize_torch(module):
 def test_aimv2_encoder_parity(tmp_path, kind):
     import torch
 
-    from convert.assemble import vision_source
-    from convert.weights import convert_weights
+    from mm1_mlx.formats.assemble import vision_source
+    from mm1_mlx.formats.weights import convert_weights
 
     hf = aimv2_model(tmp_path, kind)
     px = torch.randn(2, 3, 28, 28)
@@ -293,3 +293,15 @@ def test_honeybee_archive_named(tmp_path, capsys):
                       "--mlx-path", str(tmp_path / "out")])
     assert e.value.code == 2 and "extract it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_fastvlm_and_honeybee_load_by_model(fastvlm_dirs, honeybee_dir, tmp_path, monkeypatch):
+    """``load`` (``--model``) converts them like LLaVA: the family table knows both layouts."""
+    monkeypatch.setenv("MM1_MLX_CACHE", str(tmp_path / "cache"))
+    (fpath, fio), (hpath, hio) = fastvlm_dirs, honeybee_dir
+    model, _ = mm1_mlx.load(str(fpath / "apple"), dtype="float32")
+    ours = model(mx.array(fio["input_ids"]), pixel_values=mx.array(fio["pixel_values"]))
+    assert rel_err(ours, fio["logits"]) <= 1e-3
+    model, _ = mm1_mlx.load(str(hpath), dtype="float32")
+    ours = model(mx.array(hio["input_ids"]), pixel_values=mx.array(hio["pixel_values"]))
+    assert rel_err(ours, hio["logits"]) <= 1e-3

@@ -1,6 +1,9 @@
-"""Checkpoint formats: pure config and weight mappings from other projects' layouts to ours.
+"""Reading other checkpoint formats: Hugging Face transformers / OpenCLIP sources (``sources``,
+``configs``, ``weights``, ``preprocess``), the conversion pipeline (``assemble``), mlx-community
+(mlx-vlm) checkpoints (``mlx_vlm``), and what ``load`` uses to take any of them: the family table
+(``families``), hub fetching (``hub``) and the conversion cache (``cache``). Other projects'
+layouts have a module each (``honeybee``, ``fastvlm``, ``aimv2``): pure config and weight
+mappings, plus the source reader the family table calls.
 
-One module per model family (``honeybee``, ``fastvlm``, ``aimv2``, ...): functions from a source's
-``config.json`` dict to our configs and from its tensors to our keys. Nothing here reads files or
-imports torch; the converters in ``convert/`` do the reading.
+Torch-free: safetensors are read with MLX; only PyTorch pickles (.bin / .pt) import torch, lazily.
 """

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import bisect
 import re
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..config import ConnectorConfig, FastViTConfig, ModelConfig, TextConfig
 from ..errors import MM1Error
+from ..processor import ImageSettings
+from . import configs, preprocess
+from .honeybee import source_dtype
+from .sources import read_json, read_weights
 
 NATIVE_VISION = "model.vision_tower.timm_model."
 APPLE_VISION = "model.vision_tower.vision_tower.model."
@@ -161,3 +166,34 @@ def apple_image_size(cfg: dict) -> int:
         return int(tower.split("_")[-1])
     except ValueError:
         raise MM1Error(f"cannot read the image size from mm_vision_tower {tower!r}") from None
+
+
+def _side(size) -> int | None:
+    if isinstance(size, dict):
+        return size.get("height") or size.get("shortest_edge")
+    return size
+
+
+def fastvlm_source(path: Path, cfg: dict) -> dict:
+    """A FastVLM directory, transformers' ``fast_vlm`` or Apple's ``llava_qwen2`` -> Source fields."""
+    apple = cfg["model_type"] == "llava_qwen2"
+    tok = preprocess.load_tokenizer(path)
+    text = configs.text_config(dict(cfg, model_type="qwen2") if apple else cfg["text_config"])
+    pre = read_json(path, "preprocessor_config.json") or \
+        (read_json(path, "processor_config.json") or {}).get("image_processor")
+    if pre is not None:
+        size = _side(pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size"))
+    else:
+        size = apple_image_size(cfg) if apple else 1024
+    weights = fastvlm_weights(read_weights(path))
+    config = fastvlm_config(cfg, weights, text, preprocess.image_token_id(tok), size)
+    if pre is not None:
+        settings = preprocess.hf_image_settings(pre, config.vision_config)
+    else:  # ml-fastvlm's CLIPImageProcessor: mean 0, std 1; LLaVA pads to a square first
+        settings = ImageSettings(image_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                                 resize_mode="pad" if cfg.get("image_aspect_ratio") == "pad"
+                                 else "crop")
+    if apple and pre is not None and cfg.get("image_aspect_ratio") == "pad":
+        settings.resize_mode = "pad"
+    return dict(weights=weights, model=config, tokenizer=tok, image_settings=settings,
+                dtype=source_dtype(cfg))

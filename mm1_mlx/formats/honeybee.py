@@ -11,11 +11,15 @@ quarter of the block's input width, and ConvNormAct's LayerNormAct2d (eps 1e-5).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
+from ..processor import ImageSettings
+from . import configs, preprocess
+from .sources import read_weights
 
 SYSTEM = ("The following is a conversation between a curious human and AI. The AI gives helpful, "
           "detailed, and polite answers to the human's questions.")
@@ -109,3 +113,32 @@ def honeybee_weights(weights: dict, config: ModelConfig) -> dict:
             v = v[:, 1:]
         out[key] = v
     return out
+
+
+def source_dtype(cfg: dict) -> str | None:
+    for c in (cfg, cfg.get("text_config") or {}):
+        d = c.get("dtype") or c.get("torch_dtype")
+        if d in ("float32", "float16", "bfloat16"):
+            return d
+    return None
+
+
+def honeybee_source(path: Path, cfg: dict) -> dict:
+    """A Honeybee C-Abstractor directory -> the fields of an assemble.Source."""
+    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model",
+                                             "tokenizer_config.json")):
+        raise MM1Error(f"{path} has no tokenizer: copy Llama-2's tokenizer files (tokenizer.model, "
+                       "tokenizer_config.json), which Honeybee uses, into it")
+    tok = preprocess.load_tokenizer(path)
+    if not getattr(tok, "chat_template", None) or "Human" not in tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    vision = configs.hf_vision_config(vision_dict(cfg))
+    text = configs.text_config(cfg["text_config"])
+    config = honeybee_config(cfg, vision, text, preprocess.image_token_id(tok))
+    vc = cfg["vision_config"]
+    # their DefaultProcessor: a bicubic resize to the square, CLIP's mean and std
+    settings = ImageSettings(image_size=vision.image_size, resize_mode="squash",
+                             **{k: list(vc[k]) for k in ("image_mean", "image_std") if k in vc})
+    weights = honeybee_weights(read_weights(path), config)
+    return dict(weights=weights, model=config, tokenizer=tok, image_settings=settings,
+                dtype=source_dtype(cfg))

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mm1_mlx.errors import MM1Error
+from ..errors import MM1Error
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.jinja", "*.model", "*.txt",
                 "*.tiktoken"]
@@ -71,9 +71,18 @@ def _read_safetensors(f: Path) -> dict:
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _torch_to_mx(t) -> mx.array:
-    import torch
+def _import_torch():
+    """torch, needed only to read PyTorch pickles (.bin / .pt); safetensors need nothing."""
+    try:
+        import torch
+    except ImportError:
+        raise MM1Error("reading .bin/.pt weights needs PyTorch: pip install 'mm1-mlx[convert]' "
+                       "(or use a safetensors checkpoint)") from None
+    return torch
 
+
+def _torch_to_mx(t) -> mx.array:
+    torch = _import_torch()
     if t.dtype == torch.bfloat16:
         return mx.array(t.float().numpy()).astype(mx.bfloat16)
     return mx.array(np.ascontiguousarray(t.numpy()))
@@ -81,7 +90,7 @@ def _torch_to_mx(t) -> mx.array:
 
 def _read_pickle(f: Path) -> dict:
     """A PyTorch pickle, loaded with weights_only=True: a file that would run code is refused."""
-    import torch
+    torch = _import_torch()
 
     try:
         obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=False)

@@ -1,4 +1,5 @@
-"""The conversion pipeline: sources -> config + converted weights -> model -> checkpoint on disk."""
+"""The conversion pipeline: sources -> config + converted weights -> model and processor (which
+``python -m convert`` and ``load``'s cache then save)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mm1_mlx.checkpoint import save
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.errors import MM1Error
-from mm1_mlx.formats import aimv2, fastvlm, honeybee
-from mm1_mlx.model import Model
-
-from . import configs, families, preprocess
+from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..errors import MM1Error
+from ..model import Model
+from . import aimv2, configs, fastvlm, honeybee, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
 
@@ -75,9 +73,9 @@ def hf_source(path: Path) -> Source:
                        f"(tar xzf {path.name}) and give the directory")
     cfg = model_config_json(path)
     if honeybee.is_honeybee(cfg):
-        return Source(**families.honeybee_source(path, cfg))
+        return Source(**honeybee.honeybee_source(path, cfg))
     if fastvlm.is_fastvlm(cfg):
-        return Source(**families.fastvlm_source(path, cfg))
+        return Source(**fastvlm.fastvlm_source(path, cfg))
     return llava_source(path)
 
 
@@ -133,12 +131,13 @@ def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                            hidden_act="gelu" if kind == "mlp" else "silu", **honeybee_blocks)
 
 
-def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None,
+def assemble(hf_path: str | None = None, vision: str | None = None,
             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
             connector_hidden: int | None = None, feature_layer: int = -2,
             dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
             upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0) -> Path:
-    """Convert a LLaVA model (``hf_path``) or assemble one from ``vision`` + ``text`` parts."""
+    """A LLaVA model (``hf_path``) converted, or one assembled from ``vision`` + ``text`` parts:
+    (model in eval mode, processor)."""
     if hf_path:
         src = hf_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
@@ -188,9 +187,8 @@ def convert(mlx_path: str, hf_path: str | None = None, vision: str | None = None
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if q_bits:  # the decoder; records config.quantization (per-module) for loading
-        from mm1_mlx.quantize import quantize_model
+        from ..quantize import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()
-    processor = preprocess.build_processor(tok, settings, config.num_image_tokens)
-    return save(model, processor, mlx_path)
+    return model, preprocess.build_processor(tok, settings, config.num_image_tokens)

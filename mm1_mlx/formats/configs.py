@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.errors import MM1Error
+from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..errors import MM1Error
 
 DENSE = {"llama", "mistral", "qwen2", "qwen3"}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 CLIP = {"clip", "clip_vision_model"}
 SIGLIP = {"siglip", "siglip_vision_model"}
+
+
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
+
+
+def with_defaults(cfg: dict) -> dict:
+    """A sub-config as transformers saves it (only what differs from the defaults: llava-hf's
+    text_config has no hidden_size) completed with transformers' defaults for its model_type;
+    the defaults' RoPE settings never replace the checkpoint's own ``rope_theta``."""
+    from transformers import AutoConfig
+
+    try:
+        defaults = AutoConfig.for_model(cfg.get("model_type")).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return cfg
+    if any(k in cfg for k in ROPE_KEYS):
+        defaults = {k: v for k, v in defaults.items() if k not in ROPE_KEYS}
+    return {**defaults, **cfg}
 
 
 def rope(cfg: dict) -> tuple[float, dict | None]:
@@ -26,6 +44,7 @@ def text_config(cfg: dict) -> TextConfig:
     if kind not in DENSE | MOE:
         raise MM1Error(f"unsupported decoder model_type {kind!r}; supported: "
                        f"{', '.join(sorted(DENSE | MOE))}")
+    cfg = with_defaults(cfg)
     if cfg.get("mlp_only_layers"):
         raise MM1Error(f"mlp_only_layers={cfg['mlp_only_layers']} is not supported")
     theta, scaling = rope(cfg)
@@ -71,6 +90,7 @@ def hf_vision_config(cfg: dict) -> VisionConfig:
         kind = cfg["model_type"]
     if kind not in CLIP | SIGLIP:
         raise MM1Error(f"unsupported vision model_type {kind!r}; supported: CLIP, SigLIP, OpenCLIP")
+    cfg = with_defaults(cfg)
     siglip = kind in SIGLIP
     return VisionConfig(
         hidden_size=cfg.get("hidden_size", 768),
@@ -123,11 +143,10 @@ def llava_config(cfg: dict, image_token_id: int) -> ModelConfig:
     if strategy not in ("default", "full"):
         raise MM1Error(f"unknown vision_feature_select_strategy {strategy!r}")
     vision = hf_vision_config(cfg["vision_config"])
-    if strategy == "default" and not vision.class_token:
-        raise MM1Error("vision_feature_select_strategy 'default' drops the first patch of a "
-                       "tower without a class token (SigLIP); only 'full' is supported there")
     vision.feature_layer = layer
+    # "default" drops position 0: the class token, or on SigLIP (none) the first patch
     vision.keep_class_token = strategy == "full" and vision.class_token
+    vision.drop_first_patch = strategy == "default" and not vision.class_token
     text = text_config(cfg["text_config"])
     connector = ConnectorConfig(type="mlp", mlp_depth=2, hidden_act=cfg.get(
         "projector_hidden_act", "gelu"), bias=cfg.get("multimodal_projector_bias", True))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mm1_mlx.config import VisionConfig
-from mm1_mlx.errors import MM1Error
-from mm1_mlx.processor import IMAGE_TOKEN, ImageSettings, Processor
-
+from ..config import VisionConfig
+from ..errors import MM1Error
+from ..processor import IMAGE_TOKEN, ImageSettings, Processor
 from .sources import read_json
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
