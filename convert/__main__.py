@@ -12,11 +12,12 @@ from mm1_mlx.errors import cli_errors
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = cli_args.ArgumentParser(
         prog="python -m convert",
-        description="Convert a LLaVA model, or assemble a vision tower and a decoder, into an "
-                    "mm1-mlx checkpoint.")
-    p.add_argument("--hf-path", "--model", dest="hf_path",
-                   help="LLaVA (LlavaForConditionalGeneration) directory or hub id")
-    p.add_argument("--vision", help="vision tower: HF CLIP/SigLIP or OpenCLIP directory or hub id")
+        description="Convert a LLaVA, FastVLM or Honeybee model, or assemble a vision tower and a "
+                    "decoder, into an mm1-mlx checkpoint.")
+    p.add_argument("--hf-path", "--model", dest="hf_path", help="a whole model, directory or hub id: LLaVA, FastVLM "
+                                     "(fast_vlm or Apple's llava_qwen2) or Honeybee")
+    p.add_argument("--vision", help="vision tower: HF CLIP/SigLIP/AIMv2 or OpenCLIP directory or "
+                                    "hub id")
     p.add_argument("--text", help="decoder: HF Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/OLMoE")
     p.add_argument("--mlx-path", required=True, help="output checkpoint directory (new, or a "
                    "checkpoint replaced with --force)")

@@ -65,6 +65,7 @@ class VisionConfig(_FromDict):
     num_channels: int = 3
     image_size: int = 224  # the resolution images are encoded at
     pretrain_image_size: int | None = None  # grid the position embeddings hold (interpolated if differs)
+    pos_embed_antialias: bool = False  # resize that grid as open_clip does (antialiased bicubic)
     patch_size: int = 16
     hidden_act: str = "quick_gelu"  # quick_gelu (CLIP/OpenAI), gelu (DFN/OpenCLIP), gelu_pytorch_tanh
     layer_norm_eps: float = 1e-5
@@ -75,6 +76,12 @@ class VisionConfig(_FromDict):
     feature_layer: int = -2  # hidden state fed to the connector (-2 = penultimate, as LLaVA/MM1)
     keep_class_token: bool = False  # pass the class token on to the connector
     drop_first_patch: bool = False  # LLaVA's "default" strategy on a tower without a class token
+    # AIMv2's variant (transformers' Aimv2VisionConfig names): RMSNorm, SwiGLU, no biases
+    rms_norm: bool = False  # RMSNorm (eps layer_norm_eps) wherever CLIP has a LayerNorm
+    patch_norm: bool = False  # a norm on the patch embeddings (AIMv2's embeddings.rms_norm)
+    gated_mlp: bool = False  # gate_proj/up_proj/down_proj: down(act(gate(x)) * up(x))
+    qkv_bias: bool = True  # biases of q/k/v and the attention's output projection
+    mlp_bias: bool = True
 
     @property
     def drops_first(self) -> bool:
@@ -108,6 +115,56 @@ class VisionConfig(_FromDict):
         return (self.image_size // self.patch_size) ** 2
 
 
+def _tuple(*values):
+    return field(default_factory=lambda: list(values))
+
+
+@dataclass
+class FastViTConfig(_FromDict):
+    """FastViTHD, FastVLM's hybrid conv/attention encoder (timm's ``fastvit_mci3``, Apple's
+    ``fastvithd``) in inference form. Field names follow timm's ``FastVit`` arguments."""
+
+    model_type: str = "fastvit"  # tells ModelConfig which encoder config this is
+    layers: list = _tuple(2, 12, 24, 4, 2)
+    embed_dims: list = _tuple(96, 192, 384, 768, 1536)
+    mlp_ratios: list = _tuple(4.0, 4.0, 4.0, 4.0, 4.0)
+    downsamples: list = _tuple(False, True, True, True, True)
+    token_mixers: list = _tuple("repmixer", "repmixer", "repmixer", "attention", "attention")
+    pos_embs: list = _tuple(False, False, False, True, True)  # a RepCPE before the stage's blocks
+    pos_emb_kernel: int = 7
+    repmixer_kernel_size: int = 3
+    down_patch_size: int = 7
+    down_stride: int = 2
+    lkc_use_act: bool = True  # an activation after the downsampling's large-kernel conv
+    cls_ratio: float = 2.0  # final_conv widens the last stage by this
+    head_dim: int = 32
+    layer_norm_eps: float = 1e-5  # the attention stages' LayerNorm2d
+    hidden_act: str = "gelu"
+    image_size: int = 1024
+    # what the rest of the model reads from any encoder config
+    feature_layer: int = -1
+    keep_class_token: bool = False
+
+    def downsampled(self, i: int) -> bool:
+        return bool(self.downsamples[i]) or (i > 0 and self.embed_dims[i] != self.embed_dims[i - 1])
+
+    class_token = False  # no class token, nothing dropped (read as a ViT config's are)
+    drops_first = False
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed_dims[-1] * self.cls_ratio)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per output position: the stem's 4, times 2 per downsampling stage."""
+        return 4 * self.down_stride ** sum(self.downsampled(i) for i in range(len(self.layers)))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 @dataclass
 class ConnectorConfig(_FromDict):
     """The vision-language connector that maps patch features to image tokens."""
@@ -121,6 +178,13 @@ class ConnectorConfig(_FromDict):
     hidden_act: str = "silu"  # readout activation (gelu for LLaVA's mlp projector)
     bias: bool = True
     output_norm: bool = False  # LayerNorm on the image tokens (keeps them at the text's scale)
+    # c-abstractor blocks, named as in timm's RegNet Bottleneck and Honeybee's projector config;
+    # the defaults are the shipped models' (Honeybee: group_size 1, layer_norm_eps 1e-5, pos_emb)
+    group_size: int = 0  # channels per group of the 3x3 conv (1 = depthwise); 0 = one dense conv
+    se_ratio: float = 0.25  # squeeze-excite width, a fraction of the block's input channels
+    layer_norm_eps: float = 1e-6  # the blocks' LayerNorm2d
+    pos_emb: bool = False  # a learned position embedding added to the patch features
+    prenorm: bool = False  # LayerNorm on the patch features first
 
     RULES: ClassVar[dict] = {
         "type": CONNECTOR_TYPES, "num_image_tokens": (1, 1 << 16), "hidden_size": WIDTH,
@@ -210,7 +274,7 @@ class TextConfig(_FromDict):
 class ModelConfig(_FromDict):
     """The whole model; written to and read from config.json."""
 
-    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    vision_config: VisionConfig | FastViTConfig = field(default_factory=VisionConfig)
     connector_config: ConnectorConfig = field(default_factory=ConnectorConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_id: int = 32000
@@ -222,7 +286,9 @@ class ModelConfig(_FromDict):
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
-            self.vision_config = VisionConfig.from_dict(self.vision_config, prefix="vision_config.")
+            kind = FastViTConfig if self.vision_config.get("model_type") == "fastvit" \
+                else VisionConfig
+            self.vision_config = kind.from_dict(self.vision_config, prefix="vision_config.")
         if isinstance(self.connector_config, dict):
             self.connector_config = ConnectorConfig.from_dict(self.connector_config,
                                                               prefix="connector_config.")

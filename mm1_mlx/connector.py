@@ -50,16 +50,19 @@ def grid_side(num_tokens: int) -> int:
 
 
 def conv_same(x: mx.array, weight: mx.array) -> mx.array:
-    """Stride-1 'same' convolution as one matmul over shifted copies (im2col).
+    """Stride-1 'same' convolution; a dense one as one matmul over shifted copies (im2col).
 
     Equal to nn.Conv2d with padding k//2; on the CPU backend its backward pass is several times
-    faster than the direct convolution's for the small grids connectors see.
+    faster than the direct convolution's for the small grids connectors see. A grouped weight
+    (fewer input channels than ``x`` has) runs as a grouped convolution.
     """
     O, k, _, C = weight.shape
+    N, H, W, C_in = x.shape
+    p = k // 2
+    if C != C_in:
+        return mx.conv2d(x, weight, padding=p, groups=C_in // C)
     if k == 1:
         return x @ weight.reshape(O, C).T
-    N, H, W, _ = x.shape
-    p = k // 2
     xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
     cols = mx.concatenate([xp[:, i:i + H, j:j + W] for i in range(k) for j in range(k)], axis=-1)
     return cols @ weight.reshape(O, k * k * C).T  # (N, H, W, O)
@@ -68,10 +71,10 @@ def conv_same(x: mx.array, weight: mx.array) -> mx.array:
 class ConvNorm(nn.Module):
     """Conv (no bias) -> LayerNorm2d (LayerNorm over channels, channels-last)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int):
+    def __init__(self, cin: int, cout: int, kernel: int, eps: float, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
-        self.norm = nn.LayerNorm(cout, eps=1e-6)
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
+        self.norm = nn.LayerNorm(cout, eps=eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.norm(conv_same(x, self.conv.weight))
@@ -89,16 +92,22 @@ class SqueezeExcite(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """RegNet bottleneck block (ratio 1) with LayerNorm2d and SiLU, as in Honeybee's C-Abstractor."""
+    """timm's RegNet Bottleneck (bottle_ratio 1) with LayerNorm2d and SiLU, as Honeybee builds it.
 
-    def __init__(self, cin: int, cout: int):
+    conv1 1x1 -> conv2 3x3 (grouped by ``group_size``) -> squeeze-excite -> conv3 1x1, plus a
+    1x1 conv shortcut where the width changes; SiLU after conv1, conv2 and the sum.
+    """
+
+    def __init__(self, cin: int, cout: int, config: ConnectorConfig):
         super().__init__()
-        self.conv1 = ConvNorm(cin, cout, 1)
-        self.conv2 = ConvNorm(cout, cout, 3)
-        self.se = SqueezeExcite(cout, max(1, cin // 4))
-        self.conv3 = ConvNorm(cout, cout, 1)
+        eps = config.layer_norm_eps
+        groups = cout // config.group_size if config.group_size else 1
+        self.conv1 = ConvNorm(cin, cout, 1, eps)
+        self.conv2 = ConvNorm(cout, cout, 3, eps, groups)
+        self.se = SqueezeExcite(cout, int(round(cin * config.se_ratio)))
+        self.conv3 = ConvNorm(cout, cout, 1, eps)
         if cin != cout:
-            self.shortcut = ConvNorm(cin, cout, 1)
+            self.shortcut = ConvNorm(cin, cout, 1, eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = nn.silu(self.conv1(x))
@@ -127,16 +136,31 @@ class Readout(nn.Module):
 
 
 class CAbstractor(nn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int):
+    """Honeybee's C-Abstractor: [prenorm] [+ pos_emb] -> RegStage -> adaptive avg pool -> RegStage
+    -> readout (``honeybee/projectors/projectors.py``; no stages when depth is 0)."""
+
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int,
+                 num_patches: int = 0):
         super().__init__()
         self.side = grid_side(config.num_image_tokens)
-        C = config.hidden_size
-        self.stage1 = [ResBlock(vision_dims if i == 0 else C, C) for i in range(config.depth)]
-        self.stage2 = [ResBlock(C, C) for _ in range(config.depth)]
+        C = config.hidden_size if config.depth else vision_dims
+        if config.prenorm:
+            self.prenorm = nn.LayerNorm(vision_dims, eps=1e-6)  # timm's LayerNorm
+        if config.pos_emb:
+            if not num_patches:
+                raise ValueError("a c-abstractor with pos_emb needs the encoder's patch count")
+            self.pos_emb = mx.random.normal((1, num_patches, vision_dims)) * 0.02
+        self.stage1 = [ResBlock(vision_dims if i == 0 else C, C, config)
+                       for i in range(config.depth)]
+        self.stage2 = [ResBlock(C, C, config) for _ in range(config.depth)]
         self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias,
                                config.output_norm)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "prenorm" in self:
+            x = self.prenorm(x)
+        if "pos_emb" in self:
+            x = x + self.pos_emb.astype(x.dtype)
         x = to_grid(x)  # (N, h, w, C_vis)
         for block in self.stage1:
             x = block(x)
@@ -148,7 +172,8 @@ class CAbstractor(nn.Module):
 
 
 class AvgPool(nn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int,
+                 num_patches: int = 0):
         super().__init__()
         self.side = grid_side(config.num_image_tokens)
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
@@ -163,7 +188,8 @@ class AvgPool(nn.Module):
 class AttentionPool(nn.Module):
     """N learned queries cross-attending to the patch features."""
 
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int,
+                 num_patches: int = 0):
         super().__init__()
         self.queries = mx.random.normal((config.num_image_tokens, vision_dims)) * 0.02
         self.norm_q = nn.LayerNorm(vision_dims)
@@ -181,7 +207,8 @@ class AttentionPool(nn.Module):
 class MLPProjector(nn.Module):
     """LLaVA-1.5's two-layer GELU projector: one image token per patch."""
 
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int,
+                 num_patches: int = 0):
         super().__init__()
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
                                config.bias, config.output_norm)
@@ -198,7 +225,9 @@ CONNECTORS = {
 }
 
 
-def build_connector(config: ConnectorConfig, vision_dims: int, text_dims: int) -> nn.Module:
+def build_connector(config: ConnectorConfig, vision_dims: int, text_dims: int,
+                    num_patches: int = 0) -> nn.Module:
+    """``num_patches``: the encoder's patch count (a c-abstractor's ``pos_emb`` needs it)."""
     if config.type not in CONNECTORS:
         raise ValueError(f"unknown connector type {config.type!r}; choose from {sorted(CONNECTORS)}")
-    return CONNECTORS[config.type](config, vision_dims, text_dims)
+    return CONNECTORS[config.type](config, vision_dims, text_dims, num_patches)

@@ -12,19 +12,23 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig
+from .config import FastViTConfig, ModelConfig, VisionConfig
 from .connector import build_connector
 from .decoder import LanguageModel
+from .fastvit import FastViT
 from .vision import VisionModel
+
+ENCODERS = {VisionConfig: VisionModel, FastViTConfig: FastViT}
 
 
 class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = VisionModel(config.vision_config)
+        self.vision_tower = ENCODERS[type(config.vision_config)](config.vision_config)
         self.connector = build_connector(
-            config.connector_config, config.vision_config.hidden_size, config.text_config.hidden_size
+            config.connector_config, config.vision_config.hidden_size,
+            config.text_config.hidden_size, config.vision_config.num_patches,
         )
         self.language_model = LanguageModel(config.text_config)
 
@@ -35,7 +39,7 @@ class Model(nn.Module):
 
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """(N, H, W, 3) normalized pixels -> (N, T, D) image tokens in the decoder's width."""
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        dtype = self.vision_tower.dtype
         feats = self.vision_tower(pixel_values.astype(dtype))
         return self.connector(feats)
 
@@ -78,6 +82,8 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict) -> dict:
         """Drop tensors the model does not build (encoder layers past the feature layer)."""
+        if "encoder" not in self.vision_tower:
+            return weights
         n = len(self.vision_tower.encoder.layers)
         prefix = "vision_tower.encoder.layers."
         return {

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from mlx.utils import tree_flatten
 from torch import nn as tnn
 
-from .config import ConnectorConfig, ModelConfig, VisionConfig
+from . import fastvit
+from .config import ConnectorConfig, FastViTConfig, ModelConfig, VisionConfig
 from .connector import pool_matrix
 from .errors import MM1Error
 from .vision import interpolate_grid
@@ -145,6 +146,164 @@ class VisionModel(tnn.Module):
         return x
 
 
+# ---- FastViTHD (mm1_mlx/fastvit.py), NCHW ----
+class FvSqueezeExcite(tnn.Module):
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.fc1 = tnn.Conv2d(dims, hidden, 1)
+        self.fc2 = tnn.Conv2d(hidden, dims, 1)
+
+    def forward(self, x):
+        s = x.mean(dim=(2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class FvReparamConv(tnn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+                 se: bool = False, act=None):
+        super().__init__()
+        pad = ((stride - 1) + (kernel - 1)) // 2
+        self.reparam_conv = tnn.Conv2d(cin, cout, kernel, stride, pad, groups=groups)
+        self.se = FvSqueezeExcite(cout, fastvit.se_width(cout)) if se else None
+        self.act = act
+
+    def forward(self, x):
+        x = self.reparam_conv(x)
+        if self.se is not None:
+            x = self.se(x)
+        return self.act(x) if self.act is not None else x
+
+
+class FvDepthwiseConv(tnn.Module):
+    def __init__(self, dims: int, kernel: int):
+        super().__init__()
+        self.reparam_conv = tnn.Conv2d(dims, dims, kernel, padding=kernel // 2, groups=dims)
+
+    def forward(self, x):
+        return self.reparam_conv(x)
+
+
+class FvLayerScale(tnn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.gamma = tnn.Parameter(torch.ones(dims))
+
+    def forward(self, x):
+        return x * self.gamma[:, None, None]
+
+
+class FvConvMlp(tnn.Module):
+    def __init__(self, dims: int, hidden: int, act):
+        super().__init__()
+        self.conv = tnn.Conv2d(dims, dims, 7, padding=3, groups=dims)
+        self.fc1 = tnn.Conv2d(dims, hidden, 1)
+        self.fc2 = tnn.Conv2d(hidden, dims, 1)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.conv(x))))
+
+
+class FvAttention(tnn.Module):
+    def __init__(self, dims: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = dims // head_dim, head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = tnn.Linear(dims, dims * 3, bias=False)
+        self.proj = tnn.Linear(dims, dims)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C); -1, not H * W: traced sizes stay ints
+        q, k, v = self.qkv(t).reshape(N, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        w = torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+        o = self.proj((w @ v).transpose(1, 2).reshape(N, -1, C))
+        return o.transpose(1, 2).reshape(N, C, H, W)
+
+
+class FvBlock(tnn.Module):
+    """RepMixerBlock or AttentionBlock, by ``kind``."""
+
+    def __init__(self, config, kind: str, dims: int, mlp_ratio: float):
+        super().__init__()
+        act = activation(config.hidden_act)
+        self.attention = kind == "attention"
+        self.mlp = FvConvMlp(dims, int(dims * mlp_ratio), act)
+        if self.attention:
+            self.norm = tnn.LayerNorm(dims, eps=config.layer_norm_eps)
+            self.token_mixer = FvAttention(dims, config.head_dim)
+            self.layer_scale_1, self.layer_scale_2 = FvLayerScale(dims), FvLayerScale(dims)
+        else:
+            self.token_mixer = FvDepthwiseConv(dims, config.repmixer_kernel_size)
+            self.layer_scale = FvLayerScale(dims)
+
+    def forward(self, x):
+        if self.attention:
+            x = x + self.layer_scale_1(self.token_mixer(layer_norm_2d(self.norm, x)))
+            return x + self.layer_scale_2(self.mlp(x))
+        x = self.token_mixer(x)
+        return x + self.layer_scale(self.mlp(x))
+
+
+class FvDownsample(tnn.Module):
+    def __init__(self, proj: list):
+        super().__init__()
+        self.proj = tnn.ModuleList(proj)
+
+    def forward(self, x):
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+class FvStage(tnn.Module):
+    def __init__(self, config, i: int):
+        super().__init__()
+        dims, act = config.embed_dims[i], activation(config.hidden_act)
+        self.downsample = self.pos_emb = None
+        if config.downsampled(i):
+            prev = config.embed_dims[i - 1]
+            self.downsample = FvDownsample(
+                [FvReparamConv(prev, dims, config.down_patch_size, config.down_stride, prev,
+                               act=act if config.lkc_use_act else None),
+                 FvReparamConv(dims, dims, 1, act=act)])
+        if config.pos_embs[i]:
+            self.pos_emb = FvDepthwiseConv(dims, config.pos_emb_kernel)
+        self.blocks = tnn.ModuleList([FvBlock(config, config.token_mixers[i], dims,
+                                              config.mlp_ratios[i])
+                                      for _ in range(config.layers[i])])
+
+    def forward(self, x):
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.pos_emb is not None:
+            x = self.pos_emb(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class FastViT(tnn.Module):
+    """(N, 3, S, S) normalized -> (N, (S/64)^2, C), as mm1_mlx.fastvit.FastViT."""
+
+    def __init__(self, config):
+        super().__init__()
+        e0, act = config.embed_dims[0], activation(config.hidden_act)
+        self.stem = tnn.ModuleList([FvReparamConv(3, e0, 3, 2, act=act),
+                                    FvReparamConv(e0, e0, 3, 2, e0, act=act),
+                                    FvReparamConv(e0, e0, 1, act=act)])
+        self.stages = tnn.ModuleList([FvStage(config, i) for i in range(len(config.layers))])
+        last = config.embed_dims[-1]
+        self.final_conv = FvReparamConv(last, config.hidden_size, 3, 1, last, se=True, act=act)
+
+    def forward(self, x):
+        for layer in self.stem:
+            x = layer(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_conv(x).flatten(2).transpose(1, 2)
+
+
 # ---- connectors ----
 class AdaptivePool(tnn.Module):
     """Adaptive average pooling as two constant matmuls (torch's bin edges, exact for any size)."""
@@ -158,10 +317,10 @@ class AdaptivePool(tnn.Module):
 
 
 class ConvNorm(tnn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int, groups: int = 1):
+    def __init__(self, cin: int, cout: int, kernel: int, eps: float, groups: int = 1):
         super().__init__()
         self.conv = tnn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
-        self.norm = tnn.LayerNorm(cout, eps=1e-6)
+        self.norm = tnn.LayerNorm(cout, eps=eps)
 
     def forward(self, x):
         return layer_norm_2d(self.norm, self.conv(x))
@@ -179,13 +338,15 @@ class SqueezeExcite(tnn.Module):
 
 
 class ResBlock(tnn.Module):
-    def __init__(self, cin: int, cout: int, groups: int = 1):
+    def __init__(self, cin: int, cout: int, config: ConnectorConfig):
         super().__init__()
-        self.conv1 = ConvNorm(cin, cout, 1)
-        self.conv2 = ConvNorm(cout, cout, 3, groups=groups)
-        self.se = SqueezeExcite(cout, max(1, cin // 4))
-        self.conv3 = ConvNorm(cout, cout, 1)
-        self.shortcut = ConvNorm(cin, cout, 1) if cin != cout else None
+        eps = config.layer_norm_eps
+        groups = cout // config.group_size if config.group_size else 1
+        self.conv1 = ConvNorm(cin, cout, 1, eps)
+        self.conv2 = ConvNorm(cout, cout, 3, eps, groups)
+        self.se = SqueezeExcite(cout, int(round(cin * config.se_ratio)))
+        self.conv3 = ConvNorm(cout, cout, 1, eps)
+        self.shortcut = ConvNorm(cin, cout, 1, eps) if cin != cout else None
 
     def forward(self, x):
         h = F.silu(self.conv1(x))
@@ -216,19 +377,25 @@ def to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class CAbstractor(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.grid = grid
-        C = config.hidden_size
+        C = config.hidden_size if config.depth else vision_dims
+        self.prenorm = tnn.LayerNorm(vision_dims, eps=1e-6) if config.prenorm else None
+        self.pos_emb = tnn.Parameter(torch.zeros(1, grid * grid, vision_dims)) \
+            if config.pos_emb else None
         self.stage1 = tnn.ModuleList(
-            [ResBlock(vision_dims if i == 0 else C, C, groups) for i in range(config.depth)])
+            [ResBlock(vision_dims if i == 0 else C, C, config) for i in range(config.depth)])
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
-        self.stage2 = tnn.ModuleList([ResBlock(C, C, groups) for _ in range(config.depth)])
+        self.stage2 = tnn.ModuleList([ResBlock(C, C, config) for _ in range(config.depth)])
         self.readout = Readout(C, text_dims, config.mlp_depth, config.hidden_act, config.bias,
                                config.output_norm)
 
     def forward(self, x):
+        if self.prenorm is not None:
+            x = self.prenorm(x)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb
         x = to_grid(x, self.grid)
         for block in self.stage1:
             x = block(x)
@@ -239,8 +406,7 @@ class CAbstractor(tnn.Module):
 
 
 class AvgPool(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.grid = grid
         self.pool = AdaptivePool(grid, math.isqrt(config.num_image_tokens))
@@ -253,8 +419,7 @@ class AvgPool(tnn.Module):
 
 
 class AttentionPool(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.queries = tnn.Parameter(torch.zeros(config.num_image_tokens, vision_dims))
         self.norm_q = tnn.LayerNorm(vision_dims)
@@ -269,8 +434,7 @@ class AttentionPool(tnn.Module):
 
 
 class MLPProjector(tnn.Module):
-    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int,
-                 groups: int = 1):
+    def __init__(self, config: ConnectorConfig, vision_dims: int, text_dims: int, grid: int):
         super().__init__()
         self.readout = Readout(vision_dims, text_dims, config.mlp_depth, config.hidden_act,
                                config.bias, config.output_norm)
@@ -288,13 +452,9 @@ CONNECTORS = {
 
 
 class ImageEncoder(tnn.Module):
-    """RGB image in [0, 1], (N, 3, S, S) -> image tokens (N, T, D_text).
+    """RGB image in [0, 1], (N, 3, S, S) -> image tokens (N, T, D_text)."""
 
-    ``conv_groups``: groups of the c-abstractor's 3x3 convs, as the checkpoint's weights have them.
-    """
-
-    def __init__(self, config: ModelConfig, num_layers: int, image_mean, image_std,
-                 conv_groups: int = 1):
+    def __init__(self, config: ModelConfig, vision_tower: tnn.Module, image_mean, image_std):
         super().__init__()
         vc, cc = config.vision_config, config.connector_config
         if cc.type not in CONNECTORS:
@@ -305,10 +465,10 @@ class ImageEncoder(tnn.Module):
         # (x - mean) / std as one multiply-add, folded into constants by the converter
         self.register_buffer("scale", 1.0 / std, persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
-        self.vision_tower = VisionModel(vc, num_layers)
+        self.vision_tower = vision_tower
         grid = vc.image_size // vc.patch_size
         self.connector = CONNECTORS[cc.type](cc, vc.hidden_size, config.text_config.hidden_size,
-                                             grid, conv_groups)
+                                             grid)
 
     def forward(self, image):
         return self.connector(self.vision_tower(image * self.scale + self.shift))
@@ -341,11 +501,13 @@ def export_weights(model) -> dict[str, np.ndarray]:
         for k, v in float_weights(getattr(model, prefix)).items():
             weights[f"{prefix}.{k}"] = v
     key = "vision_tower.embeddings.position_embedding.weight"
+    if key not in weights:  # no position table (FastViT)
+        return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
     pos = weights[key]
     cls, patch = (pos[:1], pos[1:]) if vc.class_token else (None, pos)
     src, dst = math.isqrt(patch.shape[0]), vc.image_size // vc.patch_size
     if src != dst:
-        patch = interpolate_grid(patch, src, dst)
+        patch = interpolate_grid(patch, src, dst, vc.pos_embed_antialias)
         weights[key] = patch if cls is None else mx.concatenate([cls, patch], axis=0)
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
 
@@ -370,10 +532,10 @@ def load_twin_weights(twin: tnn.Module, weights: dict[str, np.ndarray]) -> None:
 def build_twin(model, image_mean, image_std) -> ImageEncoder:
     """The PyTorch twin (float32, eval mode) of ``model.vision_tower`` + ``model.connector``."""
     weights = export_weights(model)
-    conv = weights.get("connector.stage1.0.conv2.conv.weight")  # MLX layout (O, kh, kw, I/groups)
-    groups = conv.shape[0] // conv.shape[-1] if conv is not None else 1
-    twin = ImageEncoder(model.config, len(model.vision_tower.encoder.layers), image_mean,
-                        image_std, groups)
+    vc = model.config.vision_config
+    tower = FastViT(vc) if isinstance(vc, FastViTConfig) else \
+        VisionModel(vc, len(model.vision_tower.encoder.layers))
+    twin = ImageEncoder(model.config, tower, image_mean, image_std)
     load_twin_weights(twin, weights)
     return twin.eval()
 

@@ -38,14 +38,15 @@ def tiny_tokenizer():
                                    additional_special_tokens=["<image>"])
 
 
-def tiny_config(connector: str, **vision) -> ModelConfig:
+def tiny_config(connector: str, connector_kw: dict | None = None, **vision) -> ModelConfig:
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=32, patch_size=8, hidden_act="gelu")
     vc.update(vision)
+    cc = dict(type=connector, num_image_tokens=4, hidden_size=32, depth=1, num_heads=4)
+    cc.update(connector_kw or {})
     return ModelConfig(
         vision_config=VisionConfig(**vc),
-        connector_config=ConnectorConfig(type=connector, num_image_tokens=4, hidden_size=32,
-                                         depth=1, num_heads=4),
+        connector_config=ConnectorConfig(**cc),
         text_config=TextConfig(vocab_size=8, hidden_size=48, intermediate_size=64,
                                num_hidden_layers=1, num_attention_heads=4),
         image_token_id=2, name=f"tiny-{connector}")
@@ -103,13 +104,17 @@ TWIN_CASES = {
                                          hidden_act="gelu_pytorch_tanh")),
     "mlp-keep-cls": ("mlp", dict(keep_class_token=True)),
     "interpolated-pos": ("avg-pool", dict(image_size=48, pretrain_image_size=32)),
+    "honeybee-c-abstractor": ("c-abstractor", {}),
 }
+# Honeybee's blocks: depthwise 3x3, eps 1e-5, a position embedding, prenorm, a width change
+CONNECTOR_KW = {"honeybee-c-abstractor": dict(group_size=1, layer_norm_eps=1e-5, pos_emb=True,
+                                              prenorm=True, hidden_size=24)}
 
 
 @pytest.mark.parametrize("case", list(TWIN_CASES))
 def test_twin_matches_mlx(case):
     connector, vision = TWIN_CASES[case]
-    config = tiny_config(connector, **vision)
+    config = tiny_config(connector, CONNECTOR_KW.get(case), **vision)
     model = random_model(config, seed=1)
     twin = torch_twin.build_twin(model, MEAN, STD)
     images = coreml.sample_images(config.vision_config.image_size, n=3)
@@ -165,7 +170,8 @@ def test_export_quantized_checkpoint(tmp_path):
 def test_twin_rejects_missing_weights():
     config = tiny_config("mlp")
     model = Model(config)
-    twin = torch_twin.ImageEncoder(config, 2, MEAN, STD)
+    twin = torch_twin.ImageEncoder(config, torch_twin.VisionModel(config.vision_config, 2), MEAN,
+                                   STD)
     weights = torch_twin.export_weights(model)
     del weights["connector.readout.layers.1.weight"]
     with pytest.raises(mm1_mlx.errors.MM1Error, match="missing.*readout.layers.1.weight"):

@@ -17,7 +17,7 @@ from ..errors import MM1Error
 from ..materialize import materialize
 from ..model import Model
 from ..validate import check_dtypes
-from . import configs, preprocess
+from . import aimv2, configs, fastvlm, honeybee, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
 
@@ -81,6 +81,19 @@ def llava_source(path: Path) -> Source:
                   dtype=source_dtype(cfg))
 
 
+def hf_source(path: Path) -> Source:
+    """A whole model: Honeybee's or FastVLM's layout, else LLaVA's."""
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise MM1Error(f"{path} is an archive (as Honeybee's checkpoints ship): extract it "
+                       f"(tar xzf {path.name}) and give the directory")
+    cfg = model_config_json(path)
+    if honeybee.is_honeybee(cfg):
+        return Source(**honeybee.honeybee_source(path, cfg))
+    if fastvlm.is_fastvlm(cfg):
+        return Source(**fastvlm.fastvlm_source(path, cfg))
+    return llava_source(path)
+
+
 def vision_source(path: Path, feature_layer: int) -> Source:
     oc = read_json(path, "open_clip_config.json") if path.is_dir() else None
     if oc is not None:
@@ -91,8 +104,10 @@ def vision_source(path: Path, feature_layer: int) -> Source:
         for f in files or weight_files(path):
             raw.update(read_weights(Path(f)))
         dtype = None
+    elif aimv2.is_aimv2(cfg := model_config_json(path)):
+        vc = aimv2.aimv2_vision_config(cfg)
+        raw, dtype = aimv2.aimv2_weights(read_weights(path)), source_dtype(cfg)
     else:
-        cfg = model_config_json(path)
         vc = parsed(configs.hf_vision_config, path, cfg)
         raw, dtype = read_weights(path), source_dtype(cfg)
     vc.feature_layer = feature_layer
@@ -124,10 +139,13 @@ def pad_vocab(weights: dict, size: int) -> dict:
 
 def connector_config(kind: str, image_tokens: int, vision: VisionConfig,
                      hidden: int | None) -> ConnectorConfig:
+    # a fresh c-abstractor is Honeybee's (MM1's): depthwise 3x3, LayerNorm2d eps 1e-5, pos_emb
+    honeybee_blocks = dict(group_size=1, layer_norm_eps=1e-5, pos_emb=True) \
+        if kind == "c-abstractor" else {}
     return ConnectorConfig(type=kind, num_image_tokens=image_tokens,
                            hidden_size=hidden or vision.hidden_size,
                            num_heads=vision.num_attention_heads,
-                           hidden_act="gelu" if kind == "mlp" else "silu")
+                           hidden_act="gelu" if kind == "mlp" else "silu", **honeybee_blocks)
 
 
 def check_config(config: ModelConfig) -> None:
@@ -148,7 +166,7 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
     (model in eval mode, processor); ``progress``: bars on stderr while tensors are converted and
     quantized."""
     if hf_path:
-        src = llava_source(resolve(hf_path))
+        src = hf_source(resolve(hf_path))
         config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
             src.image_settings, ()
         dtype = dtype or src.dtype

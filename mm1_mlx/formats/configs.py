@@ -130,6 +130,7 @@ def openclip_vision_config(cfg: dict) -> VisionConfig:
         class_token=True,
         pre_layernorm=True,
         patch_bias=False,
+        pos_embed_antialias=True,  # open_clip's resize_pos_embed
     )
 
 

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from ..errors import MM1Error
+from . import honeybee
 from .sources import read_json
 
 NATIVE = "mm1"  # the model_type our own config.json carries
@@ -46,15 +47,27 @@ def convert_llava(path: Path, dtype: str | None, q_bits: int | None, q_group_siz
     return assemble(hf_path=str(path), dtype=dtype, q_bits=q_bits, q_group_size=q_group_size)
 
 
+def convert_whole(path: Path, dtype: str | None, q_bits: int | None, q_group_size: int):
+    """FastVLM (either layout) or Honeybee: ``assemble`` picks the layout from config.json."""
+    from .assemble import assemble
+
+    return assemble(hf_path=str(path), dtype=dtype, q_bits=q_bits, q_group_size=q_group_size)
+
+
 # model_type in config.json -> convert(path, dtype, q_bits, q_group_size) -> (model, processor)
 FAMILIES = {
     "llava": convert_llava,
+    "fast_vlm": convert_whole,  # transformers' FastVLM
+    "llava_qwen2": convert_whole,  # Apple's original FastVLM layout (ml-fastvlm)
+    "honeybee": convert_whole,  # kakaobrain's C-Abstractor checkpoints (no model_type of their own)
 }
 
 
 def model_type(cfg: dict) -> str | None:
     # our config.json says model_type "mm1"; early ones are known by their connector_config
-    return NATIVE if "connector_config" in cfg else cfg.get("model_type")
+    if "connector_config" in cfg:
+        return NATIVE
+    return "honeybee" if honeybee.is_honeybee(cfg) else cfg.get("model_type")
 
 
 def check_supported(cfg: dict, name: str) -> str:
