@@ -14,8 +14,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m convert",
         description="Convert a LLaVA, FastVLM or Honeybee model, or assemble a vision tower and a "
                     "decoder, into an mm1-mlx checkpoint.")
-    p.add_argument("--hf-path", "--model", dest="hf_path", help="a whole model, directory or hub id: LLaVA, FastVLM "
-                                     "(fast_vlm or Apple's llava_qwen2) or Honeybee")
+    p.add_argument("--hf-path", "--model", dest="hf_path",
+                   help="a whole model, directory or hub id: LLaVA, FastVLM (fast_vlm or Apple's "
+                        "llava_qwen2) or Honeybee")
     p.add_argument("--vision", help="vision tower: HF CLIP/SigLIP/AIMv2 or OpenCLIP directory or "
                                     "hub id")
     p.add_argument("--text", help="decoder: HF Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/OLMoE")
