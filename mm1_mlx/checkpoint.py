@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .atomic import atomic_dir, recover_if_interrupted
-from .config import ModelConfig
+from .config import ModelConfig, VisionConfig
 from .errors import MM1Error
 from .materialize import materialize
 from .model import Model
@@ -118,12 +118,14 @@ def check_size(config: ModelConfig, path: Path) -> None:
     """Refuse a config that describes a model far larger than its weight files, before the
     (lazy) model and its Python objects are built."""
     tc, vc = config.text_config, config.vision_config
-    ffn = 3 * tc.hidden_size * max(tc.intermediate_size, tc.moe_intermediate_size) * \
-        max(1, tc.num_experts)
+    moe_layers = tc.num_hidden_layers // tc.moe_every if tc.num_experts else 0
     attn = tc.hidden_size * tc.head_dim * (tc.num_attention_heads + 2 * tc.num_key_value_heads)
-    n = tc.num_hidden_layers * (ffn // max(1, tc.num_experts and tc.moe_every) + 2 * attn)
-    n += vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size *
-                                 vc.intermediate_size)
+    n = tc.num_hidden_layers * 2 * attn + 3 * tc.hidden_size * (
+        (tc.num_hidden_layers - moe_layers) * tc.intermediate_size
+        + moe_layers * tc.num_experts * tc.moe_intermediate_size)
+    if isinstance(vc, VisionConfig):  # a ViT (other encoders: only the decoder is estimated)
+        n += vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size *
+                                     vc.intermediate_size)
     on_disk = sum(os.path.getsize(f) for f in glob.glob(str(path / "model*.safetensors")))
     if n > 16 * on_disk + (1 << 24):
         raise MM1Error(f"{path / 'config.json'} describes a model of ~{n / 1e9:.3g} billion "

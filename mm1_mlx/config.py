@@ -20,6 +20,13 @@ ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn"}
 WIDTH, LAYERS, HEADS = (1, 1 << 16), (1, 1024), (1, 1024)  # generous bounds, before allocating
 
 
+def _described(kinds: list, params) -> type:
+    """Of the config classes a field may hold, the one whose ``model_type`` the dict names (a
+    FastViT encoder's), else the first (a ViT's)."""
+    named = params.get("model_type") if isinstance(params, dict) else None
+    return next((k for k in kinds if named and getattr(k, "model_type", None) == named), kinds[0])
+
+
 class _FromDict:
     RULES: ClassVar[dict] = {}  # field -> (lo, hi) or the allowed values
 
@@ -34,10 +41,9 @@ class _FromDict:
             if k not in types or k == "RULES":
                 continue
             sub = typing.get_args(types[k]) or (types[k],)
-            nested = next((t for t in sub if isinstance(t, type) and issubclass(t, _FromDict)),
-                          None)
-            if nested is not None:
-                v = nested.from_dict(v, where, f"{prefix}{k}.")
+            nested = [t for t in sub if isinstance(t, type) and issubclass(t, _FromDict)]
+            if nested:
+                v = _described(nested, v).from_dict(v, where, f"{prefix}{k}.")
             else:
                 check_value(v, types[k], None, where, prefix + k)
             kwargs[k] = v
