@@ -11,7 +11,8 @@ scales and biases (what ``load`` gives a quantized model on the CPU), C-contiguo
 Metal, or no numba (an optional Linux dependency: ``pip install "mm1-mlx[cpu]"``), keeps MLX's
 kernels; ``MM1_MLX_QUANT_KERNELS=mlx`` chooses them too. Compiled kernels are cached under the user
 cache directory (``~/.cache/mm1_mlx/numba``; ``NUMBA_CACHE_DIR`` wins), so only the first process
-on a machine compiles them (~10 s on 2 cores; loading them from the cache ~0.1 s).
+on a machine compiles them: ~7 s of CPU per bit width on the development machine, then ~1.2 s to
+import numba and load them from the cache; ``load`` does this (``warm_up``), not the first token.
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ def _load_kernels():
     return cpu_quant_kernels
 
 
+def warm_up(model) -> None:
+    """Compile (or load from the cache) the kernels ``model``'s quantized layers use."""
+    bits = {m.bits for _, m in model.named_modules() if handles(m)}
+    for b in sorted(bits):
+        w = np.zeros((5, b), np.uint32)  # rows of 32 values
+        layer = {"weight": w, "scales": np.ones((5, 1), np.float32),
+                 "biases": np.zeros((5, 1), np.float32)}
+        _gemv(b, layer, np.ones(32, np.float32))
+        _dequantize(b, layer)
+
+
 def handles(layer) -> bool:
     """Whether the kernels compute ``layer``'s product: an affine 4/8-bit ``QuantizedLinear``,
     ``QuantizedEmbedding`` (as a head) or mlx-lm ``QuantizedSwitchLinear``, float32 scales and
@@ -86,19 +98,28 @@ def _view(a: mx.array) -> np.ndarray | None:
 def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     """``layer``'s weight (expert ``expert``'s of a stack) times float32 ``x`` (K,): (N,),
     without the layer's bias. ``handles(layer)`` must hold."""
-    w, s, b = (np.asarray(layer[k]) for k in ("weight", "scales", "biases"))
+    arrays = {k: np.asarray(layer[k]) for k in ("weight", "scales", "biases")}
     if expert is not None:
-        w, s, b = w[expert], s[expert], b[expert]
-    out = np.empty(w.shape[0], np.float32)
-    fn = kernels().gemv4 if layer.bits == 4 else kernels().gemv8
-    fn(w.view(np.uint8), s, b, np.ascontiguousarray(x, dtype=np.float32), out)
-    return out
+        arrays = {k: a[expert] for k, a in arrays.items()}
+    return _gemv(layer.bits, arrays, np.ascontiguousarray(x, dtype=np.float32))
 
 
 def dequantize(layer, rows: slice = slice(None)) -> mx.array:
     """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it (prefill)."""
-    w, s, b = (np.asarray(layer[k])[rows] for k in ("weight", "scales", "biases"))
-    out = np.empty((w.shape[0], w.shape[1] * 32 // layer.bits), np.float32)
-    fn = kernels().dequantize4 if layer.bits == 4 else kernels().dequantize8
-    fn(w.view(np.uint8), s, b, out)
-    return mx.array(out)
+    return mx.array(_dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
+                                             for k in ("weight", "scales", "biases")}))
+
+
+def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
+    out = np.empty(a["weight"].shape[0], np.float32)
+    fn = kernels().gemv4 if bits == 4 else kernels().gemv8
+    fn(a["weight"].view(np.uint8), a["scales"], a["biases"], x, out)
+    return out
+
+
+def _dequantize(bits: int, a: dict) -> np.ndarray:
+    w = a["weight"]
+    out = np.empty((w.shape[0], w.shape[1] * 32 // bits), np.float32)
+    fn = kernels().dequantize4 if bits == 4 else kernels().dequantize8
+    fn(w.view(np.uint8), a["scales"], a["biases"], out)
+    return out

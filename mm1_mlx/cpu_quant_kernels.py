@@ -8,8 +8,8 @@ its low nibble and 2t + 1 in its high one), and per group of ``K / G`` values a 
 the same dequantized values as MLX's, summed in another order (float32 rounding).
 
 Rows go four at a time (they share each load of ``x``; LLVM vectorizes the group loop), split
-over the threads by ``prange``. Explicit signatures compile (or load from the cache) once, when
-``cpu_quant`` first imports this module, not at the first token.
+over the threads by ``prange``. Each kernel compiles (or loads from the cache) at its first call:
+``cpu_quant.warm_up`` makes that call when a quantized model loads, for the bit widths it has.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from numba import njit, prange
 
 _OPTIONS = dict(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy",
                 boundscheck=False)
-_GEMV = "void(u1[:, ::1], f4[:, ::1], f4[:, ::1], f4[::1], f4[::1])"
-_DEQUANTIZE = "void(u1[:, ::1], f4[:, ::1], f4[:, ::1], f4[:, ::1])"
 ROWS = 4  # rows per block
 
 
-@njit(_GEMV, **_OPTIONS)
+@njit(**_OPTIONS)
 def gemv4(w, scales, biases, x, out):
     """out = W x for 4-bit W: w (N, K / 2) bytes, scales and biases (N, G), x (K,)."""
     N, B = w.shape
@@ -67,7 +65,7 @@ def gemv4(w, scales, biases, x, out):
         out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
 
 
-@njit(_GEMV, **_OPTIONS)
+@njit(**_OPTIONS)
 def gemv8(w, scales, biases, x, out):
     """out = W x for 8-bit W: w (N, K) bytes, scales and biases (N, G), x (K,)."""
     N, K = w.shape
@@ -105,7 +103,7 @@ def gemv8(w, scales, biases, x, out):
         out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
 
 
-@njit(_DEQUANTIZE, **_OPTIONS)
+@njit(**_OPTIONS)
 def dequantize4(w, scales, biases, out):
     """out (N, K) = scale * q + bias for 4-bit w (N, K / 2) bytes."""
     N, B = w.shape
@@ -121,7 +119,7 @@ def dequantize4(w, scales, biases, out):
                 out[n, 2 * t + 1] = s * np.float32(b >> four) + c
 
 
-@njit(_DEQUANTIZE, **_OPTIONS)
+@njit(**_OPTIONS)
 def dequantize8(w, scales, biases, out):
     """out (N, K) = scale * q + bias for 8-bit w (N, K) bytes."""
     N, K = w.shape
