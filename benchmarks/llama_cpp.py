@@ -181,12 +181,11 @@ def run_llama(spec: dict) -> dict:
 
 def run_ours(spec: dict) -> dict:
     """Worker: our decoder (``mm1_mlx.load``) on the same ids, greedy, one token at a time."""
+    import mm1_mlx  # noqa: I001  (first: binds OpenBLAS before mlx.core loads)
     import time
 
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
-
-    import mm1_mlx
 
     t = time.perf_counter()
     model, _ = mm1_mlx.load(spec["mlx_path"])
