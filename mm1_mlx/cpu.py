@@ -5,9 +5,10 @@ OpenBLAS bound:
 - a one-row product written ``w @ x`` reads the weight 3-5x faster than ``x @ w.T`` (the
   orientation ``nn.Linear`` uses), and BLAS ``sgemv`` called directly 1.4x faster again (MLX
   calls ``sgemm``: ~20 vs ~29 GB/s);
-- ``quantized_matmul`` runs at ~1 GB/s on one thread, so a quantized layer's many-row products
-  (prefill) are faster as "dequantize, then BLAS" (one-row products stay quantized: less to read),
-  and both are split by output rows over one CPU stream (thread) per core;
+- ``quantized_matmul`` runs at ~1 GB/s on one thread: outside training a quantized layer runs
+  ``cpu_quant``'s numba kernels (a few rows: fused unpack-scale-dot; prefill: dequantized into a
+  BLAS product); without numba many-row products are "MLX dequantize, then BLAS", one-row ones
+  stay quantized (less to read), both split by output rows over one CPU stream (thread) per core;
 - ``exp`` and ``sigmoid`` run scalar (softmax over 16x632x632: ~110 ms) while ``power(2, x)`` is
   2-2.5x faster, so softmax, sigmoid and SiLU are written with base-2 exponentials (same results
   to ~1e-7). Attention then is ``2^(s - max) @ v / sum`` instead of the fused kernel's fallback.
