@@ -38,7 +38,8 @@ def gemv4(w, scales, biases, x, out):
                 total = np.float32(0)
                 for g in range(G):
                     a = np.float32(0)
-                    for t in range(g * per, g * per + per):
+                    for i in range(per):
+                        t = g * per + i
                         b = np.int32(w[n, t])
                         a += np.float32(b & low) * xe[t] + np.float32(b >> four) * xo[t]
                     total += scales[n, g] * a + biases[n, g] * sums[g]
@@ -49,7 +50,8 @@ def gemv4(w, scales, biases, x, out):
         for g in range(G):
             lo = g * per
             a0 = a1 = a2 = a3 = np.float32(0)
-            for t in range(lo, lo + per):
+            for i in range(per):  # from 0: numba's negative-index check then vectorizes
+                t = lo + i
                 e, o = xe[t], xo[t]
                 b0, b1 = np.int32(r0[t]), np.int32(r1[t])
                 b2, b3 = np.int32(r2[t]), np.int32(r3[t])
@@ -79,7 +81,8 @@ def gemv8(w, scales, biases, x, out):
                 total = np.float32(0)
                 for g in range(G):
                     a = np.float32(0)
-                    for k in range(g * per, g * per + per):
+                    for i in range(per):
+                        k = g * per + i
                         a += np.float32(np.int32(w[n, k])) * x[k]
                     total += scales[n, g] * a + biases[n, g] * sums[g]
                 out[n] = total
@@ -89,7 +92,8 @@ def gemv8(w, scales, biases, x, out):
         for g in range(G):
             lo = g * per
             a0 = a1 = a2 = a3 = np.float32(0)
-            for k in range(lo, lo + per):
+            for i in range(per):
+                k = lo + i
                 v = x[k]
                 a0 += np.float32(np.int32(r0[k])) * v
                 a1 += np.float32(np.int32(r1[k])) * v
@@ -113,7 +117,8 @@ def dequantize4(w, scales, biases, out):
     for n in prange(N):
         for g in range(G):
             s, c = scales[n, g], biases[n, g]
-            for t in range(g * per, g * per + per):
+            for i in range(per):
+                t = g * per + i
                 b = np.int32(w[n, t])
                 out[n, 2 * t] = s * np.float32(b & low) + c
                 out[n, 2 * t + 1] = s * np.float32(b >> four) + c
@@ -128,5 +133,6 @@ def dequantize8(w, scales, biases, out):
     for n in prange(N):
         for g in range(G):
             s, c = scales[n, g], biases[n, g]
-            for k in range(g * per, g * per + per):
+            for i in range(per):
+                k = g * per + i
                 out[n, k] = s * np.float32(np.int32(w[n, k])) + c
