@@ -410,11 +410,22 @@ class QuantizedLinear(nn.QuantizedLinear):
         more (prefill) dequantize into a BLAS product: ~10x MLX's kernels here."""
         rows = x.size // x.shape[-1]
         if rows > GEMV_ROWS:
-            return matmul_t(x, cpu_quant.dequantize(self))
+            return matmul_t(x, self._dequantized())
         mx.eval(x)
         xs = np.asarray(x).reshape(rows, -1)
         y = np.stack([cpu_quant.gemv(self, r) for r in xs])
         return mx.array(y.reshape(*x.shape[:-1], -1))
+
+    def _dequantized(self) -> mx.array:
+        """The float32 weight, written by the kernel into the MLX array's own buffer where MLX
+        lends it (copying numpy's result into MLX costs as much as dequantizing here)."""
+        w = mx.zeros((self["weight"].shape[0], self["scales"].shape[-1] * self.group_size))
+        mx.eval(w)
+        view = shared_view(w)
+        if view is None:
+            return mx.array(cpu_quant.dequantize(self))
+        cpu_quant.dequantize(self, out=view)
+        return w
 
     def _mlx_product(self, x: mx.array) -> mx.array:
         quantized = self.training or x.size == x.shape[-1]

@@ -104,10 +104,11 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     return _gemv(layer.bits, arrays, np.ascontiguousarray(x, dtype=np.float32))
 
 
-def dequantize(layer, rows: slice = slice(None)) -> mx.array:
-    """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it (prefill)."""
-    return mx.array(_dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
-                                             for k in ("weight", "scales", "biases")}))
+def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
+    """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it (prefill),
+    written into ``out`` if given (C-contiguous float32 of that shape)."""
+    return _dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
+                                    for k in ("weight", "scales", "biases")}, out)
 
 
 def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
@@ -117,9 +118,10 @@ def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dequantize(bits: int, a: dict) -> np.ndarray:
+def _dequantize(bits: int, a: dict, out: np.ndarray | None = None) -> np.ndarray:
     w = a["weight"]
-    out = np.empty((w.shape[0], w.shape[1] * 32 // bits), np.float32)
+    if out is None:
+        out = np.empty((w.shape[0], w.shape[1] * 32 // bits), np.float32)
     fn = kernels().dequantize4 if bits == 4 else kernels().dequantize8
     fn(w.view(np.uint8), a["scales"], a["biases"], out)
     return out

@@ -39,10 +39,10 @@ def test_gemv_and_dequantize_equal_mlx(bits, group):
     got = cpu_quant.gemv(q, np.array(x))
     np.testing.assert_allclose(got, np.array(want), rtol=2e-5, atol=2e-5)
     w = mx.dequantize(*args, group_size=group, bits=bits)
-    np.testing.assert_allclose(np.array(cpu_quant.dequantize(q)), np.array(w), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.array(cpu_quant.dequantize(q, slice(3, 9))),
-                               np.array(w[3:9]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cpu_quant.dequantize(q), np.array(w), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cpu_quant.dequantize(q, slice(3, 9)), np.array(w[3:9]),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(q._dequantized()), np.array(w), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
