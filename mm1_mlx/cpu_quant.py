@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 BITS = (4, 8)
+PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
 _KERNELS: list = []
 
 
@@ -66,11 +67,13 @@ def _load_kernels():
 
 def warm_up(model) -> None:
     """Compile (or load from the cache) the kernels ``model``'s quantized layers use."""
-    bits = {m.bits for _, m in model.named_modules() if handles(m)}
-    for b in sorted(bits):
-        w = np.zeros((5, b), np.uint32)  # rows of 32 values
-        layer = {"weight": w, "scales": np.ones((5, 1), np.float32),
-                 "biases": np.zeros((5, 1), np.float32)}
+    sizes = {(m.bits, m["weight"][0].nbytes >= PARALLEL_BYTES if m["weight"].ndim == 3
+              else m["weight"].nbytes >= PARALLEL_BYTES)
+             for _, m in model.named_modules() if handles(m)}
+    for b, large in sorted(sizes):
+        rows = PARALLEL_BYTES // (4 * b) if large else 5  # of 32 values (b words) each
+        layer = {"weight": np.zeros((rows, b), np.uint32), "scales": np.ones((rows, 1), np.float32),
+                 "biases": np.zeros((rows, 1), np.float32)}
         _gemv(b, layer, np.ones(32, np.float32))
         _dequantize(b, layer)
 
@@ -111,9 +114,13 @@ def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) 
                                     for k in ("weight", "scales", "biases")}, out)
 
 
+def _kernel(name: str, w: np.ndarray):
+    return getattr(kernels(), name if w.nbytes >= PARALLEL_BYTES else f"{name}_serial")
+
+
 def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
     out = np.empty(a["weight"].shape[0], np.float32)
-    fn = kernels().gemv4 if bits == 4 else kernels().gemv8
+    fn = _kernel(f"gemv{bits}", a["weight"])
     fn(a["weight"].view(np.uint8), a["scales"], a["biases"], x, out)
     return out
 
@@ -122,6 +129,5 @@ def _dequantize(bits: int, a: dict, out: np.ndarray | None = None) -> np.ndarray
     w = a["weight"]
     if out is None:
         out = np.empty((w.shape[0], w.shape[1] * 32 // bits), np.float32)
-    fn = kernels().dequantize4 if bits == 4 else kernels().dequantize8
-    fn(w.view(np.uint8), a["scales"], a["biases"], out)
+    _kernel(f"dequantize{bits}", w)(w.view(np.uint8), a["scales"], a["biases"], out)
     return out

@@ -136,3 +136,12 @@ def dequantize8(w, scales, biases, out):
             for i in range(per):
                 k = g * per + i
                 out[n, k] = s * np.float32(np.int32(w[n, k])) + c
+
+
+# small weights (a tiny model, a router) run in the calling thread: waking the pool for each costs
+# more than it saves, and on a busy machine each parallel region waits for every thread's turn
+_SERIAL = dict(_OPTIONS, parallel=False)
+gemv4_serial = njit(**_SERIAL)(gemv4.py_func)
+gemv8_serial = njit(**_SERIAL)(gemv8.py_func)
+dequantize4_serial = njit(**_SERIAL)(dequantize4.py_func)
+dequantize8_serial = njit(**_SERIAL)(dequantize8.py_func)

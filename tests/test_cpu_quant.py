@@ -30,8 +30,11 @@ def _quantized_linear(n, k, bits, group, seed=0, bias=False):
     return q
 
 
+@pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("bits,group", SETTINGS)
-def test_gemv_and_dequantize_equal_mlx(bits, group):
+def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, monkeypatch):
+    # both kernels: split over the cores (large weights) and in the calling thread (small ones)
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 0 if parallel else 1 << 40)
     q = _quantized_linear(70, 384, bits, group)  # 70 rows: 17 blocks of four and 2 left over
     args = (q.weight, q.scales, q.biases)
     x = mx.random.normal((384,), key=mx.random.key(1))
@@ -121,6 +124,7 @@ def _greedy(lm, prompt, steps):
 @pytest.mark.parametrize("bits,group,moe", [(4, 64, False), (8, 32, False), (4, 128, True),
                                             (8, 64, True)])
 def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)  # some layers split, some not
     lm = _lm(bits, group, moe)
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     calls = []
