@@ -1,4 +1,5 @@
-"""results.json, a Markdown table (results.md) and a chart (results.png) from one benchmark run."""
+"""results.json, a Markdown table (results.md) and charts (results.png; decode_bandwidth.png with the
+llama.cpp peer) from one benchmark run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ["mm1-mlx", "mlx", "mlx-lm", "mlx-vlm", "torch", "transformers", "numpy"]
+PACKAGES = ["mm1-mlx", "mlx", "mlx-lm", "mlx-vlm", "torch", "transformers", "numpy", "numba",
+            "llama-cpp-python"]
 
 
 def versions() -> dict:
@@ -52,6 +54,68 @@ def generate_table(summary: dict) -> list[str]:
     return rows
 
 
+def llama_table(text: dict) -> list[str]:
+    """llama.cpp beside our decoder (text only, the same prompt ids and weights)."""
+    rows = [f"Text-only decoder, the same {text.get('prompt_tokens')} prompt token ids, greedy, "
+            "llama.cpp through llama-cpp-python:", "",
+            "| system | prefill tok/s | decode tok/s | weights read per token (GB) "
+            "| decode / bandwidth bound | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+    for name, r in text["summary"].items():
+        if r.get("status") != "ok":
+            rows.append(f"| {name} | failed: {str(r.get('error', '?')).replace('|', '/')[:160]} "
+                        "| | | | |")
+            continue
+        gb = r.get("decode_weight_bytes")
+        rows.append(f"| {name} | {_f(r.get('prefill_tps'), '{:.0f}')} "
+                    f"| {_f(r.get('decode_tps'), '{:.1f}')} | {_f(gb and gb / 1e9, '{:.3f}')} "
+                    f"| {_pct(r.get('decode_fraction_of_bound'))} | {_f(r.get('peak_rss_gb'))} |")
+    rows += ["", "| target | measured | met |", "|---|---|---|"]
+    for k, t in text.get("targets", {}).items():
+        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        rows.append(f"| {k} | {_f(t['value'])} | {met} |")
+    rows.append("")
+    rows += [f"- same leading greedy tokens: {k}: {v}" for k, v in text.get("same_tokens", {}).items()]
+    rows += [f"- harness workaround: {w}" for w in text.get("workarounds", [])]
+    return rows + [""]
+
+
+def bandwidth_chart(text: dict, path: Path) -> None:
+    """Decode rate against the weight bytes read per token, with the read-bandwidth bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {k: v for k, v in text["summary"].items()
+          if v.get("status") == "ok" and v.get("decode_tps") and v.get("decode_weight_bytes")}
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, r in ok.items():
+        gb = r["decode_weight_bytes"] / 1e9
+        ax.scatter(gb, r["decode_tps"], color="tab:orange" if name.startswith("mm1") else "tab:gray")
+        ax.annotate(name, (gb, r["decode_tps"]), fontsize=8, xytext=(4, 2),
+                    textcoords="offset points")
+    reads = sorted(r["read_gbps"] for r in ok.values() if r.get("read_gbps"))
+    if reads:
+        bw = reads[len(reads) // 2]
+        xs = [min(r["decode_weight_bytes"] for r in ok.values()) / 1e9 * 0.8,
+              max(r["decode_weight_bytes"] for r in ok.values()) / 1e9 * 1.25]
+        ax.plot(xs, [bw / x for x in xs], "--", color="tab:blue",
+                label=f"bandwidth bound ({bw:.0f} GB/s read)")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights read per token (GB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("decode vs memory bandwidth (medians)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _worker_reads(res: dict) -> str:
     reads = [x["read_gbps"] for runs in res.get("runs", {}).values() for x in runs
              if x.get("read_gbps")]
@@ -91,6 +155,8 @@ def markdown(res: dict) -> str:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             lines.append(f"| {k} | {_f(t['value'])} | {met} |")
         lines.append("")
+    if "llama_cpp" in res:
+        lines += llama_table(res["llama_cpp"])
     if "lora" in res:
         lines += ["| LoRA | step time (s) | peak memory (GB) | notes |", "|---|---|---|---|"]
         for k, r in res["lora"].items():
@@ -139,3 +205,5 @@ def write(res: dict, out: Path) -> None:
     _atomic_write(out / "results.json", json.dumps(res, indent=2, default=str).encode())
     _atomic_write(out / "results.md", markdown(res).encode())
     chart(res, out / "results.png")
+    if "llama_cpp" in res:
+        bandwidth_chart(res["llama_cpp"], out / "decode_bandwidth.png")

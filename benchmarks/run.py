@@ -205,6 +205,46 @@ def run_generate(systems: list[str], paths: dict, opts: dict, timeout: float) ->
     return runs
 
 
+def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) -> dict:
+    """llama.cpp beside our decoder, text only, the same prompt ids (``llama_cpp.py``); pairs
+    alternate within each repetition."""
+    from . import llama_cpp
+
+    ggufs, notes, llama = llama_cpp.gguf_files(paths["hf"], cache, timeout, log)
+    spec = {"token_ids": llama_cpp.prompt_ids(SIZES[size]["text"]["vocab_size"]),
+            "max_tokens": opts["max_tokens"], "threads": os.cpu_count(),
+            "probe_mb": opts["probe_mb"]}
+    sources = {**{s: paths.get(m) for s, m in llama_cpp.OURS.items()}, **ggufs}
+    runs = {s: [] for pair in llama_cpp.PAIRS for s in pair}
+    for rep in range(opts["reps"]):
+        for s in runs:
+            src = sources.get(s)
+            if not isinstance(src, Path):
+                runs[s].append({"error": f"no model: {src}"})
+                continue
+            key = "gguf" if s in llama_cpp.LLAMA else "mlx_path"
+            log(f"rep {rep + 1}/{opts['reps']}: {s}")
+            r = child(["benchmarks.worker", s, json.dumps(dict(spec, **{key: str(src)}))], timeout)
+            log(f"  {s} failed: {r['error']}" if "error" in r else
+                f"  prefill {r['first']['prefill_tps']:.0f} tok/s, decode "
+                f"{r['first']['decode_tps'] or 0:.1f} tok/s, read {r['read_gbps']:.1f} GB/s")
+            runs[s].append(r)
+    summary = {s: summarize(r) for s, r in runs.items()}
+    for s, r in summary.items():
+        src = sources.get(s)
+        if r.get("status") != "ok" or not isinstance(src, Path):
+            continue
+        r["decode_weight_bytes"] = (llama_cpp.weight_bytes(src, llama) if s in llama_cpp.LLAMA
+                                    else decode_bytes(src))
+        r["read_gbps"] = median([x for x in runs[s] if "error" not in x], "read_gbps")
+        if r["read_gbps"] and r.get("decode_tps"):
+            r["decode_bound_tps"] = r["read_gbps"] * 1e9 / r["decode_weight_bytes"]
+            r["decode_fraction_of_bound"] = r["decode_tps"] / r["decode_bound_tps"]
+    return {"runs": runs, "summary": summary, "targets": llama_cpp.targets(summary),
+            "same_tokens": llama_cpp.same_tokens(runs), "workarounds": notes,
+            "prompt_tokens": len(spec["token_ids"])}
+
+
 def bounds(summary: dict, runs: dict, machine: dict, paths: dict, size: str) -> None:
     """Decode as a fraction of the bandwidth bound, prefill of the matmul bound (in place).
 
@@ -273,6 +313,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None,
                    help="restrict the generate suite to these systems (comma-separated)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
+    p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
+                   help="llama.cpp text-decoder peer in the generate suite (auto: if installed)")
     return p
 
 
@@ -301,7 +343,11 @@ def main(argv=None) -> dict:
                "model": {"vision": SIZES[args.size]["vision"], "text": SIZES[args.size]["text"]}}
     results["machine"] = measure_machine(args.timeout, quick=args.size == "tiny")
     log(f"building the {args.size} checkpoint in {cache}")
-    paths = prepare(args.size, cache, "quant" in suites, args.timeout)
+    from .llama_cpp import available
+
+    llama = "generate" in suites and (args.llama_cpp == "on"
+                                      or (args.llama_cpp == "auto" and available()))
+    paths = prepare(args.size, cache, "quant" in suites or llama, args.timeout)
     results["prepare_s"] = paths.pop("prepare_s")
     results["versions"] = report.versions()
 
@@ -317,6 +363,8 @@ def main(argv=None) -> dict:
         bounds(results["summary"], runs, results["machine"], paths, args.size)
         if "generate" in suites:
             results["targets"] = targets(results["summary"])
+    if llama:
+        results["llama_cpp"] = run_text(paths, cache, opts, args.size, args.timeout)
     if "lora" in suites:
         from .lora_bench import run_lora
 

@@ -1,11 +1,13 @@
 """One system, one process: ``python -m benchmarks.worker SYSTEM SPEC_JSON`` prints a JSON result.
 
 Systems: ``transformers`` (PyTorch CPU), ``mlx-vlm`` (as installed), ``mlx-vlm+blas`` (our BLAS binding
-bound first), ``mm1-mlx`` (our checkpoint, any quantization). Each answers a first question about an
-image and a follow-up about the same image (with the system's own prefix/image cache if it has one),
-timed from the call to the first token, then decodes ``max_tokens`` tokens. The peak RSS is the
-high-water mark of this process's own address space (``VmHWM``); then the process measures the
-memory read bandwidth (``read_gbps``) that its decode rate is compared with.
+bound first), ``mm1-mlx`` (our checkpoint, any quantization); text-only decoders on prompt token
+ids: ``llama.cpp-F32/Q8_0/Q4_0`` and ``mm1-mlx(-q8|-q4)-text`` (``llama_cpp.py``). Each other one
+answers a first question about an image and a follow-up about the same image (with the system's own
+prefix/image cache if it has one), timed from the call to the first token, then decodes
+``max_tokens`` tokens. The peak RSS is the
+high-water mark of this process's own address space (``VmHWM``); then the process
+measures the memory read bandwidth (``read_gbps``) that its decode rate is compared with.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import resource
 import sys
 import time
 
+from .llama_cpp import LLAMA, OURS, run_llama, run_ours
 from .machine import probe_buffer, read_gbps
 
 
@@ -177,7 +180,11 @@ def run_mm1(spec: dict) -> dict:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     system, spec = argv[0], json.loads(argv[1])
-    if system == "transformers":
+    if system in LLAMA:
+        out = run_llama(spec)
+    elif system in OURS:
+        out = run_ours(spec)
+    elif system == "transformers":
         out = run_transformers(spec)
     elif system in ("mlx-vlm", "mlx-vlm+blas"):
         out = run_mlx_vlm(spec, bind=system == "mlx-vlm+blas")

@@ -192,8 +192,8 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu_step.pack_layers``). ``progress``: a bar on stderr while a checkpoint
-    of a gigabyte or more is read."""
+    into one buffer (``cpu_step.pack_layers``); a quantized model gets ``cpu_quant``'s kernels
+    ready. ``progress``: a bar on stderr while a checkpoint of a gigabyte or more is read."""
     from .backend import retain_freed_memory
     from .cpu import on_cpu
 
@@ -212,6 +212,10 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
         from .adapters import load_adapters
 
         load_adapters(model, adapter_path)
+    if cpu and config.quantization:
+        from .cpu_quant import warm_up
+
+        warm_up(model)  # compiled (first run on a machine) or read from the cache now, not at token 1
     if not lazy:
         nbytes = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
         materialize(model, cpu, progress, nbytes)

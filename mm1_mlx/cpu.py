@@ -5,9 +5,10 @@ OpenBLAS bound:
 - a one-row product written ``w @ x`` reads the weight 3-5x faster than ``x @ w.T`` (the
   orientation ``nn.Linear`` uses), and BLAS ``sgemv`` called directly 1.4x faster again (MLX
   calls ``sgemm``: ~20 vs ~29 GB/s);
-- ``quantized_matmul`` runs at ~1 GB/s on one thread, so a quantized layer's many-row products
-  (prefill) are faster as "dequantize, then BLAS" (one-row products stay quantized: less to read),
-  and both are split by output rows over one CPU stream (thread) per core;
+- ``quantized_matmul`` runs at ~1 GB/s on one thread: outside training a quantized layer runs
+  ``cpu_quant``'s numba kernels (a few rows: fused unpack-scale-dot; prefill: dequantized into a
+  BLAS product); without numba many-row products are "MLX dequantize, then BLAS", one-row ones
+  stay quantized (less to read), both split by output rows over one CPU stream (thread) per core;
 - ``exp`` and ``sigmoid`` run scalar (softmax over 16x632x632: ~110 ms) while ``power(2, x)`` is
   2-2.5x faster, so softmax, sigmoid and SiLU are written with base-2 exponentials (same results
   to ~1e-7). Attention then is ``2^(s - max) @ v / sum`` instead of the fused kernel's fallback.
@@ -33,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import backend
+from . import backend, cpu_quant
 
 
 def on_cpu() -> bool:
@@ -381,6 +382,7 @@ class Linear(nn.Linear):
 
 _STREAMS: list = []
 QUANT_SPLIT = 1 << 18  # quantized weights with this many elements are split over the streams
+GEMV_ROWS = 4  # quantized products of up to this many rows read the packed weight once per row
 
 
 def streams() -> list:
@@ -400,6 +402,36 @@ class QuantizedLinear(nn.QuantizedLinear):
             return super().__call__(x)
         dtype = x.dtype
         x = x.astype(mx.float32)  # quantized_matmul with half inputs is ~30x slower here
+        if not self.training and cpu_quant.handles(self):
+            y = self._numba_product(x)
+        else:
+            y = self._mlx_product(x)
+        y = y.astype(dtype)
+        return y + self["bias"] if "bias" in self else y
+
+    def _numba_product(self, x: mx.array) -> mx.array:
+        """A few rows (decode outside ``cpu_step``) through the fused kernel, one row at a time;
+        more (prefill) dequantize into a BLAS product: ~10x MLX's kernels here."""
+        rows = x.size // x.shape[-1]
+        if rows > GEMV_ROWS:
+            return matmul_t(x, self._dequantized())
+        mx.eval(x)
+        xs = np.asarray(x).reshape(rows, -1)
+        y = np.stack([cpu_quant.gemv(self, r) for r in xs])
+        return mx.array(y.reshape(*x.shape[:-1], -1))
+
+    def _dequantized(self) -> mx.array:
+        """The float32 weight, written by the kernel into the MLX array's own buffer where MLX
+        lends it (copying numpy's result into MLX costs as much as dequantizing here)."""
+        w = mx.zeros((self["weight"].shape[0], self["scales"].shape[-1] * self.group_size))
+        mx.eval(w)
+        view = shared_view(w)
+        if view is None:
+            return mx.array(cpu_quant.dequantize(self))
+        cpu_quant.dequantize(self, out=view)
+        return w
+
+    def _mlx_product(self, x: mx.array) -> mx.array:
         quantized = self.training or x.size == x.shape[-1]
         # QLoRA keeps the small quantized weights in the graph, and one row (decode) reads less
         # through quantized_matmul; many rows (prefill) dequantize into BLAS products.
@@ -415,9 +447,7 @@ class QuantizedLinear(nn.QuantizedLinear):
                     continue
                 w = mx.dequantize(w, scales, biases, self.group_size, self.bits, mode=self.mode)
             parts.append(matmul_t(x, w))  # on the caller's stream: BLAS, multi-threaded
-        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-        y = y.astype(dtype)
-        return y + self["bias"] if "bias" in self else y
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
     def _row_blocks(self) -> list:
         """(stream, (first, end) output row) per stream; one block for small layers."""

@@ -9,9 +9,11 @@ written with its ``update_and_fetch`` after the layer attended to them, and eval
 
 ``decode`` applies only where it computes what the MLX layers compute (to float32 rounding): the
 CPU, inference, one sequence of one token, float32 weights in our plain ``Linear`` layers and
-mlx-lm's ``SwitchLinear`` experts (dense or top-k MoE feed-forwards; not LoRA-wrapped, not
-quantized), no q/k norms, RMS norms, plain ``KVCache``\\ s and a RoPE ``cpu.rope`` can tabulate.
-Anything else returns None and the model runs its MLX layers.
+mlx-lm's ``SwitchLinear`` experts (dense or top-k MoE feed-forwards; not LoRA-wrapped), or their
+affine 4/8-bit quantized forms where ``cpu_quant``'s kernels read them (numba: the packed weights
+unpacked in registers, ~10x MLX's ``quantized_matmul`` here), no q/k norms, RMS norms, plain
+``KVCache``\\ s and a RoPE ``cpu.rope`` can tabulate. Anything else returns None and the model runs
+its MLX layers.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear
 
-from . import backend
-from .cpu import LOG2E, Linear, gemv_numpy, np_silu, on_cpu, rope_tables
+from . import backend, cpu_quant
+from .cpu import LOG2E, Linear, QuantizedLinear, gemv_numpy, np_silu, on_cpu, rope_tables
 
 ENABLED = True  # tests compare against the MLX layers by switching it off
 
@@ -83,8 +85,7 @@ def _rope_tables(layer, cache):
         return None
     if "q_norm" in at or not _ffn_ok(mlp):
         return None
-    if not all(type(m) is Linear and _plain(m)
-               for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
+    if not all(_projection(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
         return None
     if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
                                                layer.post_attention_layernorm)):
@@ -95,15 +96,15 @@ def _rope_tables(layer, cache):
 def _ffn_ok(mlp) -> bool:
     """A dense SwiGLU MLP, or a top-k MoE block of them (mlx-lm's SwitchGLU), plain weights."""
     if "switch_mlp" not in mlp:
-        return "gate_proj" in mlp and all(type(m) is Linear and _plain(m)
+        return "gate_proj" in mlp and all(_projection(m)
                                           for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     sw = mlp.switch_mlp
     experts = (sw.gate_proj, sw.up_proj, sw.down_proj)
     return (type(sw) is SwitchGLU and type(sw.activation) is SwiGLU
-            and all(_plain(m, kinds=(SwitchLinear,)) for m in experts)
-            and type(mlp.gate) is Linear and _plain(mlp.gate)
+            and all(_plain(m, experts=True) for m in experts)
+            and _projection(mlp.gate)
             and ("shared_expert" not in mlp
-                 or (_ffn_ok(mlp.shared_expert) and _plain(mlp.shared_expert_gate))))
+                 or (_ffn_ok(mlp.shared_expert) and _projection(mlp.shared_expert_gate))))
 
 
 def _ffn(mlp, h: np.ndarray) -> np.ndarray:
@@ -128,15 +129,29 @@ def _ffn(mlp, h: np.ndarray) -> np.ndarray:
 
 
 def _expert(layer, e: int, x: np.ndarray) -> np.ndarray:
-    y = gemv_numpy(np.asarray(layer.weight)[e], x)
+    if "scales" in layer:
+        y = cpu_quant.gemv(layer, x, expert=e)
+    else:
+        y = gemv_numpy(np.asarray(layer.weight)[e], x)
     return y + np.asarray(layer.bias)[e] if "bias" in layer else y
 
 
-def _plain(layer, kinds=(Linear, nn.Embedding)) -> bool:
-    """A float32, C-contiguous weight (what sgemv reads) in a layer of exactly one of ``kinds``:
-    not wrapped (LoRA) or quantized."""
-    return (type(layer) in kinds and layer.weight.dtype == mx.float32
-            and np.asarray(layer.weight).flags.c_contiguous)
+def _projection(layer) -> bool:
+    """A plain (see ``_plain``) float or quantized ``Linear``."""
+    return type(layer) in (Linear, QuantizedLinear) and _plain(layer)
+
+
+FLOAT_KINDS, QUANTIZED_KINDS = (Linear, nn.Embedding), (QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def _plain(layer, experts: bool = False) -> bool:
+    """A weight this step reads, in a layer of exactly one of these kinds (not wrapped by LoRA):
+    float32 and C-contiguous (what sgemv reads) in a ``Linear`` / ``Embedding`` (``SwitchLinear``
+    for ``experts``), or quantized in a form ``cpu_quant``'s kernels read."""
+    if type(layer) in ((QuantizedSwitchLinear,) if experts else QUANTIZED_KINDS):
+        return cpu_quant.handles(layer)
+    return (type(layer) in ((SwitchLinear,) if experts else FLOAT_KINDS)
+            and layer.weight.dtype == mx.float32 and np.asarray(layer.weight).flags.c_contiguous)
 
 
 def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
@@ -187,7 +202,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
 
 
 def _linear(layer: Linear, x: np.ndarray) -> np.ndarray:
-    y = gemv_numpy(np.asarray(layer.weight), x)
+    y = cpu_quant.gemv(layer, x) if "scales" in layer else gemv_numpy(np.asarray(layer.weight), x)
     return y + np.asarray(layer.bias) if "bias" in layer else y
 
 

@@ -5,6 +5,7 @@ import mm1_mlx  # noqa: F401, I001  (binds the BLAS before mlx.core loads)
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -64,7 +65,7 @@ def test_tiny_run(tmp_path):
     # how long it takes is a speed target (2 minutes idle), for the benchmarks to report, not for a
     # timed unit test: on a shared machine it took 260-480 s
     run.main(["--size", "tiny", "--out", str(tmp_path / "out"), "--cache",
-               str(tmp_path / "cache"), "--reps", "1", "--max-tokens", "4"])
+               str(tmp_path / "cache"), "--reps", "1", "--max-tokens", "4", "--llama-cpp", "off"])
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"results.json", "results.md",
                                                               "results.png"}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -127,3 +128,47 @@ def test_benchmarks_bind_blas_before_mlx_loads():
                 if first is not None and not first.startswith("mm1_mlx"):
                     bad.append(f"{path.name}:{fn.lineno} {fn.name} imports {first} first")
     assert not bad, bad
+
+
+def test_llama_peer_text_checkpoint_targets_and_report(tmp_path):
+    # the pieces of the llama.cpp peer that need no llama.cpp: the decoder's HF directory, the
+    # targets, token agreement, the table and the decode-vs-bandwidth figure
+    from safetensors.numpy import load_file, save_file
+
+    from benchmarks import llama_cpp, report
+
+    src = tmp_path / "llava"
+    src.mkdir()
+    text = {"hidden_size": 8, "rope_parameters": {"rope_theta": 500.0}, "model_type": "llama"}
+    (src / "config.json").write_text(json.dumps({"text_config": text, "model_type": "llava"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_text("{}")
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_file({"language_model.model.norm.weight": w[0], "language_model.lm_head.weight": w,
+               "vision_tower.x": w}, src / "model.safetensors")
+    out = llama_cpp.text_checkpoint(src, tmp_path / "text")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["rope_theta"] == 500.0
+    weights = load_file(out / "model.safetensors")
+    assert set(weights) == {"model.norm.weight", "lm_head.weight"}
+    np.testing.assert_array_equal(weights["lm_head.weight"], w)
+
+    def r(tps, gb, tokens):
+        return {"status": "ok", "decode_tps": tps, "prefill_tps": 100.0, "peak_rss_gb": 1.0,
+                "decode_weight_bytes": gb * 1e9, "read_gbps": 20.0, "tokens": tokens}
+
+    summary = {"mm1-mlx-text": r(15.0, 1.0, [1, 2, 3]), "llama.cpp-F32": r(14.0, 1.0, [1, 2, 4]),
+               "mm1-mlx-q4-text": r(28.0, 0.16, [5]), "llama.cpp-Q4_0": r(40.0, 0.15, [5])}
+    targets = llama_cpp.targets(summary)
+    assert targets["4-bit decode >= 0.7x llama.cpp Q4_0"] == {"value": 0.7, "met": True}
+    assert targets["4-bit decode >= 2x our float decode"]["met"] is False  # 28 / 15 < 2
+    assert targets["float decode >= 1.0x llama.cpp F32"]["met"] is True
+    runs = {k: [{"tokens": v["tokens"]}] for k, v in summary.items()}
+    same = llama_cpp.same_tokens(runs)
+    assert same == {"mm1-mlx-text vs llama.cpp-F32": "2/3", "mm1-mlx-q4-text vs llama.cpp-Q4_0": "1/1"}
+    res = {"summary": summary, "targets": targets, "same_tokens": same, "workarounds": ["w"],
+           "prompt_tokens": 632}
+    table = "\n".join(report.llama_table(res))
+    assert "| llama.cpp-Q4_0 | 100 | 40.0 | 0.150 |" in table and "harness workaround: w" in table
+    report.bandwidth_chart(res, tmp_path / "bw.png")
+    assert (tmp_path / "bw.png").stat().st_size > 1000

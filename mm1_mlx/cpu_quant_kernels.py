@@ -1,0 +1,147 @@
+"""numba kernels over MLX's affine-quantized weights (imported only by ``cpu_quant``, which
+checks numba is there and chooses where compiled kernels are cached).
+
+The layout is ``mx.quantize``'s: each row's values packed low bits first into uint32 words, read
+here as bytes (little-endian: 8-bit values are the bytes themselves, a 4-bit byte holds value 2t in
+its low nibble and 2t + 1 in its high one), and per group of ``K / G`` values a scale and a bias:
+``w = scale * q + bias``. A row's product is ``sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)``,
+the same dequantized values as MLX's, summed in another order (float32 rounding).
+
+Rows go four at a time (they share each load of ``x``; LLVM vectorizes the group loop), split
+over the threads by ``prange``. Each kernel compiles (or loads from the cache) at its first call:
+``cpu_quant.warm_up`` makes that call when a quantized model loads, for the bit widths it has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_OPTIONS = dict(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy",
+                boundscheck=False)
+ROWS = 4  # rows per block
+
+
+@njit(**_OPTIONS)
+def gemv4(w, scales, biases, x, out):
+    """out = W x for 4-bit W: w (N, K / 2) bytes, scales and biases (N, G), x (K,)."""
+    N, B = w.shape
+    G = scales.shape[1]
+    per = B // G  # bytes per group
+    xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
+    sums = (xe + xo).reshape(G, per).sum(axis=1)
+    low, four = np.int32(15), np.int32(4)
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n0 = blk * ROWS
+        if n0 + ROWS > N:  # the last rows, one by one
+            for n in range(n0, N):
+                total = np.float32(0)
+                for g in range(G):
+                    a = np.float32(0)
+                    for i in range(per):
+                        t = g * per + i
+                        b = np.int32(w[n, t])
+                        a += np.float32(b & low) * xe[t] + np.float32(b >> four) * xo[t]
+                    total += scales[n, g] * a + biases[n, g] * sums[g]
+                out[n] = total
+            continue
+        r0, r1, r2, r3 = w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
+        t0 = t1 = t2 = t3 = np.float32(0)
+        for g in range(G):
+            lo = g * per
+            a0 = a1 = a2 = a3 = np.float32(0)
+            for i in range(per):  # from 0: numba's negative-index check then vectorizes
+                t = lo + i
+                e, o = xe[t], xo[t]
+                b0, b1 = np.int32(r0[t]), np.int32(r1[t])
+                b2, b3 = np.int32(r2[t]), np.int32(r3[t])
+                a0 += np.float32(b0 & low) * e + np.float32(b0 >> four) * o
+                a1 += np.float32(b1 & low) * e + np.float32(b1 >> four) * o
+                a2 += np.float32(b2 & low) * e + np.float32(b2 >> four) * o
+                a3 += np.float32(b3 & low) * e + np.float32(b3 >> four) * o
+            s = sums[g]
+            t0 += scales[n0, g] * a0 + biases[n0, g] * s
+            t1 += scales[n0 + 1, g] * a1 + biases[n0 + 1, g] * s
+            t2 += scales[n0 + 2, g] * a2 + biases[n0 + 2, g] * s
+            t3 += scales[n0 + 3, g] * a3 + biases[n0 + 3, g] * s
+        out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
+
+
+@njit(**_OPTIONS)
+def gemv8(w, scales, biases, x, out):
+    """out = W x for 8-bit W: w (N, K) bytes, scales and biases (N, G), x (K,)."""
+    N, K = w.shape
+    G = scales.shape[1]
+    per = K // G
+    sums = x.reshape(G, per).sum(axis=1)
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n0 = blk * ROWS
+        if n0 + ROWS > N:
+            for n in range(n0, N):
+                total = np.float32(0)
+                for g in range(G):
+                    a = np.float32(0)
+                    for i in range(per):
+                        k = g * per + i
+                        a += np.float32(np.int32(w[n, k])) * x[k]
+                    total += scales[n, g] * a + biases[n, g] * sums[g]
+                out[n] = total
+            continue
+        r0, r1, r2, r3 = w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
+        t0 = t1 = t2 = t3 = np.float32(0)
+        for g in range(G):
+            lo = g * per
+            a0 = a1 = a2 = a3 = np.float32(0)
+            for i in range(per):
+                k = lo + i
+                v = x[k]
+                a0 += np.float32(np.int32(r0[k])) * v
+                a1 += np.float32(np.int32(r1[k])) * v
+                a2 += np.float32(np.int32(r2[k])) * v
+                a3 += np.float32(np.int32(r3[k])) * v
+            s = sums[g]
+            t0 += scales[n0, g] * a0 + biases[n0, g] * s
+            t1 += scales[n0 + 1, g] * a1 + biases[n0 + 1, g] * s
+            t2 += scales[n0 + 2, g] * a2 + biases[n0 + 2, g] * s
+            t3 += scales[n0 + 3, g] * a3 + biases[n0 + 3, g] * s
+        out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
+
+
+@njit(**_OPTIONS)
+def dequantize4(w, scales, biases, out):
+    """out (N, K) = scale * q + bias for 4-bit w (N, K / 2) bytes."""
+    N, B = w.shape
+    G = scales.shape[1]
+    per = B // G
+    low, four = np.int32(15), np.int32(4)
+    for n in prange(N):
+        for g in range(G):
+            s, c = scales[n, g], biases[n, g]
+            for i in range(per):
+                t = g * per + i
+                b = np.int32(w[n, t])
+                out[n, 2 * t] = s * np.float32(b & low) + c
+                out[n, 2 * t + 1] = s * np.float32(b >> four) + c
+
+
+@njit(**_OPTIONS)
+def dequantize8(w, scales, biases, out):
+    """out (N, K) = scale * q + bias for 8-bit w (N, K) bytes."""
+    N, K = w.shape
+    G = scales.shape[1]
+    per = K // G
+    for n in prange(N):
+        for g in range(G):
+            s, c = scales[n, g], biases[n, g]
+            for i in range(per):
+                k = g * per + i
+                out[n, k] = s * np.float32(np.int32(w[n, k])) + c
+
+
+# small weights (a tiny model, a router) run in the calling thread: waking the pool for each costs
+# more than it saves, and on a busy machine each parallel region waits for every thread's turn
+_SERIAL = dict(_OPTIONS, parallel=False)
+gemv4_serial = njit(**_SERIAL)(gemv4.py_func)
+gemv8_serial = njit(**_SERIAL)(gemv8.py_func)
+dequantize4_serial = njit(**_SERIAL)(dequantize4.py_func)
+dequantize8_serial = njit(**_SERIAL)(dequantize8.py_func)

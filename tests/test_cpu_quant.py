@@ -1,0 +1,140 @@
+"""The numba kernels over MLX's quantized weights (``mm1_mlx/cpu_quant.py``): products and
+dequantized weights equal MLX's, the decode step with them gives MLX's own quantized model's
+tokens, and everything falls back to MLX's kernels without them."""
+
+import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from mm1_mlx import cpu_quant, cpu_step
+from mm1_mlx.config import TextConfig
+from mm1_mlx.cpu import Linear, on_cpu
+from mm1_mlx.decoder import LanguageModel
+
+pytestmark = pytest.mark.skipif(not on_cpu() or cpu_quant.kernels() is None,
+                                reason="needs the CPU and numba (cpu_quant's kernels)")
+SETTINGS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
+
+
+def _quantized_linear(n, k, bits, group, seed=0, bias=False):
+    mx.random.seed(seed)
+    lin = Linear(k, n, bias=bias)
+    lin.weight = mx.random.normal((n, k)) * 0.05 + 0.01  # off-centre: biases matter
+    q = lin.to_quantized(group, bits)
+    mx.eval(q.parameters())
+    return q
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("bits,group", SETTINGS)
+def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, monkeypatch):
+    # both kernels: split over the cores (large weights) and in the calling thread (small ones)
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 0 if parallel else 1 << 40)
+    q = _quantized_linear(70, 384, bits, group)  # 70 rows: 17 blocks of four and 2 left over
+    args = (q.weight, q.scales, q.biases)
+    x = mx.random.normal((384,), key=mx.random.key(1))
+    want = mx.quantized_matmul(x[None], *args, transpose=True, group_size=group, bits=bits)[0]
+    got = cpu_quant.gemv(q, np.array(x))
+    np.testing.assert_allclose(got, np.array(want), rtol=2e-5, atol=2e-5)
+    w = mx.dequantize(*args, group_size=group, bits=bits)
+    np.testing.assert_allclose(cpu_quant.dequantize(q), np.array(w), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cpu_quant.dequantize(q, slice(3, 9)), np.array(w[3:9]),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(q._dequantized()), np.array(w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
+def test_expert_gemv_equals_mlx(bits, group):
+    mx.random.seed(2)
+    sw = SwitchLinear(128, 36, num_experts=3)
+    sw.weight = sw.weight + 0.02
+    q = sw.to_quantized(group, bits)
+    mx.eval(q.parameters())
+    assert isinstance(q, QuantizedSwitchLinear) and cpu_quant.handles(q)
+    x = mx.random.normal((128,))
+    for e in range(3):
+        want = mx.quantized_matmul(x[None], q.weight[e], q.scales[e], q.biases[e],
+                                   transpose=True, group_size=group, bits=bits)[0]
+        np.testing.assert_allclose(cpu_quant.gemv(q, np.array(x), expert=e), np.array(want),
+                                   rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_quantized_linear_layer_equals_mlx(rows, monkeypatch):
+    # 1-4 rows: the fused product per row; more (prefill): dequantized into a BLAS product
+    q = _quantized_linear(96, 256, 4, 64, bias=True)
+    x = mx.random.normal((1, rows, 256), key=mx.random.key(3))
+    got = np.array(q(x))
+    monkeypatch.setattr(cpu_quant, "_KERNELS", [None])  # MLX's kernels
+    assert not cpu_quant.handles(q)
+    np.testing.assert_allclose(got, np.array(q(x)), rtol=2e-5, atol=2e-5)
+
+
+def test_handles_only_what_the_kernels_read():
+    q = _quantized_linear(8, 64, 4, 32)
+    assert cpu_quant.handles(q)
+    q.scales = q.scales.astype(mx.float16)  # half scales (compute_dtype=None): MLX's kernels
+    assert not cpu_quant.handles(q)
+    q3 = _quantized_linear(8, 64, 3, 32)  # 3 bits: values straddle words
+    assert not cpu_quant.handles(q3)
+    assert not cpu_quant.handles(Linear(64, 8))
+
+
+def test_kernels_are_cached_under_the_user_cache(monkeypatch):
+    import numba
+
+    path = cpu_quant.kernels().gemv4._cache._cache_path
+    assert path.startswith(numba.config.CACHE_DIR or cpu_quant.cache_dir())
+    assert "site-packages" not in path
+
+
+def _lm(bits, group, moe):
+    kw = dict(vocab_size=101, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=not moe)
+    if moe:
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, mlp_bias=True,
+                  shared_expert_intermediate_size=128, moe_every=1)
+    mx.random.seed(11)
+    lm = LanguageModel(TextConfig(**kw))
+    lm.update(nn.utils.tree_map(lambda p: p * 3 if p.ndim >= 2 else p, lm.parameters()))
+    nn.quantize(lm, group_size=group, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    lm.set_dtype(mx.float32)  # what load gives a quantized model on the CPU
+    mx.eval(lm.parameters())
+    lm.eval()
+    return lm
+
+
+def _greedy(lm, prompt, steps):
+    cache = make_prompt_cache(lm)
+    logits, _ = lm(lm.embed(mx.array([prompt])), cache, last_only=True)
+    out, tok = [np.array(logits[0, -1])], logits[:, -1].argmax(-1, keepdims=True)
+    for _ in range(steps):
+        logits, _ = lm(lm.embed(tok), cache)
+        out.append(np.array(logits[0, -1]))
+        tok = logits[:, -1].argmax(-1, keepdims=True)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("bits,group,moe", [(4, 64, False), (8, 32, False), (4, 128, True),
+                                            (8, 64, True)])
+def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)  # some layers split, some not
+    lm = _lm(bits, group, moe)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    calls = []
+    real = cpu_step.decode
+    monkeypatch.setattr(cpu_step, "decode", lambda *a: calls.append(r := real(*a)) or r)
+    got = _greedy(lm, prompt, 10)
+    assert len(calls) == 11 and all(c is not None for c in calls[1:])  # the numpy step ran
+    monkeypatch.setattr(cpu_quant, "_KERNELS", [None])  # MLX's own quantized model
+    calls.clear()
+    want = _greedy(lm, prompt, 10)
+    assert all(c is None for c in calls)  # without the kernels the MLX layers run
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
