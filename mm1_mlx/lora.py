@@ -440,8 +440,6 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
         report_problems(problems, "training")
         report_problems(vproblems, "validation")
     args = args.schedule(len(train_ds))
-    if rank == 0:
-        print(describe_schedule(args, len(train_ds), size), file=sys.stderr)
     opt = make_optimizer(args)
     adapter_cfg = adapters.adapter_config(model, params, args.train_connector)
     log = {"base_model": model.config.name, "args": dataclasses.asdict(args), "processes": size,
@@ -454,6 +452,8 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
             log.update({k: saved[k] for k in ("step", "train", "valid", "seconds") if k in saved})
         elif rank == 0:
             print(f"nothing to resume in {args.adapter_path}; starting at step 0", file=sys.stderr)
+    if rank == 0:  # after a resumed state was read: a damaged one is the only line printed
+        print(describe_schedule(args, len(train_ds), size), file=sys.stderr)
     if rank == 0 and log["step"]:
         print(f"resuming at step {log['step']} from {args.adapter_path}", file=sys.stderr)
     mx.eval(model.parameters(), opt.state)
