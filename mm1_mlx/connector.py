@@ -81,14 +81,18 @@ class ConvNorm(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, dims: int, hidden: int):
+    """timm's SqueezeExcite: channel gates from the pooled features (SiLU inside for RegNet's,
+    ReLU for FastViT's)."""
+
+    def __init__(self, dims: int, hidden: int, act=nn.silu):
         super().__init__()
         self.fc1 = nn.Conv2d(dims, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, dims, 1)
+        self.act = act
 
     def __call__(self, x: mx.array) -> mx.array:
         s = x.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        return x * mx.sigmoid(self.fc2(nn.silu(self.fc1(s))))
+        return x * mx.sigmoid(self.fc2(self.act(self.fc1(s))))
 
 
 class ResBlock(nn.Module):

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import FastViTConfig
+from .connector import SqueezeExcite
 from .cpu import Linear, attention
 from .vision import activation
 
@@ -21,17 +22,6 @@ from .vision import activation
 def se_width(channels: int) -> int:
     """timm's SqueezeExcite(rd_ratio=1/16, rd_divisor=1): the reduction rounded half up."""
     return max(1, int(channels / 16 + 0.5))
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, dims: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dims, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, dims, 1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        s = x.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        return x * mx.sigmoid(self.fc2(nn.relu(self.fc1(s))))
 
 
 class ReparamConv(nn.Module):
@@ -44,7 +34,7 @@ class ReparamConv(nn.Module):
         self.reparam_conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad,
                                       groups=groups, bias=True)
         if se:
-            self.se = SqueezeExcite(cout, se_width(cout))
+            self.se = SqueezeExcite(cout, se_width(cout), nn.relu)
         self.act = act
 
     def __call__(self, x: mx.array) -> mx.array:
