@@ -68,7 +68,7 @@ def run_ours(spec: dict) -> dict:
 
 
 def run_mlx_vlm(spec: dict) -> dict:
-    from mm1_mlx.backend import bind_blas
+    from mm1_mlx.cpu.blas import bind_blas
 
     bind_blas()
     import mlx.core as mx
@@ -118,7 +118,7 @@ def run_lora(paths: dict, cache: Path, iters: int, timeout: float, log) -> dict:
     import shutil
     import tempfile
 
-    from .run import child
+    from .children import child
 
     data = write_data(cache / "lora-data", paths["image"])
     out = {}

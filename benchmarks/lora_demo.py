@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
-from mm1_mlx import data
+from mm1_mlx.shapes import world
 
-SHAPES, COLORS = data.SHAPES + data.NEW_SHAPES, data.COLORS + data.NEW_COLORS
+SHAPES, COLORS = world.SHAPES + world.NEW_SHAPES, world.COLORS + world.NEW_COLORS
 NEW = {"hexagon": ("hexagon", None), "teal": (None, "teal"), "both": ("hexagon", "teal")}
 EVAL_TYPES = ["color", "shape", "count", "exists", "where"]  # "describe" is scored apart (F1)
 
@@ -37,7 +37,7 @@ def focused_conversation(rng: random.Random, scene, focus: str | None, turns: in
     about the other shapes (so the model keeps looking at the image, not at a new favourite word)."""
     focused: dict[str, tuple[str, str]] = {}
     for _ in range(12):
-        for kind, q, a in data.questions(rng, scene, SHAPES, COLORS):
+        for kind, q, a in world.questions(rng, scene, SHAPES, COLORS):
             if kind not in focused and (kind in ("count", "describe") or focus in q or focus in a):
                 focused[kind] = (q, a)
     kinds = rng.sample(sorted(focused), min(turns, len(focused)))
@@ -46,7 +46,7 @@ def focused_conversation(rng: random.Random, scene, focus: str | None, turns: in
         if rng.random() < 0.6:
             q, a = focused[kind]
         else:
-            q, a = next((q, a) for k, q, a in data.questions(rng, scene, SHAPES, COLORS)
+            q, a = next((q, a) for k, q, a in world.questions(rng, scene, SHAPES, COLORS)
                         if k == kind)
         msgs += [{"role": "user", "content": ("<image>\n" if i == 0 else "") + q},
                  {"role": "assistant", "content": a}]
@@ -63,11 +63,11 @@ def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str,
     for i in range(n):
         if rng.random() < new_fraction:
             kind, color = NEW[rng.choice(sorted(NEW))]
-            scene = data.random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
+            scene = world.random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
             msgs = focused_conversation(rng, scene, kind or color, turns=turns)
         else:  # ordinary scenes and questions, as in SFT
-            scene = data.random_scene(rng)
-            msgs = data.conversation(rng, scene, rng.choice([1, 2, 3][:turns]))
+            scene = world.random_scene(rng)
+            msgs = world.conversation(rng, scene, rng.choice([1, 2, 3][:turns]))
         rel = f"images/{name}-{i:04d}.png"
         scene.image.save(folder / rel)
         rows.append({"messages": msgs, "images": [rel]})
@@ -85,8 +85,8 @@ def accuracies(model_path: str, adapter: str | None, n: int, teal_focus: bool = 
     import mlx.core as mx
 
     from mm1_mlx.checkpoint import load
-    from mm1_mlx.eval import SPLITS, evaluate
-    from mm1_mlx.quantize import dequantize_model, is_quantized
+    from mm1_mlx.models.quantization import dequantize_model, is_quantized
+    from mm1_mlx.shapes.eval import SPLITS, evaluate
 
     model, processor = load(model_path, adapter_path=adapter)
     if is_quantized(model):
@@ -149,7 +149,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--defaults", action="store_true",
                    help="train with mm1_mlx.lora's defaults (only --model, --data, --adapter-path)")
     p.add_argument("--drawing", default="ours", choices=["ours", "independent"],
-                   help="held-out images drawn by the training renderer or by mm1_mlx.redraw")
+                   help="held-out images drawn by the training renderer or by mm1_mlx.shapes.redraw")
     p.add_argument("--data-seed", default="lora-demo",
                    help="seed of the generated training / validation data")
     p.add_argument("--turns", type=int, default=4, help="questions per conversation, at most")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import report
 from .checkpoint import FOLLOW_UP, QUESTION, SIZES, ensure_llava, make_image
+from .children import child
 
 GENERATE = ["transformers", "mlx-vlm", "mlx-vlm+blas", "mm1-mlx"]
 QUANT = ["mm1-mlx-q8", "mm1-mlx-q4"]
@@ -36,24 +37,6 @@ DEFAULTS = {  # reps, max new tokens, repetitions of mlx-vlm as installed (refer
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def child(args: list[str], timeout: float, env: dict | None = None) -> dict:
-    """Run ``python -m ARGS`` and return its ``RESULT`` JSON, or ``{"error": ...}``."""
-    t = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                           timeout=timeout, env={**os.environ, **(env or {})},
-                           cwd=Path(__file__).resolve().parent.parent)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            out = json.loads(line[len("RESULT "):])
-            out["wall_s"] = time.perf_counter() - t
-            return out
-    lines = [x for x in (p.stderr or p.stdout).strip().splitlines() if x.strip()]
-    return {"error": lines[-1] if lines else f"exit code {p.returncode}"}
 
 
 def safetensors_bytes(path: Path, keep) -> int:

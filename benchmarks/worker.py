@@ -102,7 +102,7 @@ class ImageKwargsFilter:
 
 def run_mlx_vlm(spec: dict, bind: bool) -> dict:
     if bind:
-        from mm1_mlx.backend import bind_blas
+        from mm1_mlx.cpu.blas import bind_blas
 
         blas = bind_blas()
     import mlx.core as mx

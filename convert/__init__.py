@@ -6,11 +6,11 @@ parts with a freshly initialised connector (optionally upcycling the decoder int
 conversion itself lives in the library (``mm1_mlx.formats``), which ``mm1_mlx.load`` also uses.
 """
 
-from mm1_mlx.atomic import check_output
 from mm1_mlx.checkpoint import save
 from mm1_mlx.formats.assemble import assemble
 from mm1_mlx.formats.sources import resolve
 from mm1_mlx.formats.weights import convert_weights, upcycle_experts
+from mm1_mlx.io.atomic import check_output
 
 
 def convert(mlx_path: str, force: bool = False, **options):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import mm1_mlx  # noqa: F401  (binds the BLAS before mlx.core loads)
-from mm1_mlx import cli_args
+from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import cli_errors
 
 

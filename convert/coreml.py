@@ -4,7 +4,7 @@
         [--precision float16|float32] [--compress none|int8|palettize4] \
         [--compute-units all|cpu_and_ne|cpu_and_gpu]
 
-The graph is a PyTorch twin of our MLX encoder + connector (``mm1_mlx/torch_twin.py``) built from
+The graph is a PyTorch twin of our MLX encoder + connector (``convert/torch_twin.py``) built from
 the checkpoint's own weights, checked against MLX on rendered images, then traced and converted.
 
 Input ``image``: an RGB image (``ct.ImageType``) at the encoder's resolution. Core ML scales it
@@ -14,51 +14,38 @@ Output ``image_features``: (1, tokens, width) float32, the decoder-width image t
 The input is a fixed batch of one: a Core ML image input binds one pixel buffer, and fixed
 shapes keep the program eligible for the Neural Engine. Tiles of a high-resolution image run
 through the same program as one Core ML batch prediction (``predict([...])``, i.e.
-``predictionsFromBatch``), see ``mm1_mlx/coreml_backend.py``.
+``predictionsFromBatch``), see ``mm1_mlx/coreml.py``: the runtime, whose metadata keys and compute
+units this exporter writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
 import warnings
 from pathlib import Path
 
 import mm1_mlx  # binds OpenBLAS before mlx.core loads
-from mm1_mlx import cli_args
-from mm1_mlx.atomic import atomic_dir, check_output
+from mm1_mlx.cli import args as cli_args
+from mm1_mlx.coreml import COMPUTE_UNITS, META, import_coremltools
 from mm1_mlx.errors import MM1Error, cli_errors
+from mm1_mlx.io.atomic import atomic_dir, check_output
 
 PRECISIONS = ("float16", "float32")
 COMPRESSIONS = ("none", "int8", "palettize4")
-COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU"}
 TOLERANCE = 1e-3  # twin vs MLX, float32, relative to the features' scale
-META = "mm1_mlx."  # prefix of our keys in the spec's user-defined metadata
-
-
-def import_coremltools():
-    """coremltools, with its Linux 'cannot load the Core ML runtime' warnings silenced."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import coremltools as ct
-    except ImportError:
-        raise MM1Error("coremltools is not installed (pip install 'mm1-mlx[coreml]')") from None
-    return ct
 
 
 def sample_images(size: int, n: int = 2, seed: int = 0):
     """(n, size, size, 3) RGB images in [0, 1]: rendered shape scenes, the model's own domain."""
     import numpy as np
 
-    from mm1_mlx import data
+    from mm1_mlx.shapes import world
 
     rng = random.Random(seed)
-    imgs = [data.render(rng, data.random_scene(rng).shapes, size) for _ in range(n)]
+    imgs = [world.render(rng, world.random_scene(rng).shapes, size) for _ in range(n)]
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in imgs])
 
 
@@ -66,7 +53,7 @@ def check_twin(model, twin, mean, std, images, tol: float = TOLERANCE) -> float:
     """Max |twin - MLX| over ``images``; an MM1Error if it exceeds ``tol`` x max(1, |MLX|)."""
     import numpy as np
 
-    from mm1_mlx.torch_twin import mlx_features, twin_features
+    from .torch_twin import mlx_features, twin_features
 
     ref = mlx_features(model, images, mean, std)
     got = twin_features(twin, images)
@@ -179,7 +166,8 @@ def export(model_path: str | None, out: str, precision: str = "float16",
     import mlx.core as mx
 
     from mm1_mlx import checkpoint
-    from mm1_mlx.torch_twin import TWIN_CONNECTORS, build_twin
+
+    from .torch_twin import TWIN_CONNECTORS, build_twin
 
     for value, choices, flag in ((precision, PRECISIONS, "--precision"),
                                  (compression, COMPRESSIONS, "--compress"),

@@ -7,15 +7,15 @@ data's renderer (a red circle on the left, a blue star on the right, a yellow tr
 import random
 from pathlib import Path
 
-from mm1_mlx import data
+from mm1_mlx.shapes import world
 
 
 def main() -> None:
-    shapes = [data.Shape("circle", "red", "left"), data.Shape("star", "blue", "right"),
-              data.Shape("triangle", "yellow", "top")]
-    shapes.sort(key=lambda s: data.POSITIONS.index(s.position))
+    shapes = [world.Shape("circle", "red", "left"), world.Shape("star", "blue", "right"),
+              world.Shape("triangle", "yellow", "top")]
+    shapes.sort(key=lambda s: world.POSITIONS.index(s.position))
     out = Path(__file__).with_name("shapes.png")
-    data.render(random.Random(0), shapes, size=224).save(out)
+    world.render(random.Random(0), shapes, size=224).save(out)
     print(f"saved {out}")
 
 

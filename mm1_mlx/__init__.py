@@ -1,10 +1,10 @@
 """mm1-mlx: an MM1-style multimodal LLM in MLX.
 
 Importing this package binds an optimized BLAS for MLX's Linux CPU backend before ``mlx.core``
-loads (see ``backend.py``); it is the package's only import-time action.
+loads (see ``cpu/blas.py``); it is the package's only import-time action.
 """
 
-from .backend import backend_info, bind_blas
+from .cpu.blas import backend_info, bind_blas
 
 bind_blas()
 

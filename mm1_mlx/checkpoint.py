@@ -21,13 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .atomic import atomic_dir, recover_if_interrupted
-from .config import ModelConfig, VisionConfig
 from .errors import MM1Error
-from .materialize import materialize
-from .model import Model
+from .io.atomic import atomic_dir, recover_if_interrupted
+from .io.materialize import materialize
+from .io.validate import check_dtypes, read_json
+from .models.config import ModelConfig, VisionConfig
+from .models.model import Model
 from .processor import Processor
-from .validate import check_dtypes, read_json
 
 DEFAULT_MODEL = "mm1-tiny"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -109,7 +109,7 @@ def read_weights(path: Path) -> dict:
 
 def quantize_model(model: nn.Module, quantization: dict) -> None:
     """Quantize the modules listed in ``quantization`` (see quantize.py for the format)."""
-    from .quantize import apply_quantization
+    from .models.quantization import apply_quantization
 
     apply_quantization(model, quantization)
 
@@ -192,10 +192,10 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu_step.pack_layers``); a quantized model gets ``cpu_quant``'s kernels
+    into one buffer (``cpu_step.pack_layers``); a quantized model gets ``cpu.quant``'s kernels
     ready. ``progress``: a bar on stderr while a checkpoint of a gigabyte or more is read."""
-    from .backend import retain_freed_memory
-    from .cpu import on_cpu
+    from .cpu.blas import retain_freed_memory
+    from .cpu.ops import on_cpu
 
     cpu = on_cpu()
     if cpu:
@@ -209,11 +209,11 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     if compute_dtype == "auto" and cpu and (config.quantization or fits_float32(model)):
         model.set_dtype(mx.float32)
     if adapter_path is not None:
-        from .adapters import load_adapters
+        from .tuner.adapters import load_adapters
 
         load_adapters(model, adapter_path)
     if cpu and config.quantization:
-        from .cpu_quant import warm_up
+        from .cpu.quant import warm_up
 
         warm_up(model)  # compiled (first run on a machine) or read from the cache now, not at token 1
     if not lazy:

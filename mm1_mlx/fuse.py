@@ -14,10 +14,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import cli_args
-from .adapters import fuse_lora
-from .atomic import check_output
+from .cli import args as cli_args
 from .errors import cli_errors
+from .io.atomic import check_output
+from .tuner.adapters import fuse_lora
 
 
 def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool = False,
@@ -26,7 +26,7 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
     """Load base + adapter, merge, save to ``out``; ``dtype`` is the float type of a
     de-quantized result (float32 for MoE models run on Linux CPU, whose gather_mm needs it)."""
     from .checkpoint import load, resolve, save
-    from .quantize import dequantize_model, is_quantized
+    from .models.quantization import dequantize_model, is_quantized
 
     src = resolve(model_path)
     inputs = [src, adapter_path]

@@ -20,7 +20,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from . import cli_args
+from .cli import args as cli_args
 from .errors import MM1Error, cli_errors
 from .processor import MAX_TILES
 
@@ -295,7 +295,7 @@ def vision_backend(spec: list[str], model):
     if spec == ["mlx"]:
         return None
     if len(spec) == 2 and spec[0] == "coreml":
-        from .coreml_backend import CoreMLEncoder
+        from .coreml import CoreMLEncoder
 
         enc = CoreMLEncoder(spec[1])
         enc.check_model(model.config)

@@ -38,10 +38,12 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import adapters, atomic, cli_args, finetune_data
+from .cli import args as cli_args
+from .cli.signals import sigterm_interrupts
 from .errors import MM1Error, cli_errors
-from .signals import sigterm_interrupts
-from .train import collate, prefetch
+from .io import atomic
+from .tuner import adapters, datasets
+from .tuner.batching import collate, prefetch
 
 STATE_FILE = "training_state.safetensors"
 LOG_FILE = "training_log.json"
@@ -190,7 +192,7 @@ def coerce(key: str, value, typ, where: str):
 def setup_model(args: TrainingArgs):
     """(model with LoRA layers, processor, LoRA parameters); only adapters (+ connector) train."""
     from .checkpoint import load
-    from .quantize import QUANTIZED, dequantize_model, is_quantized
+    from .models.quantization import QUANTIZED, dequantize_model, is_quantized
 
     model, processor = load(args.model)
     if args.dequantize_base and is_quantized(model):
@@ -238,13 +240,13 @@ def step_batches(ds, processor, args: TrainingArgs, step: int, rank: int, size: 
     out, ntok, ntotal = [], 0, 0
     share = args.batch_size // size
     for k in range(args.grad_accumulation):
-        idx = finetune_data.batch_order(len(ds), step * args.grad_accumulation + k,
+        idx = datasets.batch_order(len(ds), step * args.grad_accumulation + k,
                                         args.batch_size, args.seed)
         ntok += sum(sum(ds[i].mask[1:]) for i in idx)
         ntotal += sum(len(ds[i].ids) for i in idx)
         mine = [ds[i] for i in idx[rank * share:(rank + 1) * share]]
         ids, mask = collate([(e.ids, e.mask) for e in mine], processor.tokenizer.pad_token_id)
-        out.append((ids, mask, finetune_data.prepare_pixels(mine, processor)))
+        out.append((ids, mask, datasets.prepare_pixels(mine, processor)))
     return out, ntok, ntotal
 
 
@@ -264,7 +266,7 @@ def validation_loss(model, ds, processor, args: TrainingArgs, group) -> float:
             continue
         mine = [ds[i] for i in part]
         ids, mask = collate([(e.ids, e.mask) for e in mine], processor.tokenizer.pad_token_id)
-        ids, mask, px = to_mx(ids, mask, finetune_data.prepare_pixels(mine, processor))
+        ids, mask, px = to_mx(ids, mask, datasets.prepare_pixels(mine, processor))
         logits = model(ids[:, :-1], px)
         ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * mask[:, 1:]
         total = total + mx.stack([ce.sum(), mask[:, 1:].sum().astype(mx.float32)])
@@ -430,11 +432,11 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
     max_length = args.max_length or model.config.text_config.max_position_embeddings
     data, valid = args.data_files()
     show = not quiet and rank == 0
-    train_ds, problems = finetune_data.load_dataset(data, processor, max_length,
+    train_ds, problems = datasets.load_dataset(data, processor, max_length,
                                                     args.mask_prompt, args.on_bad_data, show)
     valid_ds, vproblems = [], []
     if valid:
-        valid_ds, vproblems = finetune_data.load_dataset(valid, processor, max_length,
+        valid_ds, vproblems = datasets.load_dataset(valid, processor, max_length,
                                                          args.mask_prompt, args.on_bad_data, show)
     if rank == 0:  # even when quiet (no progress bar): skipped data must never be silent
         report_problems(problems, "training")

@@ -10,10 +10,10 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .config import _FromDict
 from .errors import MM1Error
 from .images import DEFAULT_MAX_PIXELS, load_image, pixel_hash
-from .validate import is_int, is_number, need, read_json
+from .io.validate import is_int, is_number, need, read_json
+from .models.config import _FromDict
 
 IMAGE_TOKEN = "<image>"
 PREPROCESSOR_FILE = "preprocessor_config.json"

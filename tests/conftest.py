@@ -5,10 +5,10 @@ import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 import mlx.core as mx
 import pytest
 
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.model import Model
+from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.models.model import Model
 from mm1_mlx.processor import ImageSettings, Processor
-from mm1_mlx.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+from mm1_mlx.shapes.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 WORDS = ("what color is the square circle star shape how many shapes are there where describe image "
          "it a an red blue green yellow one two three left right top bottom center yes no . ? , "

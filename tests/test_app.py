@@ -667,7 +667,7 @@ def test_real_terminal_streams_with_a_tiny_random_model(tmp_path, pics, tiny_che
 def test_real_terminal_streams_an_answer_about_an_image(tmp_path):
     import random
 
-    from mm1_mlx.data import random_scene
+    from mm1_mlx.shapes.world import random_scene
 
     scene = random_scene(random.Random(3), n=1)
     image = tmp_path / "shape.png"

@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mm1_mlx import backend, backend_info
+from mm1_mlx import backend_info
+from mm1_mlx.cpu import blas as backend
 
 LINUX_REFERENCE = (sys.platform.startswith("linux") and backend._reference_blas_in_wheel()
                    and os.environ.get("MM1_MLX_BLAS", "").lower() not in backend._OFF)

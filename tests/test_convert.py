@@ -25,7 +25,7 @@ from test_parity import (  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
 from mm1_mlx.formats.assemble import llava_source  # noqa: E402
 from mm1_mlx.formats.weights import convert_weights  # noqa: E402
-from mm1_mlx.vision import VisionModel  # noqa: E402
+from mm1_mlx.models.vision import VisionModel  # noqa: E402
 
 
 def run_cli(argv, capsys):
@@ -90,8 +90,8 @@ def test_convert_weights_is_idempotent_and_layouts_agree(llava_dir):
 
 
 def test_moe_weights_idempotent(tmp_path):
-    from mm1_mlx.config import ModelConfig
     from mm1_mlx.formats.configs import hf_vision_config, text_config
+    from mm1_mlx.models.config import ModelConfig
 
     hf = decoder("mixtral")
     vc = hf_vision_config({"model_type": "clip_vision_model", "hidden_size": 32,

@@ -1,4 +1,4 @@
-"""Core ML export of the image encoder + connector (convert/coreml.py, mm1_mlx/torch_twin.py)."""
+"""Core ML export of the image encoder + connector (convert/coreml.py, convert/torch_twin.py)."""
 
 import json
 import sys
@@ -13,15 +13,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mm1_mlx import checkpoint
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.model import Model
+from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.models.model import Model
 from mm1_mlx.processor import ImageSettings, Processor
 
 pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
 
-from convert import coreml  # noqa: E402
-from mm1_mlx import coreml_backend, torch_twin  # noqa: E402
+from convert import coreml, torch_twin  # noqa: E402
+from mm1_mlx import coreml as coreml_backend  # noqa: E402
 
 MEAN = [0.5, 0.4, 0.3]
 STD = [0.25, 0.2, 0.3]
@@ -152,7 +152,7 @@ def test_twin_dequantizes_quantized_layers():
 
 
 def test_export_quantized_checkpoint(tmp_path):
-    from mm1_mlx.quantize import quantize_model
+    from mm1_mlx.models.quantization import quantize_model
 
     model = random_model(tiny_config("attention-pool"), seed=3)
     q = quantize_model(model, bits=4, group_size=32, vision_bits=4, connector_bits=8)

@@ -1,4 +1,4 @@
-"""The numba kernels over MLX's quantized weights (``mm1_mlx/cpu_quant.py``): products and
+"""The numba kernels over MLX's quantized weights (``mm1_mlx/cpu/quant.py``): products and
 dequantized weights equal MLX's, the decode step with them gives MLX's own quantized model's
 tokens, and everything falls back to MLX's kernels without them."""
 
@@ -11,10 +11,11 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from mm1_mlx import cpu_quant, cpu_step
-from mm1_mlx.config import TextConfig
-from mm1_mlx.cpu import Linear, on_cpu
-from mm1_mlx.decoder import LanguageModel
+from mm1_mlx.cpu import quant as cpu_quant
+from mm1_mlx.cpu import step as cpu_step
+from mm1_mlx.models.config import TextConfig
+from mm1_mlx.cpu.ops import Linear, on_cpu
+from mm1_mlx.models.decoder import LanguageModel
 
 pytestmark = pytest.mark.skipif(not on_cpu() or cpu_quant.kernels() is None,
                                 reason="needs the CPU and numba (cpu_quant's kernels)")

@@ -16,10 +16,10 @@ pytest.importorskip("transformers")
 from references import run_reference  # noqa: E402
 from test_parity import IMAGE_ID, VOCAB, convert_cli, make_tokenizer, mlx_greedy  # noqa: E402
 
-from mm1_mlx.config import ModelConfig  # noqa: E402
-from mm1_mlx.connector import CAbstractor  # noqa: E402
 from mm1_mlx.formats import honeybee  # noqa: E402
-from mm1_mlx.vision import VisionModel  # noqa: E402
+from mm1_mlx.models.config import ModelConfig  # noqa: E402
+from mm1_mlx.models.connector import CAbstractor  # noqa: E402
+from mm1_mlx.models.vision import VisionModel  # noqa: E402
 
 
 def rel_err(a, b):
@@ -128,7 +128,7 @@ def test_dfn_clip_parity(tmp_path, run_size):
 def test_antialias_matrix_is_torchs(src, dst):
     import torch
 
-    from mm1_mlx.vision import interpolate_grid
+    from mm1_mlx.models.vision import interpolate_grid
 
     grid = torch.randn(1, 3, src, src)
     ref = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", antialias=True,
@@ -262,8 +262,8 @@ def test_fastvlm_weights_idempotent(fastvlm_dirs):
 def test_fastvlm_coreml_export(fastvlm_dirs, tmp_path):
     """FastVLM's encoder + projector as Core ML, as Apple ships it (prediction needs macOS)."""
     pytest.importorskip("coremltools")
+    from convert import torch_twin
     from convert.coreml import main as coreml_main
-    from mm1_mlx import torch_twin
 
     path, io = fastvlm_dirs
     convert_cli(["--hf-path", str(path / "apple"), "--mlx-path", str(tmp_path / "mlx")])

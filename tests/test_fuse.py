@@ -7,9 +7,10 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from PIL import Image
 from test_lora import small_args
 
-from mm1_mlx import adapters, checkpoint, fuse, lora
+from mm1_mlx import checkpoint, fuse, lora
 from mm1_mlx.errors import MM1Error
-from mm1_mlx.quantize import quantize_model
+from mm1_mlx.models.quantization import quantize_model
+from mm1_mlx.tuner import adapters
 
 
 def logits(model, processor):

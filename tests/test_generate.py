@@ -182,7 +182,8 @@ def test_content_part_chat_templates(processor):
 
 
 def test_cli_adapter_for_another_base(tiny_checkpoint, image_file, tmp_path):
-    from mm1_mlx import adapters, load
+    from mm1_mlx import load
+    from mm1_mlx.tuner import adapters
 
     model, _ = load(str(tiny_checkpoint))
     params = adapters.lora_config(4, 8.0, 0.0, -1, ["self_attn.q_proj", "self_attn.v_proj"])

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm1_mlx import atomic
+from mm1_mlx.io import atomic
 from mm1_mlx.checkpoint import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -440,7 +440,7 @@ def test_sigterm_during_a_long_mlx_call_exits_promptly(tmp_path):
     code = """
 import mm1_mlx, sys, time
 import mlx.core as mx
-from mm1_mlx.signals import sigterm_interrupts
+from mm1_mlx.cli.signals import sigterm_interrupts
 a = mx.random.normal((1500, 1500))
 mx.eval(a)
 with sigterm_interrupts(grace_s=1.0):

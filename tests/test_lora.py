@@ -12,8 +12,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from PIL import Image
 
-from mm1_mlx import adapters, atomic, checkpoint, finetune_data, lora
+from mm1_mlx import checkpoint, lora
 from mm1_mlx.errors import MM1Error
+from mm1_mlx.io import atomic
+from mm1_mlx.tuner import adapters
+from mm1_mlx.tuner import datasets as finetune_data
 
 COLORS = {"red": (230, 20, 20), "blue": (20, 40, 230), "green": (20, 170, 40),
           "yellow": (240, 220, 10)}

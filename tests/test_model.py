@@ -17,10 +17,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from mm1_mlx.checkpoint import load, save
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.connector import adaptive_avg_pool, build_connector, conv_same
-from mm1_mlx.decoder import SparseMoeBlock, router_losses
-from mm1_mlx.vision import VisionModel
+from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.models.connector import adaptive_avg_pool, build_connector, conv_same
+from mm1_mlx.models.decoder import SparseMoeBlock, router_losses
+from mm1_mlx.models.vision import VisionModel
 
 
 def ids_with_images(processor, n_images, text=(5, 6, 7)):
@@ -38,7 +38,7 @@ def test_freed_buffers_are_reused_without_page_faults(setting):
     # each reuse faults its pages in again (~5-10 us a page on the development VM)
     code = """if True:
         import resource, numpy as np, mm1_mlx
-        from mm1_mlx.backend import retain_freed_memory
+        from mm1_mlx.cpu.blas import retain_freed_memory
         on = retain_freed_memory()
         def work():
             for mb in (3, 7, 16, 7, 3, 24, 7):
@@ -213,7 +213,7 @@ def test_position_embedding_interpolation():
     grid = np.linspace(0, 1, 4, dtype=np.float32)
     ramp = np.repeat(grid[None, :], 4, 0).reshape(16, 1) * np.ones((1, 16), np.float32)
     pe.weight = mx.array(np.concatenate([np.zeros((1, 16), np.float32), ramp]))
-    from mm1_mlx.vision import interpolate_grid
+    from mm1_mlx.models.vision import interpolate_grid
 
     up = np.array(interpolate_grid(mx.array(ramp), 4, 8)).reshape(8, 8, 16)[..., 0]
     assert np.all(np.diff(up, axis=1) >= -1e-6) and np.allclose(up[:, 0], up[0, 0])
@@ -318,8 +318,8 @@ def test_half_precision_close_to_float32(processor, dtype):
 
 @pytest.mark.parametrize("rows", [1, 7])
 def test_cpu_linear_fast_paths_equal_mlx_layers(rows, monkeypatch):
-    from mm1_mlx import cpu
-    from mm1_mlx.cpu import Linear, QuantizedLinear
+    from mm1_mlx.cpu import ops as cpu
+    from mm1_mlx.cpu.ops import Linear, QuantizedLinear
 
     mx.random.seed(3)
     ours = Linear(128, 96)
@@ -358,7 +358,7 @@ def test_last_only_logits_equal_the_last_row(processor, tied):
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("loud", [False, True])
 def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, loud, monkeypatch):
-    from mm1_mlx import cpu
+    from mm1_mlx.cpu import ops as cpu
 
     # the numpy softmax runs for long attention only; here for every size
     monkeypatch.setattr(cpu, "NUMPY_SCORES", 1 if numpy_path else 1 << 60)
@@ -391,7 +391,7 @@ def test_cpu_attention_equals_the_fused_kernel(mask, heads, numpy_path, loud, mo
 
 @pytest.mark.parametrize("numpy_path", [False, True])
 def test_cpu_activations_equal_mlx(numpy_path, monkeypatch):
-    from mm1_mlx import cpu
+    from mm1_mlx.cpu import ops as cpu
 
     monkeypatch.setattr(cpu, "NUMPY_ELEMENTS", 1 if numpy_path else 1 << 60)
     x = mx.linspace(-120, 120, 4001)
@@ -406,7 +406,7 @@ def test_cpu_activations_equal_mlx(numpy_path, monkeypatch):
 
 
 def test_cpu_half_precision_products_run_in_float32():
-    from mm1_mlx.cpu import attention, matmul_t
+    from mm1_mlx.cpu.ops import attention, matmul_t
 
     mx.random.seed(4)
     x, w = mx.random.normal((1, 3, 64)), mx.random.normal((48, 64))
@@ -452,7 +452,7 @@ def _rope_module(name):
 
 @pytest.mark.parametrize("name", sorted(ROPES))
 def test_cpu_rope_tables_equal_the_module(name, monkeypatch):
-    from mm1_mlx import cpu
+    from mm1_mlx.cpu import ops as cpu
 
     monkeypatch.setattr(cpu, "ROPE_MIN_POSITIONS", 16)  # tables must grow past their first size
     module = _rope_module(name)
@@ -492,8 +492,9 @@ def _decode_logits(lm, prompt, steps, cache_factory=None):
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied", "traditional", "partial",
                                      "llama3", "moe-bias", "moe-shared-every-2"])
 def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
-    from mm1_mlx import backend, cpu_step
-    from mm1_mlx.decoder import LanguageModel
+    from mm1_mlx.cpu import blas as backend
+    from mm1_mlx.cpu import step as cpu_step
+    from mm1_mlx.models.decoder import LanguageModel
 
     if batched:  # the cache is read by OpenBLAS's batched GEMM (where it has one), else numpy
         if backend.sgemm_batch_strided() is None:
@@ -542,8 +543,9 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
 @pytest.mark.parametrize("batched", [True, False])
 def test_numpy_decode_step_from_an_empty_cache(batched, monkeypatch):
     # a one-token prompt is "prefilled" by the decode step itself, with nothing cached yet
-    from mm1_mlx import backend, cpu_step
-    from mm1_mlx.decoder import LanguageModel
+    from mm1_mlx.cpu import blas as backend
+    from mm1_mlx.cpu import step as cpu_step
+    from mm1_mlx.models.decoder import LanguageModel
 
     if not batched:
         monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
@@ -571,9 +573,9 @@ def tree_map_scaled(params, s):
 def test_numpy_decode_step_leaves_other_models_to_mlx(processor):
     from mlx_lm.models.cache import RotatingKVCache
 
-    from mm1_mlx import cpu_step
-    from mm1_mlx.adapters import apply_lora, lora_config
-    from mm1_mlx.quantize import quantize_model
+    from mm1_mlx.cpu import step as cpu_step
+    from mm1_mlx.models.quantization import quantize_model
+    from mm1_mlx.tuner.adapters import apply_lora, lora_config
 
     def runs_numpy(model, cache=None):
         lm = model.language_model

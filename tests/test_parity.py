@@ -18,11 +18,11 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from convert.__main__ import main as convert_main  # noqa: E402
-from mm1_mlx.config import ModelConfig  # noqa: E402
-from mm1_mlx.decoder import LanguageModel  # noqa: E402
 from mm1_mlx.formats.configs import hf_vision_config, text_config  # noqa: E402
 from mm1_mlx.formats.weights import convert_weights  # noqa: E402
-from mm1_mlx.vision import VisionModel  # noqa: E402
+from mm1_mlx.models.config import ModelConfig  # noqa: E402
+from mm1_mlx.models.decoder import LanguageModel  # noqa: E402
+from mm1_mlx.models.vision import VisionModel  # noqa: E402
 
 WORDS = ("USER ASSISTANT what is in the image a cat dog on mat red blue describe this picture "
          "please one two three four five six seven eight nine ten : ? . ,").split()

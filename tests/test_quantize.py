@@ -12,18 +12,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mm1_mlx.checkpoint import load, save
-from mm1_mlx.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.errors import MM1Error
-from mm1_mlx.model import Model
+from mm1_mlx.models.model import Model
 from mm1_mlx.processor import ImageSettings, Processor
-from mm1_mlx.quantize import (
-    apply_quantization,
-    dequantize_model,
-    main,
-    mean_kl,
-    quantize_model,
-    weight_stats,
-)
+from mm1_mlx.models.quantization import apply_quantization, dequantize_model, quantize_model, weight_stats
+from mm1_mlx.quantize import main, mean_kl
 
 WORDS = ("what color is the square circle shape how many shapes are there where describe image "
          "it a an red blue green yellow one two left right top bottom center yes no . ? user "
@@ -254,7 +248,7 @@ def test_dequantize_round_trip(processor, inputs, tmp_path):
 
 
 def test_cli_accuracy_delta(processor, inputs, tmp_path, monkeypatch):
-    """With an ``mm1_mlx.eval.evaluate``, the report holds float and quantized accuracy."""
+    """With an ``mm1_mlx.shapes.eval.evaluate``, the report holds float and quantized accuracy."""
     import sys
     import types
 
@@ -266,7 +260,7 @@ def test_cli_accuracy_delta(processor, inputs, tmp_path, monkeypatch):
         return {"overall": 100 * float((np.array(logprobs(model, inputs).argmax(-1)) == target)
                                        .mean())}
 
-    monkeypatch.setitem(sys.modules, "mm1_mlx.eval", types.SimpleNamespace(evaluate=evaluate))
+    monkeypatch.setitem(sys.modules, "mm1_mlx.shapes.eval", types.SimpleNamespace(evaluate=evaluate))
     report = main(["--model", str(src), "--out", str(tmp_path / "q"), "--eval-prompts", "1",
                    "--eval-n", "5"])
     acc = report["accuracy"]

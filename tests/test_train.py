@@ -9,54 +9,54 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mm1_mlx import data
+from mm1_mlx.shapes import world
 from mm1_mlx.checkpoint import load
-from mm1_mlx.model import Model
-from mm1_mlx.train import RECIPES, make_batch, setup_processor, train
+from mm1_mlx.models.model import Model
+from mm1_mlx.shapes.train import RECIPES, make_batch, setup_processor, train
 
 
 def test_shapes_world_is_deterministic_and_never_shows_new_concepts():
-    a = data.sft_sample(random.Random("x"))
-    b = data.sft_sample(random.Random("x"))
+    a = world.sft_sample(random.Random("x"))
+    b = world.sft_sample(random.Random("x"))
     assert a[0] == b[0] and np.array_equal(np.asarray(a[1][0]), np.asarray(b[1][0]))
     rng = random.Random(0)
     for _ in range(200):
-        _, text, _ = data.pretrain_sample(rng, (0.45, 0.45, 0.1))
-        msgs, _ = data.sft_sample(rng)
+        _, text, _ = world.pretrain_sample(rng, (0.45, 0.45, 0.1))
+        msgs, _ = world.sft_sample(rng)
         words = (text + " ".join(m["content"] for m in msgs)).lower()
         assert "hexagon" not in words and "teal" not in words
 
 
 def test_questions_answer_from_the_scene():
     rng = random.Random(3)
-    scene = data.random_scene(rng, n=3)
-    qa = {k: (q, a) for k, q, a in data.questions(rng, scene)}
+    scene = world.random_scene(rng, n=3)
+    qa = {k: (q, a) for k, q, a in world.questions(rng, scene)}
     assert qa["count"][1] == "There are three shapes."
     kinds = {s.kind: s for s in scene.shapes}
     for kind in ("color", "where"):
         q, a = qa[kind]
         shape = next(k for k in kinds if k in q)
-        assert (kinds[shape].color if kind == "color" else data.WHERE[kinds[shape].position]) in a
+        assert (kinds[shape].color if kind == "color" else world.WHERE[kinds[shape].position]) in a
 
 
 def test_pretraining_describes_scenes_keyed_by_colour_and_by_shape():
     rng = random.Random(4)
-    scene = data.Scene([data.Shape("star", "blue", "top"), data.Shape("circle", "red", "left")],
+    scene = world.Scene([world.Shape("star", "blue", "top"), world.Shape("circle", "red", "left")],
                        None)
-    assert data.shape_caption(scene) == ("The circle is red and on the left. "
+    assert world.shape_caption(scene) == ("The circle is red and on the left. "
                                           "The star is blue and at the top.")
-    assert data.shape_tags(scene) == "circle red left, star blue top."
-    forms = {data.describe(rng, scene)[0] for _ in range(50)}
+    assert world.shape_tags(scene) == "circle red left, star blue top."
+    forms = {world.describe(rng, scene)[0] for _ in range(50)}
     assert forms == {"caption", "sentences", "tags"}
-    texts = [data.pretrain_sample(rng, (0.45, 0.45, 0.1))[1] for _ in range(300)]
+    texts = [world.pretrain_sample(rng, (0.45, 0.45, 0.1))[1] for _ in range(300)]
     assert any(" is tagged " in t or "Tags of picture" in t for t in texts)
     assert any(t.startswith("<image>\nThe ") for t in texts)
 
 
 def test_pixels_match_named_colours():
     rng = random.Random(5)
-    for color in data.COLORS:
-        scene = data.random_scene(rng, colors=[color], shapes=["square"], n=1)
+    for color in world.COLORS:
+        scene = world.random_scene(rng, colors=[color], shapes=["square"], n=1)
         img = np.asarray(scene.image.convert("RGB")).reshape(-1, 3).astype(int)
         bg = np.median(img, axis=0)
         shape_px = img[np.abs(img - bg).sum(1) > 60]
@@ -65,25 +65,25 @@ def test_pixels_match_named_colours():
 
 def test_stage0_labels_follow_the_drawing():
     rng = random.Random(11)
-    scene = data.random_scene(rng, n=2)
-    kinds, cols = data.slot_labels(scene)
+    scene = world.random_scene(rng, n=2)
+    kinds, cols = world.slot_labels(scene)
     for s in scene.shapes:
-        k = data.POSITIONS.index(s.position)
-        assert (kinds[k], cols[k]) == (1 + data.SHAPES.index(s.kind), 1 + data.COLORS.index(s.color))
+        k = world.POSITIONS.index(s.position)
+        assert (kinds[k], cols[k]) == (1 + world.SHAPES.index(s.kind), 1 + world.COLORS.index(s.color))
         x, y = s.center  # recorded while drawing: near its slot, and the drawn pixels are there
-        assert abs(x - data.SLOTS[s.position][0]) <= 0.06 and abs(y - data.SLOTS[s.position][1]) <= 0.06
+        assert abs(x - world.SLOTS[s.position][0]) <= 0.06 and abs(y - world.SLOTS[s.position][1]) <= 0.06
         img = np.asarray(scene.image.convert("RGB")).astype(int)
         h = img.shape[0]
         bg = img[1, 1]
         assert np.abs(img[int(y * h), int(x * h)] - bg).sum() > 60
-    assert sum(k == 0 for k in kinds) == len(data.POSITIONS) - 2
+    assert sum(k == 0 for k in kinds) == len(world.POSITIONS) - 2
     # 4x4 token cells: a cell takes the shape covering most of it; the cell holding a centre is it
-    cells, cell_cols = data.token_labels(scene, 4)
+    cells, cell_cols = world.token_labels(scene, 4)
     for s in scene.shapes:
         x, y = s.center
         k = int(y * 4) * 4 + int(x * 4)
-        assert (cells[k], cell_cols[k]) == (1 + data.SHAPES.index(s.kind),
-                                           1 + data.COLORS.index(s.color))
+        assert (cells[k], cell_cols[k]) == (1 + world.SHAPES.index(s.kind),
+                                           1 + world.COLORS.index(s.color))
     assert sum(c > 0 for c in cells) < 16  # the background stays "nothing"
 
 
@@ -180,8 +180,8 @@ def test_cli_saves_on_sigint_and_says_where_it_resumes(tmp_path, capsys):
 
 
 def test_independent_drawing_for_the_robustness_check():
-    from mm1_mlx import redraw
-    from mm1_mlx.eval import heldout
+    from mm1_mlx.shapes import redraw
+    from mm1_mlx.shapes.eval import heldout
 
     a = heldout(3, "x", drawing="independent")
     b = heldout(3, "x", drawing="independent")
@@ -189,7 +189,7 @@ def test_independent_drawing_for_the_robustness_check():
         assert qa == qb and np.array_equal(np.asarray(sa.image), np.asarray(sb.image))
         assert set(qa) == {"color", "shape", "count", "exists", "where", "describe"}
     rng = random.Random(2)
-    for kind in data.SHAPES:
+    for kind in world.SHAPES:
         scene = redraw.random_scene(rng, shapes=[kind], colors=["red"], n=1)
         img = np.asarray(scene.image).astype(int)
         h = img.shape[0]

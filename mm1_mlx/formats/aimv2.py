@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from ..config import VisionConfig
 from ..errors import MM1Error
+from ..models.config import VisionConfig
 
 KINDS = {"aimv2", "aimv2_vision_model"}
 RENAMES = [  # transformers' Aimv2VisionModel -> our (CLIP-named) ViT

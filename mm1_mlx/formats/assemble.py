@@ -12,11 +12,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
-from ..materialize import materialize
-from ..model import Model
-from ..validate import check_dtypes
+from ..io.materialize import materialize
+from ..io.validate import check_dtypes
+from ..models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..models.model import Model
 from . import aimv2, configs, fastvlm, honeybee, preprocess
 from .sources import read_json, read_weights, resolve, weight_files
 from .weights import convert_weights, upcycle_experts
@@ -219,7 +219,7 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if q_bits:  # the decoder; records config.quantization (per-module) for loading
-        from ..quantize import quantize_model
+        from ..models.quantization import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
         materialize(model, False, progress, nbytes, desc="quantizing")

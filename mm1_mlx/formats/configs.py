@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
+from ..models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 
 DENSE = {"llama", "mistral", "qwen2", "qwen3"}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..config import ConnectorConfig, FastViTConfig, ModelConfig, TextConfig
 from ..errors import MM1Error
+from ..models.config import ConnectorConfig, FastViTConfig, ModelConfig, TextConfig
 from ..processor import ImageSettings
 from . import configs, preprocess
 from .honeybee import source_dtype

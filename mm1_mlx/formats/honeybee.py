@@ -15,8 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..errors import MM1Error
+from ..models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..processor import ImageSettings
 from . import configs, preprocess
 from .sources import read_weights

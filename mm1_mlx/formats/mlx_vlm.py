@@ -15,7 +15,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..errors import MM1Error
-from ..model import Model
+from ..models.model import Model
 from .assemble import DTYPES, llava_source, pad_vocab
 from .preprocess import build_processor
 from .sources import read_json
@@ -111,7 +111,7 @@ def convert_mlx_vlm(path, dtype: str | None = None, q_bits: int | None = None,
     config.quantization = _record(quantization, modules) if modules else None
     model = Model(config)
     if modules:
-        from ..quantize import apply_quantization
+        from ..models.quantization import apply_quantization
 
         apply_quantization(model, config.quantization)
     target = DTYPES[dtype] if dtype else None
@@ -126,7 +126,7 @@ def convert_mlx_vlm(path, dtype: str | None = None, q_bits: int | None = None,
         raise MM1Error(f"{path}: weights do not fit the config: {e}".replace("\n", " ")) from None
     del weights
     if q_bits:
-        from ..quantize import quantize_model
+        from ..models.quantization import quantize_model
 
         quantize_model(model, bits=q_bits, group_size=q_group_size)
     model.eval()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import VisionConfig
 from ..errors import MM1Error
+from ..models.config import VisionConfig
 from ..processor import IMAGE_TOKEN, ImageSettings, Processor
 from .sources import read_json
 

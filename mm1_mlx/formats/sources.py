@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MM1Error
-from ..validate import read_json as read_json_file
+from ..io.validate import read_json as read_json_file
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.jinja", "*.model", "*.txt",
                 "*.tiktoken"]

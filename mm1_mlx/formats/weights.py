@@ -12,9 +12,9 @@ import re
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import ModelConfig, TextConfig
 from ..errors import MM1Error
-from ..model import Model
+from ..models.config import ModelConfig, TextConfig
+from ..models.model import Model
 
 # whole-model prefixes, first match wins; covers LLaVA as published (vision_tower.vision_model.*,
 # language_model.model.*), as transformers 5 holds it (model.vision_tower.*, model.language_model.*,

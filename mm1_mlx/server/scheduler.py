@@ -5,7 +5,7 @@ Each request is prefilled alone (batch 1, in chunks of ``prefill_step`` tokens, 
 prompt delays the running streams by one chunk at a time. Requests that are decoding step together:
 their KV caches are merged into mlx-lm's left-padded ``BatchKVCache`` and one forward pass per step
 serves all of them; a request that finishes is extracted and filtered out. A lone request keeps
-its plain ``KVCache``, so it decodes through the CPU decode step (``cpu_step``) exactly as the CLI.
+its plain ``KVCache``, so it decodes through the CPU decode step (``cpu.step``) exactly as the CLI.
 
 ``PrefixCache`` keeps encoded images and the KV caches of finished requests (prompt and reply),
 least recently used out past a byte budget: the next turn of a conversation, or another question

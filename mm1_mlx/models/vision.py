@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu.ops import Linear, attention, gelu, gelu_approx, quick_gelu, silu
 from .config import VisionConfig
-from .cpu import Linear, attention, gelu, gelu_approx, quick_gelu, silu
 
 
 def activation(name: str):

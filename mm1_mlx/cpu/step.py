@@ -10,7 +10,7 @@ written with its ``update_and_fetch`` after the layer attended to them, and eval
 ``decode`` applies only where it computes what the MLX layers compute (to float32 rounding): the
 CPU, inference, one sequence of one token, float32 weights in our plain ``Linear`` layers and
 mlx-lm's ``SwitchLinear`` experts (dense or top-k MoE feed-forwards; not LoRA-wrapped), or their
-affine 4/8-bit quantized forms where ``cpu_quant``'s kernels read them (numba: the packed weights
+affine 4/8-bit quantized forms where ``cpu.quant``'s kernels read them (numba: the packed weights
 unpacked in registers, ~10x MLX's ``quantized_matmul`` here), no q/k norms, RMS norms, plain
 ``KVCache``\\ s and a RoPE ``cpu.rope`` can tabulate. Anything else returns None and the model runs
 its MLX layers.
@@ -25,8 +25,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear
 
-from . import backend, cpu_quant
-from .cpu import LOG2E, Linear, QuantizedLinear, gemv_numpy, np_silu, on_cpu, rope_tables
+from . import blas, quant
+from .ops import LOG2E, Linear, QuantizedLinear, gemv_numpy, np_silu, on_cpu, rope_tables
 
 ENABLED = True  # tests compare against the MLX layers by switching it off
 
@@ -130,7 +130,7 @@ def _ffn(mlp, h: np.ndarray) -> np.ndarray:
 
 def _expert(layer, e: int, x: np.ndarray) -> np.ndarray:
     if "scales" in layer:
-        y = cpu_quant.gemv(layer, x, expert=e)
+        y = quant.gemv(layer, x, expert=e)
     else:
         y = gemv_numpy(np.asarray(layer.weight)[e], x)
     return y + np.asarray(layer.bias)[e] if "bias" in layer else y
@@ -147,9 +147,9 @@ FLOAT_KINDS, QUANTIZED_KINDS = (Linear, nn.Embedding), (QuantizedLinear, nn.Quan
 def _plain(layer, experts: bool = False) -> bool:
     """A weight this step reads, in a layer of exactly one of these kinds (not wrapped by LoRA):
     float32 and C-contiguous (what sgemv reads) in a ``Linear`` / ``Embedding`` (``SwitchLinear``
-    for ``experts``), or quantized in a form ``cpu_quant``'s kernels read."""
+    for ``experts``), or quantized in a form ``cpu.quant``'s kernels read."""
     if type(layer) in ((QuantizedSwitchLinear,) if experts else QUANTIZED_KINDS):
-        return cpu_quant.handles(layer)
+        return quant.handles(layer)
     return (type(layer) in ((SwitchLinear,) if experts else FLOAT_KINDS)
             and layer.weight.dtype == mx.float32 and np.asarray(layer.weight).flags.c_contiguous)
 
@@ -182,7 +182,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
     if pos:  # views of the evaluated cache
         keys, values = np.asarray(cache.keys), np.asarray(cache.values)
         if keys.flags.c_contiguous and values.flags.c_contiguous:
-            batched = backend.sgemm_batch_strided()
+            batched = blas.sgemm_batch_strided()
         stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
     if batched is not None:  # q k^T
         batched(101, 111, 112, rep, pos, D, 1.0, q.ctypes.data, D, rep * D,
@@ -202,7 +202,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) ->
 
 
 def _linear(layer: Linear, x: np.ndarray) -> np.ndarray:
-    y = cpu_quant.gemv(layer, x) if "scales" in layer else gemv_numpy(np.asarray(layer.weight), x)
+    y = quant.gemv(layer, x) if "scales" in layer else gemv_numpy(np.asarray(layer.weight), x)
     return y + np.asarray(layer.bias) if "bias" in layer else y
 
 

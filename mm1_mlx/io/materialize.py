@@ -14,7 +14,7 @@ def materialize(model, cpu: bool, progress: bool, nbytes: int, desc: str = "load
     least ``PROGRESS_BYTES``."""
     from tqdm import tqdm
 
-    from .cpu_step import pack_layer
+    from ..cpu.step import pack_layer
 
     mx.eval(model.vision_tower.parameters(), model.connector.parameters())
     layers = model.language_model.layers

@@ -1,6 +1,6 @@
 """Shapes-world scenes drawn by independent code, for the robustness check of the eval.
 
-The training images come from ``data.render`` (PIL polygons, our palettes). These are drawn another
+The training images come from ``world.render`` (PIL polygons, our palettes). These are drawn another
 way: numpy masks from matplotlib paths, colours taken from matplotlib's XKCD / Tableau / CSS tables
 (not our palettes), other sizes, positions, backgrounds and noise, and sometimes JPEG compression.
 A model that learned "red" and "star" rather than our drawing code should answer the same.
@@ -15,7 +15,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from . import data
+from . import world
 
 COLOR_NAMES = {
     "red": ["xkcd:red", "tab:red", "red", "crimson", "xkcd:bright red"],
@@ -77,7 +77,7 @@ def mask(kind: str, cx: float, cy: float, r: float, angle: float, size: int, ss:
     return inside.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
-def draw(rng: random.Random, shapes: list[data.Shape]) -> Image.Image:
+def draw(rng: random.Random, shapes: list[world.Shape]) -> Image.Image:
     size = rng.choice([120, 150, 200, 256, 300])
     ss = rng.choice([1, 2, 4])
     bg = np.array([rng.uniform(0.9, 1.0)] * 3) if rng.random() < 0.5 else \
@@ -102,7 +102,7 @@ def draw(rng: random.Random, shapes: list[data.Shape]) -> Image.Image:
     return out
 
 
-def random_scene(rng: random.Random, shapes=data.SHAPES, colors=data.COLORS, n: int | None = None,
-                 must_include: tuple[str | None, str | None] = (None, None)) -> data.Scene:
-    """``data.random_scene``'s scenes (same choices for the same rng), drawn by ``draw``."""
-    return data.random_scene(rng, shapes, colors, n, must_include, draw=draw)
+def random_scene(rng: random.Random, shapes=world.SHAPES, colors=world.COLORS, n: int | None = None,
+                 must_include: tuple[str | None, str | None] = (None, None)) -> world.Scene:
+    """``world.random_scene``'s scenes (same choices for the same rng), drawn by ``draw``."""
+    return world.random_scene(rng, shapes, colors, n, must_include, draw=draw)

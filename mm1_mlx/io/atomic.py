@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import MM1Error
+from ..errors import MM1Error
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MM1Error
-from .images import load_image
-from .processor import IMAGE_TOKEN, PreparedImage, Processor, tiles_for
+from ..errors import MM1Error
+from ..images import load_image
+from ..processor import IMAGE_TOKEN, PreparedImage, Processor, tiles_for
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system", "bot": "assistant", "model": "assistant"}

@@ -18,17 +18,17 @@ import torch.nn.functional as F
 from mlx.utils import tree_flatten
 from torch import nn as tnn
 
-from . import fastvit
-from .config import ConnectorConfig, FastViTConfig, ModelConfig, VisionConfig
-from .connector import pool_matrix
-from .errors import MM1Error
-from .vision import interpolate_grid
+from mm1_mlx.errors import MM1Error
+from mm1_mlx.models import fastvit
+from mm1_mlx.models.config import ConnectorConfig, FastViTConfig, ModelConfig, VisionConfig
+from mm1_mlx.models.connector import pool_matrix
+from mm1_mlx.models.vision import interpolate_grid
 
 TWIN_CONNECTORS = ("c-abstractor", "avg-pool", "attention-pool", "mlp")
 
 
 def activation(name: str):
-    # mirrors mm1_mlx.vision.activation: gelu is exact (erf), gelu_approx is the tanh form
+    # mirrors mm1_mlx.models.vision.activation: gelu is exact (erf), gelu_approx is the tanh form
     return {
         "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
         "gelu": F.gelu,
@@ -146,7 +146,7 @@ class VisionModel(tnn.Module):
         return x
 
 
-# ---- FastViTHD (mm1_mlx/fastvit.py), NCHW ----
+# ---- FastViTHD (mm1_mlx/models/fastvit.py), NCHW ----
 class FvSqueezeExcite(tnn.Module):
     def __init__(self, dims: int, hidden: int):
         super().__init__()
@@ -284,7 +284,7 @@ class FvStage(tnn.Module):
 
 
 class FastViT(tnn.Module):
-    """(N, 3, S, S) normalized -> (N, (S/64)^2, C), as mm1_mlx.fastvit.FastViT."""
+    """(N, 3, S, S) normalized -> (N, (S/64)^2, C), as mm1_mlx.models.fastvit.FastViT."""
 
     def __init__(self, config):
         super().__init__()

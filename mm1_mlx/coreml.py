@@ -11,7 +11,9 @@ the processor's pixels come from 8-bit images, so that round trip is exact. All 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,21 @@ import numpy as np
 
 from .errors import MM1Error
 
-META = "mm1_mlx."
+META = "mm1_mlx."  # prefix of our keys in a package's user-defined metadata
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU",
                  "cpu_only": "CPU_ONLY"}
+
+
+def import_coremltools():
+    """coremltools, with its Linux 'cannot load the Core ML runtime' warnings silenced."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coremltools as ct
+    except ImportError:
+        raise MM1Error("coremltools is not installed (pip install 'mm1-mlx[coreml]')") from None
+    return ct
 
 
 @dataclass
@@ -55,8 +69,6 @@ class PackageInfo:
 
 def read_package_info(path: str) -> PackageInfo:
     """Metadata of an exported package; works on any OS (reads the spec only)."""
-    from convert.coreml import import_coremltools
-
     ct = import_coremltools()
     if not Path(path).is_dir():
         raise MM1Error(f"Core ML package not found: {path}")
@@ -80,8 +92,6 @@ class CoreMLEncoder:
     def __init__(self, path: str, compute_units: str | None = None):
         if sys.platform != "darwin":
             raise MM1Error("the Core ML vision backend runs only on macOS")
-        from convert.coreml import import_coremltools
-
         ct = import_coremltools()
         self.info = read_package_info(path)
         units = compute_units or self.info.compute_units

@@ -19,8 +19,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from . import atomic
-from .errors import MM1Error
+from ..errors import MM1Error
+from ..io import atomic
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -100,7 +100,7 @@ def read_config(path: Path) -> dict:
 def check_config(config, f: Path) -> None:
     """The fields ``load_adapters`` uses: lora_parameters (rank, scale, dropout, keys,
     num_layers), train_connector, base_model."""
-    from .validate import check_fields, need
+    from ..io.validate import check_fields, need
 
     need(isinstance(config, dict), f, "", config, "a JSON object")
     params = config.get("lora_parameters")

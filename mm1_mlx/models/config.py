@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .validate import check_value, need
+from ..io.validate import check_value, need
 
 ACTIVATIONS = {"quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "silu", "relu"}
 CONNECTOR_TYPES = {"c-abstractor", "avg-pool", "attention-pool", "mlp"}

@@ -2,7 +2,7 @@
 
 MLX's ``quantized_matmul`` reads ~1 GB/s per thread on the development machine's CPU: a 4-bit
 model decoded 3x slower than the float one and ~10x slower than llama.cpp's Q4_0 on the same
-weights. The kernels in ``cpu_quant_kernels`` read the packed bytes once, unpack, scale and
+weights. The kernels in ``quant_kernels`` read the packed bytes once, unpack, scale and
 accumulate in registers, on every core, with no float copy of the weights (decode), and
 dequantize straight into the float buffer a BLAS product reads (prefill).
 
@@ -37,7 +37,7 @@ def cache_dir() -> str:
 
 
 def kernels():
-    """The compiled kernels (module ``cpu_quant_kernels``), or None where they cannot run."""
+    """The compiled kernels (module ``quant_kernels``), or None where they cannot run."""
     if not _KERNELS:
         _KERNELS.append(_load_kernels())
     return _KERNELS[0]
@@ -55,14 +55,14 @@ def _load_kernels():
         # the locators of our functions take the directory when they are made: set it for them
         numba.config.CACHE_DIR = default or cache_dir()
         try:
-            from . import cpu_quant_kernels
+            from . import quant_kernels
         finally:
             numba.config.CACHE_DIR = default
     except Exception as e:  # a numba that does not fit this numpy or CPU: MLX's kernels
         warnings.warn(f"mm1_mlx: numba kernels unavailable ({type(e).__name__}: {e}); "
                       "quantized products use MLX's kernels", stacklevel=2)
         return None
-    return cpu_quant_kernels
+    return quant_kernels
 
 
 def warm_up(model) -> None:

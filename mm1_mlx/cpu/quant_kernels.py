@@ -1,4 +1,4 @@
-"""numba kernels over MLX's affine-quantized weights (imported only by ``cpu_quant``, which
+"""numba kernels over MLX's affine-quantized weights (imported only by ``cpu.quant``, which
 checks numba is there and chooses where compiled kernels are cached).
 
 The layout is ``mx.quantize``'s: each row's values packed low bits first into uint32 words, read

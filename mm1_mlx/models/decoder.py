@@ -15,9 +15,9 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import cpu_step
+from ..cpu import step as cpu_step
+from ..cpu.ops import Linear, attention, matmul_t, rope, silu
 from .config import TextConfig
-from .cpu import Linear, attention, matmul_t, rope, silu
 
 
 class Attention(nn.Module):

@@ -10,7 +10,7 @@ import typing
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import MM1Error
+from ..errors import MM1Error
 
 
 class ConfigError(MM1Error):

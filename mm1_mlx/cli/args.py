@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from .errors import MM1Error
+from ..errors import MM1Error
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cpu.ops import Linear, attention
 from .config import FastViTConfig
 from .connector import SqueezeExcite
-from .cpu import Linear, attention
 from .vision import activation
 
 

@@ -6,7 +6,7 @@ OpenBLAS bound:
   orientation ``nn.Linear`` uses), and BLAS ``sgemv`` called directly 1.4x faster again (MLX
   calls ``sgemm``: ~20 vs ~29 GB/s);
 - ``quantized_matmul`` runs at ~1 GB/s on one thread: outside training a quantized layer runs
-  ``cpu_quant``'s numba kernels (a few rows: fused unpack-scale-dot; prefill: dequantized into a
+  ``cpu.quant``'s numba kernels (a few rows: fused unpack-scale-dot; prefill: dequantized into a
   BLAS product); without numba many-row products are "MLX dequantize, then BLAS", one-row ones
   stay quantized (less to read), both split by output rows over one CPU stream (thread) per core;
 - ``exp`` and ``sigmoid`` run scalar (softmax over 16x632x632: ~110 ms) while ``power(2, x)`` is
@@ -21,7 +21,7 @@ OpenBLAS bound:
 - ``mx.fast.rope`` computes exp, cos and sin per call (~170 us for one decode step's 16 heads):
   ``rope`` applies the module from per-position tables it made once.
 - every evaluated MLX op costs ~15-80 us here: a decode step of the decoder (~50 small ops per
-  layer around its products) runs in numpy instead (``cpu_step.py``).
+  layer around its products) runs in numpy instead (``cpu/step.py``).
 Parameters, keys and results are those of the MLX layers; only the evaluation differs.
 """
 
@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import backend, cpu_quant
+from . import blas, quant
 
 
 def on_cpu() -> bool:
@@ -341,7 +341,7 @@ def matmul_t(x: mx.array, weight: mx.array) -> mx.array:
 def _gemv(x: mx.array, weight: mx.array) -> mx.array:
     """``weight @ x`` through BLAS ``sgemv`` (1.4x MLX's ``sgemm`` here: decode reads every
     weight once per token); MLX's own product where there is no bound OpenBLAS."""
-    sgemv = backend.sgemv()
+    sgemv = blas.sgemv()
     if sgemv is None or x.dtype != mx.float32 or weight.dtype != mx.float32:
         return weight @ x
 
@@ -357,7 +357,7 @@ def gemv_numpy(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``w @ x`` for a C-contiguous float32 (N, K) ``w`` through the bound OpenBLAS's sgemv
     (numpy's own BLAS where none is bound: ``MM1_MLX_BLAS=off``, or macOS)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    sgemv = backend.sgemv()
+    sgemv = blas.sgemv()
     if sgemv is None:
         return w @ x
     y = np.empty(w.shape[0], np.float32)
@@ -402,7 +402,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             return super().__call__(x)
         dtype = x.dtype
         x = x.astype(mx.float32)  # quantized_matmul with half inputs is ~30x slower here
-        if not self.training and cpu_quant.handles(self):
+        if not self.training and quant.handles(self):
             y = self._numba_product(x)
         else:
             y = self._mlx_product(x)
@@ -410,14 +410,14 @@ class QuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
     def _numba_product(self, x: mx.array) -> mx.array:
-        """A few rows (decode outside ``cpu_step``) through the fused kernel, one row at a time;
+        """A few rows (decode outside ``cpu.step``) through the fused kernel, one row at a time;
         more (prefill) dequantize into a BLAS product: ~10x MLX's kernels here."""
         rows = x.size // x.shape[-1]
         if rows > GEMV_ROWS:
             return matmul_t(x, self._dequantized())
         mx.eval(x)
         xs = np.asarray(x).reshape(rows, -1)
-        y = np.stack([cpu_quant.gemv(self, r) for r in xs])
+        y = np.stack([quant.gemv(self, r) for r in xs])
         return mx.array(y.reshape(*x.shape[:-1], -1))
 
     def _dequantized(self) -> mx.array:
@@ -427,8 +427,8 @@ class QuantizedLinear(nn.QuantizedLinear):
         mx.eval(w)
         view = shared_view(w)
         if view is None:
-            return mx.array(cpu_quant.dequantize(self))
-        cpu_quant.dequantize(self, out=view)
+            return mx.array(quant.dequantize(self))
+        quant.dequantize(self, out=view)
         return w
 
     def _mlx_product(self, x: mx.array) -> mx.array:

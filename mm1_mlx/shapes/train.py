@@ -1,0 +1,430 @@
+"""Train an MM1-style model from scratch on shapes world: encoder, pre-training, then SFT.
+
+``python -m mm1_mlx.train --recipe tiny`` reproduces the shipped ``mm1-tiny`` (``tiny-moe`` the MoE
+one). MM1 starts from a contrastively pre-trained image encoder; with no such encoder for shapes
+world, stage 0 pre-trains ours (ViT + connector) with a supervised objective instead: a throw-away
+linear head reads every position slot's shape and colour from the connector's tokens (as ViTs were
+first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. Pre-training uses MM1's
+data mix (45% interleaved, 45% captions, 10% text-only) with loss on text tokens only (plus MoE
+auxiliary losses); SFT trains on chat conversations with loss on the assistant's tokens. State is
+saved atomically every ``--save-every`` steps and after the current step on Ctrl-C or SIGTERM (a
+second one stops at once); rerunning the same command resumes where it stopped, and says where.
+Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from ..checkpoint import WEIGHTS_DIR, save
+from ..cli import args as cli_args
+from ..errors import MM1Error, cli_errors
+from ..io.atomic import atomic_dir, check_output, claim_output
+from ..models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ..models.connector import grid_side
+from ..models.model import Model
+from ..processor import ImageSettings, Processor
+from ..tuner.batching import collate, prefetch
+from . import world
+from .tokenizer import train_tokenizer
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    pretrain_steps: int
+    sft_steps: int
+    batch_size: int = 16
+    learning_rate: float = 4e-4  # above ~1e-3 the from-scratch ViT + C-Abstractor never learn
+    sft_learning_rate: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only
+    image: ImageSettings = field(default_factory=lambda: ImageSettings(
+        image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resize_mode="pad",
+        pad_color=[255, 255, 255]))
+    encoder_steps: int = 0  # stage 0: supervised image-encoder pre-training (0: skip)
+    encoder_batch_size: int = 32
+    encoder_learning_rate: float = 1e-3
+    freeze_vision: bool = True  # keep the stage-0 ViT fixed afterwards (the connector trains on)
+    seed: int = 0
+    vocab_size: int = 640
+    tokenizer_corpus: int = 1500  # samples of each kind the tokenizer is trained on
+
+
+def tiny_config(moe: bool = False) -> ModelConfig:
+    text = dict(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                tie_word_embeddings=True, rope_theta=10000.0)
+    if moe:  # same active FFN size: top-2 of 4 experts of half width, every other layer
+        text.update(num_experts=4, num_experts_per_tok=2, moe_every=2, moe_intermediate_size=256)
+    return ModelConfig(
+        vision_config=VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                                   num_attention_heads=4, image_size=96, patch_size=12,
+                                   hidden_act="quick_gelu", feature_layer=-2),
+        connector_config=ConnectorConfig(type="c-abstractor", num_image_tokens=16,
+                                         hidden_size=128, depth=1, mlp_depth=2),
+        text_config=TextConfig(**text),
+        name="mm1-tiny-moe" if moe else "mm1-tiny",
+    )
+
+
+RECIPES = {
+    "tiny": lambda: Recipe("mm1-tiny", tiny_config(), encoder_steps=2000, pretrain_steps=500,
+                           sft_steps=2400),
+    "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), encoder_steps=2000,
+                               pretrain_steps=400, sft_steps=2000),
+    "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
+                            batch_size=8, warmup=4, learning_rate=3e-3, tokenizer_corpus=150,
+                            encoder_steps=24, encoder_batch_size=8, encoder_learning_rate=5e-4),
+}
+
+
+STAGES = ("encoder", "pretrain", "sft")
+
+
+# ---- batches ----
+def example(processor: Processor, rng: random.Random, stage: str, mix) -> tuple[list, list, list]:
+    """(ids, loss mask, prepared images) of one sample."""
+    if stage == "pretrain":
+        _, text, imgs = world.pretrain_sample(rng, mix)
+        prepared = [processor.prepare_image(im, max_tiles=1) for im in imgs]
+        ids = processor.tokenize(text, prepared) + [processor.tokenizer.eos_token_id]
+        mask = [i != processor.image_token_id for i in ids]
+        return ids, mask, prepared
+    msgs, imgs = world.sft_sample(rng)
+    prepared = [processor.prepare_image(im, max_tiles=1) for im in imgs]
+    ids, mask = processor.encode_conversation(msgs, prepared)
+    return ids, mask, prepared
+
+
+def make_batch(processor: Processor, recipe: Recipe, stage: str, step: int):
+    rng = random.Random(f"{recipe.seed}:{stage}:{step}")
+    samples = [example(processor, rng, stage, recipe.mix) for _ in range(recipe.batch_size)]
+    ids, mask = collate([(i, m) for i, m, _ in samples], processor.tokenizer.pad_token_id)
+    pixels = [p.pixels for _, _, prepared in samples for p in prepared]
+    px = np.concatenate(pixels) if pixels else None
+    return ids, mask, px
+
+
+class SlotHead(nn.Module):
+    """Stage 0's throw-away heads on the image tokens: every position slot's shape and colour read
+    from all tokens at once, and each token's own cell (so a token carries what it covers, which
+    the decoder's attention can then find by shape as well as by colour)."""
+
+    def __init__(self, num_tokens: int, dims: int):
+        super().__init__()
+        self.sizes = (1 + len(world.SHAPES), 1 + len(world.COLORS))
+        self.proj = nn.Linear(num_tokens * dims, len(world.POSITIONS) * sum(self.sizes))
+        self.token_proj = nn.Linear(dims, sum(self.sizes))
+
+    def __call__(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """(N, slots, shapes+colours) and (N, tokens, shapes+colours) logits."""
+        N = tokens.shape[0]
+        return (self.proj(tokens.reshape(N, -1)).reshape(N, len(world.POSITIONS), -1),
+                self.token_proj(tokens))
+
+
+class EncoderTrainer(nn.Module):
+    """The model's image encoder (ViT + connector) with the stage-0 head on top."""
+
+    def __init__(self, model: Model, head: SlotHead):
+        super().__init__()
+        self.model, self.head = model, head
+        self.freeze()
+        for m in (model.vision_tower, model.connector, head):
+            m.unfreeze()
+
+
+def make_encoder_batch(processor: Processor, recipe: Recipe, step: int):
+    """Pixels, (N, slots, 2) slot labels and (N, tokens, 2) token-cell labels (shape, colour)."""
+    rng = random.Random(f"{recipe.seed}:encoder:{step}")
+    scenes = [world.random_scene(rng) for _ in range(recipe.encoder_batch_size)]
+    px = np.concatenate([processor.prepare_image(sc.image, max_tiles=1).pixels for sc in scenes])
+    side = grid_side(recipe.model.num_image_tokens)
+    slots = np.array([world.slot_labels(sc) for sc in scenes], np.int32).transpose(0, 2, 1)
+    cells = np.array([world.token_labels(sc, side) for sc in scenes], np.int32).transpose(0, 2, 1)
+    return px, slots, cells
+
+
+def _shape_color_ce(logits: mx.array, labels: mx.array, split: int) -> mx.array:
+    return (nn.losses.cross_entropy(logits[..., :split], labels[..., 0]).mean()
+            + nn.losses.cross_entropy(logits[..., split:], labels[..., 1]).mean())
+
+
+def encoder_loss(trainer: EncoderTrainer, pixels, slots, cells):
+    slot_logits, token_logits = trainer.head(trainer.model.encode_images(pixels))
+    split = trainer.head.sizes[0]
+    loss = (_shape_color_ce(slot_logits, slots, split)
+            + _shape_color_ce(token_logits, cells, split))
+    return loss, mx.array(slots.shape[0])
+
+
+def loss_fn(model: Model, ids, mask, pixels):
+    logits, aux = model(ids[:, :-1], pixels)
+    targets, m = ids[:, 1:], mask[:, 1:]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * m
+    ntok = m.sum()
+    return ce.sum() / ntok + aux, ntok
+
+
+def schedule(recipe: Recipe, stage: str, total: int):
+    peak = {"encoder": recipe.encoder_learning_rate, "pretrain": recipe.learning_rate,
+            "sft": recipe.sft_learning_rate}[stage]
+    warm = optim.linear_schedule(0.0, peak, recipe.warmup)
+    cos = optim.cosine_decay(peak, max(1, total - recipe.warmup), end=0.1 * peak)
+    return optim.join_schedules([warm, cos], [recipe.warmup])
+
+
+# ---- state ----
+def save_state(run: Path, model: Model, opt, stage: str, step: int, losses: list,
+               head: nn.Module | None = None) -> None:
+    with atomic_dir(run / "state", "train-state", force=True) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        if head is not None:
+            mx.save_safetensors(str(tmp / "head.safetensors"), dict(tree_flatten(head.parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step,
+                                                       "losses": losses}))
+
+
+def load_state(run: Path, model: Model, head: nn.Module | None = None
+               ) -> tuple[str, int, list, dict | None]:
+    """(stage, step, losses, optimizer state) of the last complete save, or a fresh start."""
+    state = run / "state"
+    if not (state / "progress.json").exists():
+        return STAGES[0], 0, [], None
+    try:
+        model.load_weights(str(state / "model.safetensors"))
+        if head is not None and (state / "head.safetensors").exists():
+            head.load_weights(str(state / "head.safetensors"))
+        opt_state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
+        p = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+        stage, step, losses = p["stage"], p["step"], [tuple(x) for x in p["losses"]]
+        if stage not in STAGES or not isinstance(step, int) or step < 0:
+            raise ValueError(f"progress.json has stage {stage!r}, step {step!r}")
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+        raise MM1Error(f"cannot resume from {state}: {str(e).splitlines()[0][:200]}; move it "
+                       "away or use another --run-dir") from None
+    return stage, step, losses, opt_state
+
+
+def plot_losses(losses: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage, color in (("encoder", "tab:green"), ("pretrain", "tab:blue"), ("sft", "tab:orange")):
+        pts = [(i, l) for i, (s, l) in enumerate(losses) if s == stage]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, color=color, label=stage, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def setup_processor(run: Path, recipe: Recipe) -> Processor:
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        texts = world.corpus_text(random.Random(f"{recipe.seed}:tokenizer"), recipe.tokenizer_corpus)
+        tok = train_tokenizer(texts, recipe.vocab_size)
+        with atomic_dir(tok_dir, "tokenizer", force=True) as tmp:
+            tok.save_pretrained(str(tmp))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    return Processor(tok, recipe.image, recipe.model.num_image_tokens)
+
+
+def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = None,
+          quiet: bool = False, max_steps: int | None = None,
+          stop: Callable[[], bool] | None = None, force: bool = False
+          ) -> tuple[Model, Processor, list]:
+    """Run (or resume) the recipe in ``run``; ``max_steps`` stops this call early, and so does
+    ``stop()`` turning true (checked after every step, which is then saved); both resume.
+
+    ``run`` must be new, empty or a run directory (it is locked while training); ``out`` is
+    replaced only with ``force`` or when it is the run's own ``model``."""
+    with claim_output(run, "run", force=True, flag="--run-dir"):
+        if out is not None:
+            check_output(out, "checkpoint", force=force or Path(out) == run / "model")
+        return _train(recipe, run, save_every, out, quiet, max_steps, stop, force)
+
+
+def _train(recipe: Recipe, run: Path, save_every: int, out: Path | None, quiet: bool,
+           max_steps: int | None, stop: Callable[[], bool] | None, force: bool
+           ) -> tuple[Model, Processor, list]:
+    mx.random.seed(recipe.seed)
+    run.mkdir(parents=True, exist_ok=True)
+    processor = setup_processor(run, recipe)
+    cfg = recipe.model
+    cfg.image_token_id = processor.image_token_id
+    cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
+    model = Model(cfg)
+    head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
+    stage, start, losses, opt_state = load_state(run, model, head)
+    steps = dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    if opt_state is not None:
+        print(f"resuming {recipe.name} from {run / 'state'}: stage {stage}, step {start} of "
+              f"{steps[stage]}", file=sys.stderr)
+    stopped = False
+    for name in STAGES[STAGES.index(stage):]:
+        total = steps[name]
+        if total == 0:
+            continue
+        opt = optim.AdamW(learning_rate=schedule(recipe, name, total),
+                          weight_decay=recipe.weight_decay)
+        if name == stage and opt_state is not None:
+            opt.state = opt_state
+        else:
+            start = 0
+        model.train()
+        if name == "encoder":
+            trained = EncoderTrainer(model, head)
+            step_fn = nn.value_and_grad(trained, encoder_loss)
+            batches = lambda s: make_encoder_batch(processor, recipe, s)  # noqa: E731
+        else:
+            trained = model
+            model.unfreeze()
+            if recipe.freeze_vision and recipe.encoder_steps:
+                model.vision_tower.freeze()
+            step_fn = nn.value_and_grad(model, loss_fn)
+            batches = lambda s, n=name: make_batch(processor, recipe, n, s)  # noqa: E731
+        bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
+                   dynamic_ncols=True)
+        t0, ntoks = time.perf_counter(), 0
+        end = total if max_steps is None else min(total, start + max_steps)
+        for step, arrays in prefetch(batches, range(start, end)):
+            (loss, ntok), grads = step_fn(trained, *(None if a is None else mx.array(a)
+                                                     for a in arrays))
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            opt.update(trained, grads)
+            mx.eval(trained.trainable_parameters(), opt.state, loss)
+            losses.append((name, loss.item()))
+            ntoks += int(ntok.item())
+            unit = "img_s" if name == "encoder" else "tok_s"
+            bar.set_postfix({"loss": f"{loss.item():.4g}", "lr": f"{opt.learning_rate.item():.1e}",
+                             unit: f"{ntoks / (time.perf_counter() - t0):.0f}"})
+            bar.update(1)
+            asked = stop is not None and stop()
+            if (step + 1) % save_every == 0 or step + 1 == total or asked:
+                save_state(run, model, opt, name, step + 1, losses,
+                           head if name == "encoder" else None)
+                plot_losses(losses, run / "loss.png", recipe.name)
+            if asked:
+                bar.write(f"stopped: {name} step {step + 1} saved in {run / 'state'}; the same "
+                          "command resumes from there", file=sys.stderr)
+                end = step + 1
+                break
+        bar.close()
+        stopped = end < total or (stop is not None and stop())
+        if stopped:  # by max_steps or stop(): the next call resumes
+            break
+    model.unfreeze()
+    model.eval()
+    if out is not None and not stopped:
+        save(model, processor, out, extra_files={"loss.png": str(run / "loss.png")},
+             force=force or Path(out) == run / "model")
+    return model, processor, losses
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.train",
+                                description="Train an MM1-style model on shapes world.")
+    p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
+    p.add_argument("--run-dir", default=None, help="state and logs (default runs/RECIPE)")
+    p.add_argument("--out", default=None, help="final checkpoint (default RUN_DIR/model)")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--install", action="store_true",
+                   help="also install the result as a bundled model in the package")
+    p.add_argument("--pretrain-steps", type=cli_args.non_negative_int)
+    p.add_argument("--sft-steps", type=cli_args.non_negative_int)
+    p.add_argument("--batch-size", type=cli_args.positive_int)
+    p.add_argument("--mix", default=None,
+                   help="interleaved,captions,text-only fractions (default 0.45,0.45,0.10)")
+    p.add_argument("--save-every", type=cli_args.positive_int, default=100)
+    p.add_argument("--seed", type=cli_args.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+class StopRequest:
+    """Signal handler: the first SIGINT / SIGTERM asks the training loop to save and stop after
+    the current step; a second one stops at once (losing that step)."""
+
+    def __init__(self):
+        self.asked = False
+
+    def handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (again to stop at once)", file=sys.stderr)
+
+
+@cli_errors
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    recipe = RECIPES[args.recipe]()
+    for k in ("pretrain_steps", "sft_steps", "batch_size", "seed"):
+        if getattr(args, k) is not None:
+            setattr(recipe, k, getattr(args, k))
+    if args.mix:
+        try:
+            mix = tuple(float(x) for x in args.mix.split(","))
+        except ValueError:
+            raise MM1Error(f"--mix takes three numbers, got {args.mix!r}") from None
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise MM1Error(f"--mix takes three non-negative fractions, got {args.mix!r}")
+        recipe.mix = mix
+    run = Path(args.run_dir or f"runs/{args.recipe}")
+    out = Path(args.out) if args.out else run / "model"
+    t = time.perf_counter()
+    stop = StopRequest()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(recipe, run, args.save_every, out, quiet=args.quiet, stop=lambda: stop.asked,
+              force=args.force)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.asked:
+        sys.exit(130)
+    print(f"saved {out} in {(time.perf_counter() - t) / 60:.1f} min")
+    if args.install:
+        dst = WEIGHTS_DIR / recipe.name
+        with atomic_dir(dst, "checkpoint", force=True, allow_package=True) as tmp:
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+        print(f"installed as {dst}")
+
+
+if __name__ == "__main__":
+    main()
