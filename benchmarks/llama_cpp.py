@@ -194,13 +194,13 @@ def run_ours(spec: dict) -> dict:
     cache = make_prompt_cache(lm)
     times, tokens = [], []
     t0 = time.perf_counter()
-    logits, _ = lm(lm.embed(mx.array([spec["token_ids"]])), cache, last_only=True)
+    logits = lm(lm.embed(mx.array([spec["token_ids"]])), cache, last_only=True)
     for _ in range(spec["max_tokens"]):
         tok = logits[:, -1].argmax(-1, keepdims=True)
         tokens.append(tok.item())
         times.append(time.perf_counter())
         if len(tokens) < spec["max_tokens"]:
-            logits, _ = lm(lm.embed(tok), cache)
+            logits = lm(lm.embed(tok), cache)
     out = _text_figures(t0, times, tokens, len(spec["token_ids"]), load_s)
     out["blas"] = mm1_mlx.backend_info()["blas"]
     return out

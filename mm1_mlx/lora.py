@@ -217,7 +217,7 @@ def setup_model(args: TrainingArgs):
 
 def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
     """Summed token cross-entropy / ``ntok`` (the global batch's loss tokens) + weighted MoE aux."""
-    logits, aux = model(ids[:, :-1], pixels)
+    logits, aux = model(ids[:, :-1], pixels, return_aux=True)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * mask[:, 1:]
     return ce.sum() / ntok + aux_weight * aux
 

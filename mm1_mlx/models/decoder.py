@@ -1,8 +1,9 @@
 """The language decoder: Llama-style dense transformer with optional MoE FFNs (MM1-MoE, Mixtral).
 
 Attribute names follow Hugging Face Llama/Mixtral keys (``model.layers.N.self_attn.q_proj``) so
-converting weights only handles real layout changes (stacking experts). In training mode the MoE
-layers also return MM1's auxiliary losses (load balance, router z-loss).
+converting weights only handles real layout changes (stacking experts). Asked with
+``return_aux=True``, the MoE layers also return MM1's auxiliary losses (load balance, router
+z-loss); the return type never depends on train / eval mode.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..cpu import step as cpu_step
 from ..cpu.ops import Linear, attention, matmul_t, rope, silu
 from .config import TextConfig
 
@@ -114,16 +114,16 @@ class SparseMoeBlock(nn.Module):
             scores = scores / scores.sum(axis=-1, keepdims=True)
         return logits, inds, scores.astype(x.dtype)
 
-    def __call__(self, x: mx.array) -> tuple[mx.array, tuple | None]:
+    def __call__(self, x: mx.array, return_aux: bool = False):
+        """The mixed experts' output; with ``return_aux`` also (load balance, z-loss)."""
         logits, inds, scores = self.route(x)
         y = (self.switch_mlp(x, inds) * scores[..., None]).sum(axis=-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        aux = None
-        if self.training:
-            aux = router_losses(logits.reshape(-1, self.num_experts), inds.reshape(-1, self.top_k),
-                                self.num_experts)
-        return y, aux
+        if not return_aux:
+            return y
+        return y, router_losses(logits.reshape(-1, self.num_experts),
+                                inds.reshape(-1, self.top_k), self.num_experts)
 
 
 class DecoderLayer(nn.Module):
@@ -135,11 +135,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> tuple[mx.array, tuple | None]:
+    def __call__(self, x: mx.array, mask=None, cache=None, return_aux: bool = False
+                 ) -> tuple[mx.array, tuple | None]:
+        """The layer's output and, for an MoE layer asked ``return_aux``, its router losses."""
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        r = self.mlp(self.post_attention_layernorm(h))
-        r, aux = r if isinstance(r, tuple) else (r, None)
-        return h + r, aux
+        y = self.post_attention_layernorm(h)
+        if return_aux and isinstance(self.mlp, SparseMoeBlock):
+            r, aux = self.mlp(y, return_aux=True)
+            return h + r, aux
+        return h + self.mlp(y), None
 
 
 class LlamaModel(nn.Module):
@@ -150,12 +154,12 @@ class LlamaModel(nn.Module):
                        for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, h: mx.array, cache=None) -> tuple[mx.array, list]:
+    def __call__(self, h: mx.array, cache=None, return_aux: bool = False) -> tuple[mx.array, list]:
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         auxes = []
         for layer, c in zip(self.layers, cache):
-            h, aux = layer(h, mask, c)
+            h, aux = layer(h, mask, c, return_aux)
             if aux is not None:
                 auxes.append(aux)
         return self.norm(h), auxes
@@ -178,25 +182,29 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: mx.array) -> mx.array:
         return self.model.embed_tokens(input_ids)
 
-    def __call__(self, embeds: mx.array, cache=None, last_only: bool = False
-                 ) -> tuple[mx.array, mx.array | None]:
-        """Logits (B, L, V) (or (B, 1, V) with ``last_only``, as prefill needs), and in training
-        mode the weighted MoE auxiliary loss (None if dense)."""
-        logits = cpu_step.decode(self, embeds, cache)  # a decode step on the CPU, if it can
-        if logits is not None:
-            return logits, None
-        h, auxes = self.model(embeds, cache)
+    def __call__(self, embeds: mx.array, cache=None, last_only: bool = False,
+                 return_aux: bool = False):
+        """Logits (B, L, V) (or (B, 1, V) with ``last_only``, as prefill needs); with
+        ``return_aux`` also the weighted MoE auxiliary loss (zero for a dense decoder)."""
+        h, auxes = self.model(embeds, cache, return_aux)
         if last_only:
             h = h[:, -1:]
-        if self.args.tie_word_embeddings:
-            emb = self.model.embed_tokens
-            logits = (matmul_t(h, emb.weight) if isinstance(emb, nn.Embedding)
-                      else emb.as_linear(h))
-        else:
-            logits = self.lm_head(h)
-        aux = None
-        if auxes:
-            balance = mx.stack([a[0] for a in auxes]).mean()
-            z = mx.stack([a[1] for a in auxes]).mean()
-            aux = self.args.router_aux_loss_coef * balance + self.args.router_z_loss_coef * z
-        return logits, aux
+        logits = self.head(h)
+        if not return_aux:
+            return logits
+        return logits, self.aux_loss(auxes)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from the final hidden states (the tied embedding or ``lm_head``)."""
+        if not self.args.tie_word_embeddings:
+            return self.lm_head(h)
+        emb = self.model.embed_tokens
+        return matmul_t(h, emb.weight) if isinstance(emb, nn.Embedding) else emb.as_linear(h)
+
+    def aux_loss(self, auxes: list) -> mx.array:
+        """MM1's weighted router losses, averaged over the MoE layers."""
+        if not auxes:
+            return mx.array(0.0)
+        balance = mx.stack([a[0] for a in auxes]).mean()
+        z = mx.stack([a[1] for a in auxes]).mean()
+        return self.args.router_aux_loss_coef * balance + self.args.router_z_loss_coef * z

@@ -3,8 +3,8 @@
 Contract shared by every tool: ``logits = model(input_ids, pixel_values=None, cache=None)`` where
 ``input_ids`` (B, L) carries one ``config.image_token_id`` per image-feature position and
 ``pixel_values`` (N_images, H, W, 3) is channels-last and normalized; images fill the image-token
-positions in order. In training mode the call returns ``(logits, aux_loss)`` (aux_loss is the
-weighted MoE load-balance + router z-loss, zero for a dense decoder).
+positions in order. ``model(..., return_aux=True)`` returns ``(logits, aux_loss)`` (aux_loss is the
+weighted MoE load-balance + router z-loss, zero for a dense decoder), in train and eval mode alike.
 """
 
 from __future__ import annotations
@@ -72,13 +72,12 @@ class Model(nn.Module):
         return table[idx].reshape(B, L, D)
 
     def __call__(self, input_ids: mx.array, pixel_values: mx.array | None = None, cache=None,
-                 image_features: mx.array | None = None, last_only: bool = False):
+                 image_features: mx.array | None = None, last_only: bool = False,
+                 return_aux: bool = False):
         if pixel_values is not None and image_features is None:
             image_features = self.encode_images(pixel_values)
-        logits, aux = self.language_model(self.embed(input_ids, image_features), cache, last_only)
-        if self.training:
-            return logits, aux if aux is not None else mx.array(0.0)
-        return logits
+        return self.language_model(self.embed(input_ids, image_features), cache, last_only,
+                                   return_aux)
 
     def sanitize(self, weights: dict) -> dict:
         """Drop tensors the model does not build (encoder layers past the feature layer)."""

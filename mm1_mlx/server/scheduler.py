@@ -313,7 +313,7 @@ class Scheduler:
 
     def _decode_step(self) -> list[int]:
         toks = mx.array([[j.next_token] for j in self.active])
-        logits, _ = self.lm(self.lm.embed(toks), self.cache)
+        logits = self.lm(self.lm.embed(toks), self.cache)
         for job in self.active:
             job.cache_keys.append(job.next_token)
         return self._sample(self.active, logits[:, -1]).tolist()

@@ -179,7 +179,7 @@ def encoder_loss(trainer: EncoderTrainer, pixels, slots, cells):
 
 
 def loss_fn(model: Model, ids, mask, pixels):
-    logits, aux = model(ids[:, :-1], pixels)
+    logits, aux = model(ids[:, :-1], pixels, return_aux=True)
     targets, m = ids[:, 1:], mask[:, 1:]
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * m
     ntok = m.sum()
