@@ -6,17 +6,21 @@
     mlx.launch --backend ring -n 2 --python python -- -m mm1_mlx.lora ...   # data parallel
 
 LoRA wraps the decoder's attention and MLP projections (MoE expert stacks included); a quantized base
-gives QLoRA. ``--train-connector`` also trains the whole connector. The loss falls on the assistant's
-tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains on every text token, prompts
-included (never on image tokens). Bad records are reported as FILE:LINE and left out
-(``--on-bad-data skip``, the default) or stop the run before it starts (``fail``).
+gives QLoRA. By default LoRA also wraps every layer of a ViT image encoder (``--train-vision``;
+an encoder that never saw a new shape or colour may not tell it apart) and each training image is
+a fresh random variation at every step (``--augment``, ``mm1_mlx/tuner/augment.py``: without it an
+adapted encoder learns the training pictures' pixels). ``--train-connector`` also trains the whole
+connector. The loss falls on the assistant's tokens (``--mask-prompt``, the default);
+``--no-mask-prompt`` trains on every text token, prompts included (never on image tokens). Bad
+records are reported as FILE:LINE and left out (``--on-bad-data skip``, the default) or stop the
+run before it starts (``fail``).
 
 Every ``--save-every`` steps the adapter directory is rewritten atomically: adapters.safetensors,
 adapter_config.json, training_state.safetensors (optimizer state, step, losses), training_log.json
 and loss.png. ``--resume`` continues from the last complete save, even after a kill mid-save. The
-data order and dropout masks are pure functions of (seed, step), so a resumed run takes the same
-steps as an uninterrupted one. With several processes, each takes its share of every global batch,
-gradients are averaged with ``mx.distributed`` and rank 0 alone writes.
+data order, image variations and dropout masks are pure functions of (seed, step), so a resumed
+run takes the same steps as an uninterrupted one. With several processes, each takes its share of
+every global batch, gradients are averaged with ``mx.distributed`` and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class TrainingArgs:
     dropout: float = 0.0
     lora_layers: int = -1  # the last N decoder layers; -1 = all
     lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
+    train_vision: bool = True  # LoRA on every ViT layer of the image encoder too
+    augment: bool = True  # a fresh random variation of each training image at every step
     train_connector: bool = False
     grad_checkpoint: bool = False
     mask_prompt: bool = True
@@ -200,8 +206,9 @@ def setup_model(args: TrainingArgs):
     model.set_dtype(getattr(mx, args.dtype))  # float params; quantized weights stay packed
     model.freeze()
     mx.random.seed(args.seed)  # the same LoRA initialisation on every process
+    vision = -1 if args.train_vision and adapters.vision_layers(model) else 0  # FastViT: none
     params = adapters.lora_config(args.rank, args.alpha, args.dropout, args.lora_layers,
-                                  list(args.lora_keys or adapters.LORA_KEYS))
+                                  list(args.lora_keys or adapters.LORA_KEYS), vision)
     adapters.apply_lora(model, params)
     if args.train_connector:
         if any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules()):
@@ -246,7 +253,10 @@ def step_batches(ds, processor, args: TrainingArgs, step: int, rank: int, size: 
         ntotal += sum(len(ds[i].ids) for i in idx)
         mine = [ds[i] for i in idx[rank * share:(rank + 1) * share]]
         ids, mask = collate([(e.ids, e.mask) for e in mine], processor.tokenizer.pad_token_id)
-        out.append((ids, mask, datasets.prepare_pixels(mine, processor)))
+        # seeded by global position: the same variations whatever the number of processes
+        seeds = [f"{args.seed}:{step}:{k}:{i}" for i in range(rank * share, (rank + 1) * share)]
+        out.append((ids, mask, datasets.prepare_pixels(mine, processor,
+                                                       seeds if args.augment else None)))
     return out, ntok, ntotal
 
 
@@ -375,8 +385,9 @@ def report_problems(problems: list[str], name: str) -> None:
 
 
 # ---- training ----
-def describe_schedule(args: TrainingArgs, samples: int, size: int) -> str:
-    """One line saying what the run will do (printed before it starts)."""
+def describe_schedule(args: TrainingArgs, samples: int, size: int, vision_layers: int = 0) -> str:
+    """One line saying what the run will do (printed before it starts); ``vision_layers``: how
+    many image-encoder layers get LoRA."""
     epochs = args.iters * args.batch_size * args.grad_accumulation / samples
     lr = f"{args.learning_rate:g}" + (f" cosine to {0.1 * args.learning_rate:g}"
                                       if args.lr_schedule == "cosine" else " constant")
@@ -384,7 +395,8 @@ def describe_schedule(args: TrainingArgs, samples: int, size: int) -> str:
     return (f"training {args.iters} steps of batch {args.batch_size * args.grad_accumulation} "
             f"over {samples} samples ({epochs:.1f} epochs), learning rate {lr} after "
             f"{args.warmup} warm-up steps, LoRA rank {args.rank} alpha {args.alpha:g} on {layers} "
-            f"decoder layers" + (f", {size} processes" if size > 1 else ""))
+            f"decoder layers and {vision_layers or 'no'} image-encoder layers, image augmentation "
+            f"{'on' if args.augment else 'off'}" + (f", {size} processes" if size > 1 else ""))
 
 
 def one_host(group) -> bool:
@@ -455,7 +467,8 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
         elif rank == 0:
             print(f"nothing to resume in {args.adapter_path}; starting at step 0", file=sys.stderr)
     if rank == 0:  # after a resumed state was read: a damaged one is the only line printed
-        print(describe_schedule(args, len(train_ds), size), file=sys.stderr)
+        vision = len(adapters.vision_layers(model)) if params["vision_layers"] else 0
+        print(describe_schedule(args, len(train_ds), size, vision), file=sys.stderr)
     if rank == 0 and log["step"]:
         print(f"resuming at step {log['step']} from {args.adapter_path}", file=sys.stderr)
     mx.eval(model.parameters(), opt.state)
@@ -558,6 +571,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
     p.add_argument("--lora-layers", "--num-layers", dest="lora_layers", type=int,
                    help="LoRA on the last N decoder layers (-1 = all)")
+    p.add_argument("--train-vision", action=argparse.BooleanOptionalAction,
+                   help="LoRA on every layer of a ViT image encoder too (default on; "
+                        "--no-train-vision: the decoder alone)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="a random zoom/shift/rotation, colour, noise and JPEG variation of each "
+                        "training image at every step (default on; --no-augment: off)")
     p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
                    help="also train the whole connector")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,

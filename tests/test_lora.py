@@ -1,5 +1,6 @@
 """LoRA fine-tuning: data formats, bad input, LoRA layers, training, adapters, resume after crashes."""
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -156,6 +157,29 @@ def test_lora_layers_wrap_attention_mlp_and_experts(processor, experts):
     assert mx.allclose(logits_of(model, processor, image), before, atol=1e-5)
     with pytest.raises(MM1Error, match="already has LoRA"):
         adapters.apply_lora(model, params)
+
+
+def test_vision_lora_wraps_the_vit_and_changes_image_features(processor):
+    """vision_layers=-1: every ViT layer's attention and MLP get LoRA; at init the model computes
+    what the base did, and a non-zero lora_b there changes the image features (not the text)."""
+    model = make_model(make_config(processor))
+    image = Image.new("RGB", (32, 32), (30, 160, 150))
+    _, px, _ = processor("what color is the square ?", [image])
+    base_feats = model.encode_images(mx.array(px))
+    model.freeze()
+    wrapped = adapters.apply_lora(model, adapters.lora_config(4, 8.0, 0.0, -1, adapters.LORA_KEYS,
+                                                              vision_layers=-1))
+    vit = [w for w in wrapped if w.startswith("vision_tower.")]
+    assert len(vit) == 6 * len(model.vision_tower.encoder.layers)
+    assert "vision_tower.encoder.layers.0.mlp.fc1" in vit
+    assert mx.allclose(model.encode_images(mx.array(px)), base_feats, atol=1e-6)
+    fc2 = model.vision_tower.encoder.layers[-1].mlp.fc2
+    fc2.lora_b = mx.ones_like(fc2.lora_b) * 0.1
+    assert mx.abs(model.encode_images(mx.array(px)) - base_feats).max().item() > 1e-3
+    text = mx.array([processor.tokenizer.encode("what color is the square ?")])
+    assert mx.array_equal(model(text), make_model(make_config(processor))(text))
+    with pytest.raises(MM1Error, match="vision_layers must be -1 or 1..2"):
+        adapters.apply_vision_lora(make_model(make_config(processor)), {"vision_layers": 3})
 
 
 # ---- training, saving, loading ----
@@ -320,11 +344,11 @@ def test_error_mid_run_keeps_finished_steps(tmp_path, monkeypatch, tiny_checkpoi
     """An image that disappears during training: a clear error, and the finished steps saved."""
     real, calls = finetune_data.prepare_pixels, []
 
-    def vanishing(items, processor):
+    def vanishing(items, processor, seeds=None):
         calls.append(1)
         if len(calls) == 3:
             raise MM1Error(f"{items[0].where}: image not found: {items[0].images[0]}")
-        return real(items, processor)
+        return real(items, processor, seeds)
 
     monkeypatch.setattr(finetune_data, "prepare_pixels", vanishing)
     with pytest.raises(MM1Error, match=r"train\.jsonl:\d+: image not found"):
@@ -399,3 +423,78 @@ def test_progress_shows_small_losses_and_quiet_keeps_warnings(tmp_path, monkeypa
     assert all(1e-5 < float(x) < 1e-2 for x in shown)
     err = capsys.readouterr().err
     assert "skipped 1 bad record(s) in the training data" in err and "gone.png" in err
+
+
+def teal_square(size=64) -> Image.Image:
+    a = np.full((size, size, 3), 240, np.uint8)
+    a[size // 2 - 12:size // 2 + 12, size // 2 - 12:size // 2 + 12] = (0, 128, 128)
+    return Image.fromarray(a)
+
+
+def test_augmentation_is_real_bounded_and_seeded():
+    import colorsys
+
+    from mm1_mlx.tuner.augment import augment
+
+    img, diffs = teal_square(), []
+    for seed in range(12):
+        out = augment(img, random.Random(seed))
+        assert out.size == img.size and out.mode == "RGB"
+        assert out.tobytes() == augment(img, random.Random(seed)).tobytes()  # seeded
+        a = np.asarray(out, np.float32)
+        diffs.append(np.abs(a - np.asarray(img, np.float32)).mean())
+        r, g, b = a[28:36, 28:36].mean((0, 1)) / 255  # the middle stays a teal square
+        assert abs(colorsys.rgb_to_hsv(r, g, b)[0] - 0.5) < 0.04 and g > r + 0.2
+        assert np.abs(a[:4, :4].mean() - 240) < 45  # and the corner background
+    assert min(diffs) > 0.5 and max(diffs) < 40  # every draw changes pixels, none beyond recognition
+    assert len({round(d, 3) for d in diffs}) == len(diffs)  # different seeds, different variations
+
+
+def test_augment_flag_and_training_pixels(data, processor):
+    """On by default, --no-augment switches it off; the pixels of a training step are augmented
+    (the same ones again for the same step and seed) and plain when off."""
+    parse = lora.setup_arg_parser().parse_args
+    assert lora.args_from(parse(["--data", str(data)])).augment
+    off = lora.args_from(parse(["--data", str(data), "--no-augment", "--batch-size", "4"]))
+    off = off.schedule(4)
+    on = dataclasses.replace(off, augment=True)
+    assert not off.augment and "image augmentation off" in lora.describe_schedule(off, 4, 1)
+    assert "image augmentation on" in lora.describe_schedule(on, 4, 1)
+    ds, _ = finetune_data.load_dataset(data, processor, max_length=512)
+
+    def pixels(args, step=0):
+        (batch,), _, _ = lora.step_batches(ds, processor, args, step, 0, 1)
+        return batch[2]
+
+    idx = finetune_data.batch_order(len(ds), 0, 4, off.seed)
+    assert np.array_equal(pixels(off), finetune_data.prepare_pixels([ds[i] for i in idx],
+                                                                    processor))
+    px = pixels(on)
+    assert px.shape == pixels(off).shape and np.array_equal(px, pixels(on))
+    assert 0 < np.abs(px - pixels(off)).mean() < 1.0  # normalized units: changed, not destroyed
+
+
+def test_default_training_adapts_the_image_encoder(tmp_path, tiny_checkpoint, data, capsys):
+    """The defaults train LoRA on every ViT layer (saved, reloaded, and changing the image
+    features); --no-train-vision leaves the encoder as it was."""
+    out, off = tmp_path / "ad", tmp_path / "off"
+    lora.main(["--model", str(tiny_checkpoint), "--data", str(data), "--adapter-path", str(out),
+               "--iters", "4", "--batch-size", "4", "--learning-rate", "3e-3", "--quiet"])
+    assert "LoRA rank 16 alpha 32 on all decoder layers and 2 image-encoder layers, image " \
+           "augmentation on" in capsys.readouterr().err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["vision_layers"] == -1
+    vit_b = {k: v for k, v in mx.load(str(out / "adapters.safetensors")).items()
+             if k.startswith("vision_tower.") and k.endswith("lora_b")}
+    assert len(vit_b) == 12 and all(mx.abs(v).max().item() > 0 for v in vit_b.values())
+    model, proc = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    plain, _ = checkpoint.load(str(tiny_checkpoint))
+    _, px, _ = proc("what color is the square ?", [Image.open(data.parent / "img" / "0.png")])
+    px = mx.array(px)
+    assert mx.abs(model.vision_tower(px) - plain.vision_tower(px)).max().item() > 1e-4
+    lora.main(["--model", str(tiny_checkpoint), "--data", str(data), "--adapter-path", str(off),
+               "--iters", "2", "--batch-size", "4", "--no-train-vision", "--quiet"])
+    assert "and no image-encoder layers" in capsys.readouterr().err
+    assert not any(k.startswith("vision_tower.") for k in mx.load(str(off / "adapters.safetensors")))
+    model, _ = checkpoint.load(str(tiny_checkpoint), adapter_path=str(off))
+    assert mx.array_equal(model.vision_tower(px), plain.vision_tower(px))

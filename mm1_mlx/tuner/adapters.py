@@ -30,6 +30,10 @@ LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkvo"] + [
     f"mlp.{pre}{p}_proj" for pre in ("", "switch_mlp.", "shared_expert.") for p in ("gate", "up",
                                                                                   "down")]
 LORA_TYPES = (LoRALinear, LoRASwitchLinear)
+# image-encoder (ViT) layer modules that get LoRA when ``vision_layers`` is not 0
+VISION_LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkv"] + ["self_attn.out_proj", "mlp.fc1",
+                                                               "mlp.fc2", "mlp.gate_proj",
+                                                               "mlp.up_proj", "mlp.down_proj"]
 
 
 def base_identity(config) -> dict:
@@ -39,10 +43,12 @@ def base_identity(config) -> dict:
     return {"name": config.name, "config_hash": digest}
 
 
-def lora_config(rank: int, alpha: float, dropout: float, num_layers: int, keys: list[str]) -> dict:
-    """mlx-lm's ``lora_parameters``; ``scale`` = alpha / rank as in the LoRA paper."""
+def lora_config(rank: int, alpha: float, dropout: float, num_layers: int, keys: list[str],
+                vision_layers: int = 0) -> dict:
+    """mlx-lm's ``lora_parameters``; ``scale`` = alpha / rank as in the LoRA paper;
+    ``vision_layers``: LoRA on the last N image-encoder layers too (-1 = all, 0 = none)."""
     return {"rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": dropout,
-            "keys": keys, "num_layers": num_layers}
+            "keys": keys, "num_layers": num_layers, "vision_layers": vision_layers}
 
 
 def apply_lora(model: nn.Module, params: dict) -> list[str]:
@@ -63,7 +69,29 @@ def apply_lora(model: nn.Module, params: dict) -> list[str]:
     if not keys:
         raise MM1Error(f"none of the LoRA target modules {params['keys']} is in the decoder")
     linear_to_lora_layers(model, n, dict(params, keys=keys))
+    if params.get("vision_layers", 0):
+        apply_vision_lora(model, params)
     return [p for p, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+
+
+def vision_layers(model: nn.Module) -> list:
+    """The image encoder's transformer layers ([] for an encoder without them, e.g. FastViT)."""
+    encoder = model.vision_tower.get("encoder")
+    return list(getattr(encoder, "layers", []))
+
+
+def apply_vision_lora(model: nn.Module, params: dict) -> None:
+    """LoRA (same rank and scale) on the attention and MLP of the last ``vision_layers`` ViT
+    layers: an encoder never trained on a new shape or colour may not tell it apart."""
+    layers, n = vision_layers(model), params["vision_layers"]
+    if not layers:
+        raise MM1Error("LoRA on the image encoder needs a ViT encoder (this one has no layers)")
+    n = len(layers) if n < 0 else n
+    if not 0 < n <= len(layers):
+        raise MM1Error(f"vision_layers must be -1 or 1..{len(layers)}, got {params['vision_layers']}")
+    present = {k for layer in layers for k, _ in layer.named_modules()}
+    keys = [k for k in VISION_LORA_KEYS if k in present]
+    linear_to_lora_layers(model.vision_tower.encoder, n, dict(params, keys=keys))
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -108,6 +136,8 @@ def check_config(config, f: Path) -> None:
     check_fields(params, f, "lora_parameters", {
         "rank": (int, 1, 4096), "scale": (float, -1e6, 1e6), "dropout": (float, 0.0, 0.999),
         "num_layers": (int, -1, 10**6), "keys": (list, None, None)})
+    if "vision_layers" in params:
+        check_fields(params, f, "lora_parameters", {"vision_layers": (int, -1, 10**6)})
     need(all(isinstance(k, str) for k in params["keys"]) and params["keys"], f,
          "lora_parameters.keys", params["keys"], "a non-empty list of module names")
     need(params["num_layers"] != 0, f, "lora_parameters.num_layers", 0, "-1 (all) or >= 1")

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import MM1Error
 from ..images import load_image
 from ..processor import IMAGE_TOKEN, PreparedImage, Processor, tiles_for
+from .augment import augment
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system", "bot": "assistant", "model": "assistant"}
@@ -270,13 +271,18 @@ def batch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def prepare_pixels(items: list[Encoded], processor: Processor) -> np.ndarray | None:
-    """Pixels of every image of ``items`` in order (the same tiles ``encode`` counted)."""
+def prepare_pixels(items: list[Encoded], processor: Processor, seeds: list[str] | None = None
+                   ) -> np.ndarray | None:
+    """Pixels of every image of ``items`` in order (the same tiles ``encode`` counted); with
+    ``seeds`` (one per item), each image is a random variation (``augment``) drawn from its seed."""
     px = []
-    for e in items:
-        for f in e.images:
+    for j, e in enumerate(items):
+        for k, f in enumerate(e.images):
             try:
-                px.append(processor.prepare_image(f).pixels)
+                img = load_image(f, processor.image.max_pixels)
+                if seeds is not None:
+                    img = augment(img, random.Random(f"{seeds[j]}:{k}"))
+                px.append(processor.prepare_image(img).pixels)
             except MM1Error as err:
                 raise MM1Error(f"{e.where}: {err}") from None
     return np.concatenate(px) if px else None
