@@ -1,4 +1,5 @@
-"""LoRA adapters on the decoder (mlx-lm's LoRA layers), saved and loaded as a small directory.
+"""LoRA adapters on the decoder and a ViT image encoder (mlx-lm's LoRA layers), saved and loaded as
+a small directory.
 
 An adapter directory holds ``adapters.safetensors`` (the LoRA matrices, plus the whole connector when
 it was trained) and ``adapter_config.json``, which records the LoRA settings and the base model's
@@ -31,9 +32,8 @@ LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkvo"] + [
                                                                                   "down")]
 LORA_TYPES = (LoRALinear, LoRASwitchLinear)
 # image-encoder (ViT) layer modules that get LoRA when ``vision_layers`` is not 0
-VISION_LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkv"] + ["self_attn.out_proj", "mlp.fc1",
-                                                               "mlp.fc2", "mlp.gate_proj",
-                                                               "mlp.up_proj", "mlp.down_proj"]
+VISION_LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                    "mlp.fc1", "mlp.fc2", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def base_identity(config) -> dict:
