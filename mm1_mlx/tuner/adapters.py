@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from ..cpu.ops import as_fast
 from ..errors import MM1Error
 from ..io import atomic
 
@@ -153,8 +154,9 @@ def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Modul
 
 def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
     """Merge every LoRA layer into its base (re-quantized with the base's settings unless
-    ``dequantize``). Returns the number of layers fused."""
-    fused = [(p, m.fuse(dequantize=dequantize)) for p, m in model.named_modules()
+    ``dequantize``), as our layer classes (the CPU decode step reads them). Returns the number of
+    layers fused."""
+    fused = [(p, as_fast(m.fuse(dequantize=dequantize))) for p, m in model.named_modules()
              if isinstance(m, LORA_TYPES)]
     if fused:
         model.update_modules(tree_unflatten(fused))
