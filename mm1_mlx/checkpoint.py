@@ -27,6 +27,7 @@ from .io.materialize import materialize
 from .io.validate import check_dtypes, read_json
 from .models.config import ModelConfig, VisionConfig
 from .models.model import Model
+from .models.quantization import apply_quantization
 from .processor import Processor
 
 DEFAULT_MODEL = "mm1-tiny"
@@ -107,13 +108,6 @@ def read_weights(path: Path) -> dict:
     return weights
 
 
-def quantize_model(model: nn.Module, quantization: dict) -> None:
-    """Quantize the modules listed in ``quantization`` (see quantize.py for the format)."""
-    from .models.quantization import apply_quantization
-
-    apply_quantization(model, quantization)
-
-
 def check_size(config: ModelConfig, path: Path) -> None:
     """Refuse a config that describes a model far larger than its weight files, before the
     (lazy) model and its Python objects are built."""
@@ -136,7 +130,7 @@ def check_size(config: ModelConfig, path: Path) -> None:
 def build(config: ModelConfig, weights: dict | None = None) -> Model:
     model = Model(config)
     if config.quantization:
-        quantize_model(model, config.quantization)
+        apply_quantization(model, config.quantization)  # the recorded modules, as saved
     if weights is not None:
         weights = model.sanitize(weights)
         check_dtypes(model, weights)
