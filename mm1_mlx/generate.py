@@ -1,8 +1,11 @@
 """Generation: ``python -m mm1_mlx.generate --image photo.jpg --prompt "..."`` and the Python API.
 
-Reuses mlx-lm's KV caches, samplers, logits processors and streaming detokenizer. A ``PromptCache``
-keeps encoded image features (keyed by pixel content) and the KV cache of the last prompt, so a
-follow-up question about the same image re-encodes nothing and only prefills the new tokens.
+As in mlx-lm, ``generate_step`` produces tokens (and picks, once per reply, the CPU decode step
+where it applies) and ``stream_generate`` wraps it: prompt and images in, prefix caches, prefill,
+detokenized text and statistics out. Reuses mlx-lm's KV caches, samplers, logits processors and
+streaming detokenizer. A ``PromptCache`` keeps encoded image features (keyed by pixel content) and
+the KV cache of the last prompt, so a follow-up question about the same image re-encodes nothing
+and only prefills the new tokens.
 """
 
 from __future__ import annotations
