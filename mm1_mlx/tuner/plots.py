@@ -1,0 +1,32 @@
+"""Loss curves as a PNG: the LoRA trainer's train / validation losses, the shapes-world trainer's
+per-stage losses. matplotlib is imported only when a figure is drawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_losses(curves: dict[str, list], path: Path, title: str,
+                styles: dict[str, dict] | None = None) -> None:
+    """Draw ``curves`` (label -> [(step, loss)], empty ones left out) on a log scale and write
+    the figure to ``path`` atomically; ``styles`` gives each label's matplotlib line options."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, label=label, **(styles or {}).get(label, {}))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")  # a reader never sees half a figure
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
