@@ -8,8 +8,9 @@ from pathlib import Path
 
 def plot_losses(curves: dict[str, list], path: Path, title: str,
                 styles: dict[str, dict] | None = None) -> None:
-    """Draw ``curves`` (label -> [(step, loss)], empty ones left out) on a log scale and write
-    the figure to ``path`` atomically; ``styles`` gives each label's matplotlib line options."""
+    """Draw ``curves`` (label -> [(step, loss)], empty ones left out) on a log scale into the PNG
+    ``path``; ``styles`` gives each label's matplotlib line options. The caller makes the write
+    atomic (the LoRA trainer writes into a save's temporary directory, which is swapped in whole)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,5 @@ def plot_losses(curves: dict[str, list], path: Path, title: str,
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")  # a reader never sees half a figure
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
