@@ -11,6 +11,9 @@ saved atomically every ``--save-every`` steps and after the current step on Ctrl
 second one stops at once); rerunning the same command resumes where it stopped, and says where.
 Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
+
+``train`` builds the model (``build``) and runs each stage with ``run_stage``; the language loss and
+the loss figure are the fine-tuner's (``tuner.losses.masked_ce``, ``tuner.plots.plot_losses``).
 """
 
 from __future__ import annotations

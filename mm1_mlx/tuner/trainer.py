@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..errors import MM1Error
 from ..io import atomic
+from ..processor import Processor
 from . import adapters, datasets
 from .batching import encoded_batch, prefetch
 from .losses import masked_ce
@@ -353,7 +354,7 @@ class Session:
     """What one run trains and on which data (built by ``setup``); ``log`` grows as it goes."""
     args: TrainingArgs  # with the schedule fixed for the data
     model: nn.Module
-    processor: object
+    processor: Processor
     opt: optim.Optimizer
     adapter_cfg: dict
     train_ds: list
