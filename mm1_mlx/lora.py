@@ -146,37 +146,45 @@ def read_yaml(path: str) -> dict:
 
 
 # ---- YAML values ----
+WANTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          list: "a list of strings"}
+
+
 def coerce(key: str, value, typ, where: str):
     """A YAML value -> the type of the TrainingArgs field (YAML 1.1 reads ``1e-3`` as a string),
     or an MM1Error naming the file, key, value and the type wanted."""
     args = typing.get_args(typ)
-    optional = type(None) in args
     base = next((a for a in args if a is not type(None)), typ) if args else typ
     base = typing.get_origin(base) or base
     if value is None:
-        if optional:
+        if type(None) in args:  # an optional field
             return None
         raise MM1Error(f"{where}: {key} is empty; it needs a {base.__name__}")
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            list: "a list of strings"}[base]
     try:
-        if base is bool and isinstance(value, bool):
-            return value
-        if base is int and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-            f = float(value)
-            if f.is_integer() and abs(f) < 2**63:
-                return int(f)
-        if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-            f = float(value)
-            if math.isfinite(f):
-                return f
-        if base is str and isinstance(value, str):
-            return value
-        if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
+        out = _convert(value, base)
     except (ValueError, OverflowError):
-        pass
-    raise MM1Error(f"{where}: {key} = {str(value)[:60]!r}: must be {want}")
+        out = None
+    if out is None:
+        raise MM1Error(f"{where}: {key} = {str(value)[:60]!r}: must be {WANTED[base]}")
+    return out
+
+
+def _convert(value, base: type):
+    """``value`` as a ``base`` (bool, int, float, str or list of str), or None if it is none."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float, str))
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and number:
+        f = float(value)
+        return int(f) if f.is_integer() and abs(f) < 2**63 else None
+    if base is float and number:
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if base is str and isinstance(value, str):
+        return value
+    if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
 
 
 @cli_errors
