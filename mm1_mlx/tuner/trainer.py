@@ -38,6 +38,8 @@ from .plots import plot_losses
 
 STATE_FILE = "training_state.safetensors"
 LOG_FILE = "training_log.json"
+LOSS_STYLES = {"train": dict(linewidth=0.8), "valid": dict(marker="o")}  # loss.png
+DAMAGED = "; start over with --force or use another --adapter-path"
 # chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
 DEFAULT_EPOCHS = 8.0
 MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
@@ -233,10 +235,6 @@ def save(args: TrainingArgs, model, opt, adapter_cfg: dict, log: dict) -> None:
         (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
         plot_losses({k: log[k] for k in ("train", "valid")}, tmp / "loss.png",
                     f"LoRA on {log['base_model']}", LOSS_STYLES)
-
-
-LOSS_STYLES = {"train": dict(linewidth=0.8), "valid": dict(marker="o")}
-DAMAGED = "; start over with --force or use another --adapter-path"
 
 
 def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None:
