@@ -180,7 +180,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_errors
 def check_request(args, src: Path) -> int:
     """Refuse what cannot be done before the slow part; the group size to use."""
     from .checkpoint import read_config
@@ -240,6 +239,7 @@ def sizes(model, src: Path, out: Path) -> dict:
                 decoder_fraction_of_float16=dec_bytes / (2 * dec_n))
 
 
+@cli_errors
 def main(argv=None) -> dict:
     args = setup_arg_parser().parse_args(argv)
     from .checkpoint import load, resolve, save
