@@ -23,6 +23,7 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
+from .commands import usage
 from .engine import Settings
 from .paths import IMAGE_SUFFIXES
 
@@ -250,7 +251,7 @@ Chat with an on-device multimodal model about your images.
 **Images**: type `/image PATH`, press Ctrl+O, or paste / drop a file path into the input
 (you are asked to confirm). Attach several before sending; click *remove* to drop one.
 
-**Commands**: `/image PATH`, `/new`, `/model PATH_OR_REPO`, `/rename TITLE`, `/settings`, `/help`.
+**Commands**: {usage}.
 """
 
 
@@ -259,7 +260,7 @@ class HelpScreen(Modal):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="box wide"):
-            yield Markdown(HELP)
+            yield Markdown(HELP.format(usage=usage()))
             yield Button("Close", id="close")
 
     @on(Button.Pressed, "#close")

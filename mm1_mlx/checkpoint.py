@@ -27,6 +27,7 @@ from .io.materialize import materialize
 from .io.validate import check_dtypes, read_json
 from .models.config import ModelConfig, VisionConfig
 from .models.model import Model
+from .models.quantization import apply_quantization
 from .processor import Processor
 
 DEFAULT_MODEL = "mm1-tiny"
@@ -107,13 +108,6 @@ def read_weights(path: Path) -> dict:
     return weights
 
 
-def quantize_model(model: nn.Module, quantization: dict) -> None:
-    """Quantize the modules listed in ``quantization`` (see quantize.py for the format)."""
-    from .models.quantization import apply_quantization
-
-    apply_quantization(model, quantization)
-
-
 def check_size(config: ModelConfig, path: Path) -> None:
     """Refuse a config that describes a model far larger than its weight files, before the
     (lazy) model and its Python objects are built."""
@@ -136,7 +130,7 @@ def check_size(config: ModelConfig, path: Path) -> None:
 def build(config: ModelConfig, weights: dict | None = None) -> Model:
     model = Model(config)
     if config.quantization:
-        quantize_model(model, config.quantization)
+        apply_quantization(model, config.quantization)  # the recorded modules, as saved
     if weights is not None:
         weights = model.sanitize(weights)
         check_dtypes(model, weights)
@@ -192,8 +186,9 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu_step.pack_layers``); a quantized model gets ``cpu.quant``'s kernels
-    ready. ``progress``: a bar on stderr while a checkpoint of a gigabyte or more is read."""
+    into one buffer (``cpu.step.pack_layers``) and prepares the decode step
+    (``cpu.step.decode_step``); a quantized model gets ``cpu.quant``'s kernels ready.
+    ``progress``: a bar on stderr while a checkpoint of a gigabyte or more is read."""
     from .cpu.blas import retain_freed_memory
     from .cpu.ops import on_cpu
 
@@ -220,6 +215,10 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
         nbytes = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
         materialize(model, cpu, progress, nbytes)
     model.eval()
+    if cpu and not lazy:
+        from .cpu.step import decode_step
+
+        decode_step(model.language_model)  # prepared now (again only if the layers change)
     return model, processor
 
 

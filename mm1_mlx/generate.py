@@ -1,8 +1,11 @@
 """Generation: ``python -m mm1_mlx.generate --image photo.jpg --prompt "..."`` and the Python API.
 
-Reuses mlx-lm's KV caches, samplers, logits processors and streaming detokenizer. A ``PromptCache``
-keeps encoded image features (keyed by pixel content) and the KV cache of the last prompt, so a
-follow-up question about the same image re-encodes nothing and only prefills the new tokens.
+As in mlx-lm, ``generate_step`` produces tokens (and picks, once per reply, the CPU decode step
+where it applies) and ``stream_generate`` wraps it: prompt and images in, prefix caches, prefill,
+detokenized text and statistics out. Reuses mlx-lm's KV caches, samplers, logits processors and
+streaming detokenizer. A ``PromptCache`` keeps encoded image features (keyed by pixel content) and
+the KV cache of the last prompt, so a follow-up question about the same image re-encodes nothing
+and only prefills the new tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cli import args as cli_args
+from .cpu import step as cpu_step
 from .errors import MM1Error, cli_errors
 from .processor import MAX_TILES
 
@@ -118,6 +122,71 @@ def _peak_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
+def generate_step(model, kv: list, logits: mx.array, history: mx.array, sampler: Callable,
+                  logits_processors: list, max_tokens: int, stop_tokens=()) -> Iterator[int]:
+    """Tokens sampled one at a time, starting from the prefilled prompt's ``logits``, until a stop
+    token or ``max_tokens``. Each token but the first is fed back through the decoder (advancing
+    ``kv``) before it is handed out, so the next step computes while the caller uses it; the first
+    leaves at once (its time is the time to first token). A stop token is not fed back.
+
+    On the CPU the decoder runs as ``cpu.step``'s numpy decode step where it applies (chosen here,
+    once per reply); anywhere else, and for any model it does not cover, as MLX layers."""
+    lm = model.language_model
+    step = cpu_step.decode_step(lm)
+    step = step if step is not None and step.accepts(kv) else None
+
+    def forward(tok: mx.array) -> mx.array:
+        return step(lm.embed(tok[None]), kv) if step else model(tok[None], cache=kv)
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits[:, -1, :]
+        for proc in logits_processors:
+            logits = proc(history, logits)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    tok = sample(logits)
+    for n in range(1, max_tokens + 1):
+        t = tok.item()
+        if t in stop_tokens or n == max_tokens:
+            yield t
+            return
+        history = mx.concatenate([history, tok])
+        if n == 1:
+            yield t
+        nxt = sample(forward(tok))
+        mx.async_eval(nxt)
+        if n > 1:
+            yield t
+        tok = nxt
+
+
+def encode_images(model, prepared: list, cache: PromptCache,
+                  image_encoder: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
+    """Image features (tokens x hidden) per prepared image, from ``cache`` where it has them."""
+    D = model.config.text_config.hidden_size
+
+    def encode(pixels):
+        if image_encoder is not None:
+            return mx.array(image_encoder(pixels)).reshape(-1, D)
+        return model.encode_images(mx.array(pixels)).reshape(-1, D)
+
+    feats = [cache.image_features(p.key, lambda p=p: encode(p.pixels))[0] for p in prepared]
+    if feats:
+        mx.eval(feats)
+    return feats
+
+
+def make_sampling(processor, temperature: float, top_p: float, top_k: int, min_p: float,
+                  repetition_penalty: float | None) -> tuple[Callable, list]:
+    """mlx-lm's sampler and logits processors; the image placeholder and padding are banned."""
+    sampler = make_sampler(temperature, top_p=top_p if top_p < 1.0 else 0.0, min_p=min_p,
+                           top_k=top_k)
+    banned = {processor.image_token_id, processor.tokenizer.pad_token_id} - {None}
+    processors = make_logits_processors(logit_bias={t: -1e9 for t in banned},
+                                        repetition_penalty=repetition_penalty)
+    return sampler, processors
+
+
 def stream_generate(model, processor, prompt, images=(), *, system: str | None = None,
                     max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
@@ -135,90 +204,68 @@ def stream_generate(model, processor, prompt, images=(), *, system: str | None =
     if seed is not None:
         mx.random.seed(seed)
     t0 = time.perf_counter()
-    prepared = [processor.prepare_image(im, max_tiles) for im in images]
-    msgs = prompt if isinstance(prompt, list) else processor.messages(prompt, len(prepared), system)
-    ids = processor.tokenize(processor.apply_chat_template(msgs), prepared)
+    ids, prepared = processor.prepare(prompt, images, system, max_tiles)
     context = model.config.text_config.max_position_embeddings
     if len(ids) >= context:
         raise MM1Error(f"prompt is {len(ids)} tokens, longer than the model's context ({context})")
     max_tokens = min(max_tokens, context - len(ids))
-
     cache = prompt_cache if prompt_cache is not None else PromptCache()
-    T = processor.num_image_tokens
-    D = model.config.text_config.hidden_size
-
-    def encoder(pixels):
-        if image_encoder is not None:
-            return mx.array(image_encoder(pixels))
-        return model.encode_images(mx.array(pixels))
 
     t_img = time.perf_counter()
-    feats = []
-    for p in prepared:
-        f, _ = cache.image_features(p.key, lambda p=p: encoder(p.pixels).reshape(-1, D))
-        feats.append(f)
-    if feats:
-        mx.eval(feats)
+    feats = encode_images(model, prepared, cache, image_encoder)
     image_ms = (time.perf_counter() - t_img) * 1000
-
     keys = position_keys(ids, processor.image_token_id, [p.key for p in prepared],
-                         [p.num_sub_images * T for p in prepared])
+                         [p.num_sub_images * processor.num_image_tokens for p in prepared])
     kv, start = cache.reuse(model, keys)
-    flat = mx.concatenate(feats) if feats else None
     img_before = sum(1 for k in keys[:start] if isinstance(k, tuple))
 
     t_pre = time.perf_counter()
-    logits = prefill(model, ids[start:], flat, img_before, kv, processor.image_token_id)
+    logits = prefill(model, ids[start:], mx.concatenate(feats) if feats else None, img_before,
+                     kv, processor.image_token_id)
     cache.keys = keys
-
-    sampler = make_sampler(temperature, top_p=top_p if top_p < 1.0 else 0.0, min_p=min_p,
-                           top_k=top_k)
-    # the image placeholder (and padding) must never be generated
-    banned = {processor.image_token_id, processor.tokenizer.pad_token_id} - {None}
-    processors = make_logits_processors(logit_bias={t: -1e9 for t in banned},
-                                        repetition_penalty=repetition_penalty)
+    sampler, processors = make_sampling(processor, temperature, top_p, top_k, min_p,
+                                        repetition_penalty)
     tokenizer = TokenizerWrapper(processor.tokenizer)
+    eos = set(tokenizer.eos_token_ids)
+    tokens = generate_step(model, kv, logits, mx.array(ids), sampler, processors, max_tokens, eos)
+    stats = _Stats(len(ids), len(ids) - start, image_ms, t0, t_pre)
     detok = tokenizer.detokenizer
     detok.reset()
-    history = mx.array(ids)
-
-    def next_token(logits):
-        nonlocal history
-        logits = logits[:, -1, :]
-        for proc in processors:
-            logits = proc(history, logits)
-        tok = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return tok
-
-    tok = next_token(logits)
-    mx.eval(tok)
-    prefill_s = time.perf_counter() - t_pre
-    ttft_ms = (time.perf_counter() - t0) * 1000
-    prompt_tps = (len(ids) - start) / max(prefill_s, 1e-9)
-    t_gen, n = time.perf_counter(), 0
     finish = "length"
-    while n < max_tokens:
-        t = tok.item()
-        n += 1
-        if t in tokenizer.eos_token_ids:
+    for n, t in enumerate(tokens, start=1):
+        stats.first_token()
+        if t in eos:
             finish = "stop"
             break
-        history = mx.concatenate([history, tok])
         if n < max_tokens:
             cache.keys.append(t)
-            nxt = next_token(model(tok[None], cache=kv))
-            mx.async_eval(nxt)
         detok.add_token(t)
-        seg = detok.last_segment
-        if seg:
-            yield Chunk(seg, t, len(ids), len(ids) - start, image_ms, prompt_tps, ttft_ms, n,
-                        n / max(time.perf_counter() - t_gen, 1e-9), _peak_gb())
-        if n < max_tokens:
-            tok = nxt
+        segment = detok.last_segment  # reading it takes it
+        if segment:
+            yield stats.chunk(segment, t, n)
     detok.finalize()
-    gen_s = max(time.perf_counter() - t_gen, 1e-9)
-    yield Chunk(detok.last_segment, None, len(ids), len(ids) - start, image_ms, prompt_tps,
-                ttft_ms, n, n / gen_s, _peak_gb(), finish)
+    yield stats.chunk(detok.last_segment, None, n, finish)
+
+
+class _Stats:
+    """Timing of one reply, for its chunks: prompt speed, time to first token, decode speed."""
+
+    def __init__(self, prompt_tokens: int, prefilled: int, image_ms: float, t0: float,
+                 t_prefill: float):
+        self.prompt_tokens, self.prefilled, self.image_ms = prompt_tokens, prefilled, image_ms
+        self.t0, self.t_prefill, self.t_gen = t0, t_prefill, None
+
+    def first_token(self) -> None:
+        """Called as each token arrives; the first one ends the prefill."""
+        if self.t_gen is None:
+            self.t_gen = time.perf_counter()
+            self.prompt_tps = self.prefilled / max(self.t_gen - self.t_prefill, 1e-9)
+            self.ttft_ms = (self.t_gen - self.t0) * 1000
+
+    def chunk(self, text: str, token: int | None, n: int, finish: str | None = None) -> Chunk:
+        tps = n / max(time.perf_counter() - self.t_gen, 1e-9)
+        return Chunk(text, token, self.prompt_tokens, self.prefilled, self.image_ms,
+                     self.prompt_tps, self.ttft_ms, n, tps, _peak_gb(), finish)
 
 
 def check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,

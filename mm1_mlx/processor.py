@@ -228,12 +228,17 @@ class Processor:
                 ids += [self.image_token_id] * (images[i].num_sub_images * self.num_image_tokens)
         return ids
 
+    def prepare(self, prompt, images=(), system: str | None = None, max_tiles: int | None = None
+                ) -> tuple[list[int], list[PreparedImage]]:
+        """Prompt (text or chat messages) + images -> input ids and the prepared images."""
+        prepared = [self.prepare_image(im, max_tiles) for im in images]
+        msgs = prompt if isinstance(prompt, list) else self.messages(prompt, len(prepared), system)
+        return self.tokenize(self.apply_chat_template(msgs), prepared), prepared
+
     def __call__(self, prompt, images=(), system: str | None = None,
                  max_tiles: int | None = None) -> tuple[list[int], np.ndarray | None, list[str]]:
         """Prompt (text or chat messages) + images -> input ids, pixel values, image keys."""
-        prepared = [self.prepare_image(im, max_tiles) for im in images]
-        msgs = prompt if isinstance(prompt, list) else self.messages(prompt, len(prepared), system)
-        ids = self.tokenize(self.apply_chat_template(msgs), prepared)
+        ids, prepared = self.prepare(prompt, images, system, max_tiles)
         pixels = np.concatenate([p.pixels for p in prepared]) if prepared else None
         return ids, pixels, [p.key for p in prepared]
 

@@ -180,14 +180,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_errors
-def main(argv=None) -> dict:
-    args = setup_arg_parser().parse_args(argv)
-    from .checkpoint import load, read_config, resolve, save
-    from .io.materialize import materialize
+def check_request(args, src: Path) -> int:
+    """Refuse what cannot be done before the slow part; the group size to use."""
+    from .checkpoint import read_config
 
-    src = resolve(args.model)
-    check_output(args.out, "checkpoint", [src], args.force, flag="--mlx-path")  # before the slow part
+    check_output(args.out, "checkpoint", [src], args.force, flag="--mlx-path")
     quantized = bool(read_config(src).quantization)
     group_size = args.group_size or (32 if args.mode == "mxfp4" else 64)
     if args.dequantize and not quantized:
@@ -196,9 +193,60 @@ def main(argv=None) -> dict:
         if quantized:
             raise MM1Error(f"{src} is already quantized; quantize its float original instead")
         check_settings(args.bits, group_size, args.mode, args.vision_bits, args.connector_bits,
-                        args.recipe)
-    t0 = time.time()
-    progress = not args.quiet
+                       args.recipe)
+    return group_size
+
+
+def reference(model, processor, args, progress: bool):
+    """The float model's outputs and accuracy, before it is quantized in place."""
+    if progress:
+        print(f"measuring quality (KL over {args.eval_prompts} conversations, accuracy "
+              f"on {args.eval_n} images; --no-eval skips it)", file=sys.stderr)
+    inputs = eval_inputs(processor, args.eval_prompts, args.seed)
+    ref = log_probs(model, inputs, model.config.image_token_id,
+                    "float model: KL" if progress else None)
+    if progress:
+        print("float model: accuracy", file=sys.stderr)
+    return inputs, ref, accuracy(model, processor, args.eval_n, args.seed, progress)
+
+
+def quantize(model, processor, args, group_size: int, size: int, progress: bool) -> dict:
+    """Quantize ``model`` in place; the report's quantization and quality entries."""
+    from .io.materialize import materialize
+
+    measured = None if args.no_eval else reference(model, processor, args, progress)
+    q = quantize_model(model, args.bits, group_size, args.mode, args.vision_bits,
+                       args.connector_bits, args.recipe)
+    materialize(model, False, progress, size, desc="quantizing")
+    summary = {k: v for k, v in q.items() if k not in ("modules", "skipped")}
+    summary.update(modules=len(q["modules"]), skipped=len(q["skipped"]))
+    if measured is None:
+        return {"quantization": summary, "kl": "skipped: --no-eval",
+                "accuracy": "skipped: --no-eval"}
+    return {"quantization": summary,
+            **quality(model, processor, *measured, args.eval_n, args.seed, progress)}
+
+
+def sizes(model, src: Path, out: Path) -> dict:
+    """Bytes on disk before and after, and bits per weight of each part."""
+    dec_bytes, dec_n = weight_stats(model, DECODER)
+    before, after = disk_size(src), disk_size(out)
+    return dict(size_before=before, size_after=after, size_ratio=after / max(1, before),
+                bits_per_weight={"decoder": bits_per_weight(model, DECODER),
+                                 "vision": bits_per_weight(model, VISION),
+                                 "connector": bits_per_weight(model, CONNECTOR),
+                                 "total": bits_per_weight(model)},
+                decoder_fraction_of_float16=dec_bytes / (2 * dec_n))
+
+
+@cli_errors
+def main(argv=None) -> dict:
+    args = setup_arg_parser().parse_args(argv)
+    from .checkpoint import load, resolve, save
+
+    src = resolve(args.model)
+    group_size = check_request(args, src)
+    t0, progress = time.time(), not args.quiet
     model, processor = load(str(src), compute_dtype=None,  # written back: keep stored types
                             progress=progress)
     report = {"input": str(src), "output": str(Path(args.out))}
@@ -206,38 +254,9 @@ def main(argv=None) -> dict:
         dequantize_model(model, getattr(mx, args.dtype))
         report.update(quantization=None, dtype=args.dtype)
     else:
-        if not args.no_eval:  # the float model's outputs, before it changes in place
-            if progress:
-                print(f"measuring quality (KL over {args.eval_prompts} conversations, accuracy "
-                      f"on {args.eval_n} images; --no-eval skips it)", file=sys.stderr)
-            inputs = eval_inputs(processor, args.eval_prompts, args.seed)
-            ref = log_probs(model, inputs, model.config.image_token_id,
-                            "float model: KL" if progress else None)
-            if progress:
-                print("float model: accuracy", file=sys.stderr)
-            acc_float = accuracy(model, processor, args.eval_n, args.seed, progress)
-        q = quantize_model(model, args.bits, group_size, args.mode, args.vision_bits,
-                           args.connector_bits, args.recipe)
-        materialize(model, False, progress, disk_size(src), desc="quantizing")
-        report["quantization"] = {k: v for k, v in q.items() if k not in ("modules", "skipped")}
-        report["quantization"].update(modules=len(q["modules"]), skipped=len(q["skipped"]))
-        if args.no_eval:
-            report["kl"] = report["accuracy"] = "skipped: --no-eval"
-        else:
-            report.update(quality(model, processor, inputs, ref, acc_float, args.eval_n,
-                                  args.seed, progress))
+        report.update(quantize(model, processor, args, group_size, disk_size(src), progress))
     out = save(model, processor, args.out, inputs=[src], force=args.force, flag="--mlx-path")
-    dec_bytes, dec_n = weight_stats(model, DECODER)
-    report.update(
-        size_before=disk_size(src), size_after=disk_size(out),
-        bits_per_weight={"decoder": bits_per_weight(model, DECODER),
-                         "vision": bits_per_weight(model, VISION),
-                         "connector": bits_per_weight(model, CONNECTOR),
-                         "total": bits_per_weight(model)},
-        decoder_fraction_of_float16=dec_bytes / (2 * dec_n),
-        seconds=round(time.time() - t0, 1),
-    )
-    report["size_ratio"] = report["size_after"] / max(1, report["size_before"])
+    report.update(sizes(model, src, out), seconds=round(time.time() - t0, 1))
     write_atomic(out / "quantization_report.json", json.dumps(report, indent=2) + "\n")
     md = report_markdown(report)
     write_atomic(out / "quantization_report.md", md)

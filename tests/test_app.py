@@ -16,12 +16,16 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 from textual import events
+from textual.app import App
+from textual.reactive import var
 from textual.widgets import Input, Markdown, TextArea
 from textual.widgets.markdown import MarkdownBlock
 from textual.worker import WorkerCancelled
 from textual_image.widget import UnicodeImage
 
 from app.app import ChatApp
+from app.chat import ChatView
+from app.commands import COMMANDS, SLASH, usage
 from app.engine import Settings, chat_messages, load_engine, local_models
 from app.paths import image_path_in, split_image_paths, unescape_path
 from app.screens import ConfirmScreen, FilePicker, HelpScreen, ModelPicker, SettingsScreen
@@ -403,6 +407,75 @@ async def test_command_palette_and_help(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_one_command_table_drives_parser_help_palette_and_suggestions(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        assert list(SLASH) == ["/image", "/new", "/model", "/rename", "/settings", "/help"]
+        await type_and_send(app, pilot, "/nonsense")
+        assert f"Unknown command /nonsense: try {', '.join(SLASH)}" in notifications(app)
+        prompt = app.query_one("#prompt")
+        await pilot.press(*"/se")
+        await pilot.pause()
+        await pilot.press("right")  # accepts the prompt's suggestion
+        assert prompt.value == "/settings"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        await pilot.press("escape")
+        await type_and_send(app, pilot, "/help")
+        assert isinstance(app.screen, HelpScreen)
+        help_text = app.screen.query_one(Markdown).source
+        assert usage() == ("`/image PATH`, `/new`, `/model PATH_OR_REPO`, `/rename TITLE`, `/settings`, "
+                           "`/help`")
+        assert f"**Commands**: {usage()}." in help_text
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert all(c.title in titles for c in COMMANDS)  # the palette offers every command
+        await type_and_send(app, pilot, "hello")
+        await type_and_send(app, pilot, "/rename  Greetings ")
+        assert [c.title for c in app.store.conversations()] == ["Greetings"] and app.sub_title == "Greetings"
+
+
+async def test_chat_view_needs_only_a_bound_engine(tmp_path):
+    """The chat widget owns its conversation, caches and worker: any app that binds it a model can
+    host it, and hears about conversations by messages."""
+    engine = FakeEngine("fine thanks")
+
+    class Host(App):
+        engine = var(None)
+        model_loading = var(False)
+        settings = var(Settings)
+
+        def __init__(self):
+            super().__init__()
+            self.store, self.changed = Store(tmp_path / "data"), []
+
+        def compose(self):
+            yield ChatView(self.store, None, None).data_bind(Host.engine, Host.model_loading,
+                                                             Host.settings)
+
+        def on_chat_view_changed(self, event: ChatView.Changed):
+            self.changed.append((event.conv_id, event.title))
+
+    host = Host()
+    async with host.run_test(size=SIZE) as pilot:
+        chat = host.query_one(ChatView)
+        chat.send("hi")
+        await pilot.pause()
+        assert any("No model is loaded" in m for m in notifications(host)) and host.changed == []
+        host.engine = engine
+        chat.send("how are you?")
+        assert chat.generating
+        await settle(host, pilot)
+        assert [v.content for v in chat.query(MessageView)] == ["how are you?", "fine thanks "]
+        assert host.changed == [(chat.conv_id, "how are you?")] and not chat.generating
+        assert engine.caches == [chat.caches[chat.conv_id]]
+        host.engine = FakeEngine()  # another model: the old model's caches are dropped
+        assert chat.caches == {}
+    host.store.close()
 
 
 # ---- bad input: a notification, the app keeps running, nothing lost ----

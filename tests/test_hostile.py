@@ -502,7 +502,7 @@ def test_exchange_is_atomic_where_available(tmp_path):
 
 def test_lock_refuses_a_second_writer_and_is_reentrant(tmp_path):
     out = tmp_path / "ck"
-    code = ("import sys; from mm1_mlx import atomic\n"
+    code = ("import sys; from mm1_mlx.io import atomic\n"
             "try:\n    with atomic.output_lock(sys.argv[1]): pass\n"
             "except atomic.OutputError as e: print(e); sys.exit(3)\n")
     with atomic.output_lock(out), atomic.output_lock(out):  # re-entrant in one process

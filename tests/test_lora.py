@@ -16,7 +16,7 @@ from PIL import Image
 from mm1_mlx import checkpoint, lora
 from mm1_mlx.errors import MM1Error
 from mm1_mlx.io import atomic
-from mm1_mlx.tuner import adapters
+from mm1_mlx.tuner import adapters, trainer
 from mm1_mlx.tuner import datasets as finetune_data
 
 COLORS = {"red": (230, 20, 20), "blue": (20, 40, 230), "green": (20, 170, 40),
@@ -268,16 +268,16 @@ def uninterrupted(tmp_path_factory, tiny_checkpoint, data):
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch, tiny_checkpoint, data,
                                       uninterrupted):
     out = tmp_path / "ad"
-    real_save = lora.save
+    real_save = trainer.save
 
     def save_then_ctrl_c(*args):
         real_save(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lora, "save", save_then_ctrl_c)
+    monkeypatch.setattr(trainer, "save", save_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
-    monkeypatch.setattr(lora, "save", real_save)
+    monkeypatch.setattr(trainer, "save", real_save)
     assert json.loads((out / "training_log.json").read_text())["step"] == 3
     log = lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1, resume=True), quiet=True)
     assert log["step"] == 6 and [s for s, _ in log["train"]] == list(range(1, 7))
@@ -289,21 +289,21 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, tiny_checkpoint, da
 def test_crash_inside_a_save_keeps_the_last_complete_one(tmp_path, monkeypatch, tiny_checkpoint,
                                                          data, uninterrupted):
     out = tmp_path / "ad"
-    real_plot, calls = lora.plot_losses, []
+    real_plot, calls = trainer.plot_losses, []
 
-    def crashing_plot(log, path):
-        calls.append(log["step"])
-        if log["step"] > 3:  # the step-6 save dies half written (adapters already in the tmp dir)
+    def crashing_plot(curves, path, *style):
+        calls.append(curves["train"][-1][0])  # the step saved
+        if calls[-1] > 3:  # the step-6 save dies half written (adapters already in the tmp dir)
             raise OSError(28, "No space left on device")
-        real_plot(log, path)
+        real_plot(curves, path, *style)
 
-    monkeypatch.setattr(lora, "plot_losses", crashing_plot)
+    monkeypatch.setattr(trainer, "plot_losses", crashing_plot)
     with pytest.raises(OSError):
         lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1), quiet=True)
     assert calls == [3, 6, 6]  # the rescue save of step 6 is tried once more, fails alike
     assert json.loads((out / "training_log.json").read_text())["step"] == 3
     assert not list(tmp_path.glob(".ad.*"))  # the partial save left nothing behind
-    monkeypatch.setattr(lora, "plot_losses", real_plot)
+    monkeypatch.setattr(trainer, "plot_losses", real_plot)
     lora.train(small_args(tiny_checkpoint, data, out, dropout=0.1, resume=True), quiet=True)
     assert_same_adapters(out, uninterrupted)
 
@@ -412,9 +412,9 @@ def test_progress_shows_small_losses_and_quiet_keeps_warnings(tmp_path, monkeypa
         def close(self):
             pass
 
-    real = lora.loss_fn
-    monkeypatch.setattr(lora, "tqdm", Bar)
-    monkeypatch.setattr(lora, "loss_fn", lambda *a: real(*a) * 1e-4)
+    real = trainer.loss_fn
+    monkeypatch.setattr(trainer, "tqdm", Bar)
+    monkeypatch.setattr(trainer, "loss_fn", lambda *a: real(*a) * 1e-4)
     bad = tmp_path / "train.jsonl"
     bad.write_text(data.read_text().replace("img/", str(data.parent / "img") + "/")
                    + '{"image": "gone.png", "prompt": "what", "response": "it"}\n')
@@ -458,12 +458,12 @@ def test_augment_flag_and_training_pixels(data, processor):
     off = lora.args_from(parse(["--data", str(data), "--no-augment", "--batch-size", "4"]))
     off = off.schedule(4)
     on = dataclasses.replace(off, augment=True)
-    assert not off.augment and "image augmentation off" in lora.describe_schedule(off, 4, 1)
-    assert "image augmentation on" in lora.describe_schedule(on, 4, 1)
+    assert not off.augment and "image augmentation off" in trainer.describe_schedule(off, 4, 1)
+    assert "image augmentation on" in trainer.describe_schedule(on, 4, 1)
     ds, _ = finetune_data.load_dataset(data, processor, max_length=512)
 
     def pixels(args, step=0):
-        (batch,), _, _ = lora.step_batches(ds, processor, args, step, 0, 1)
+        (batch,), _, _ = trainer.step_batches(ds, processor, args, step, 0, 1)
         return batch[2]
 
     idx = finetune_data.batch_order(len(ds), 0, 4, off.seed)

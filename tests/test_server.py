@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: E402
 
-from mm1_mlx import cpu_step  # noqa: E402
+from mm1_mlx.cpu import step as cpu_step  # noqa: E402
 from mm1_mlx.generate import generate, prefill  # noqa: E402
 from mm1_mlx.server.__main__ import setup_arg_parser  # noqa: E402
 from mm1_mlx.server.app import Defaults, Limits, Server, create_app  # noqa: E402
@@ -367,10 +367,12 @@ def test_batched_decode_logits_equal_solo(tiny, fast_path, monkeypatch):
     monkeypatch.setattr(cpu_step, "ENABLED", fast_path)
     lm = tiny[0].language_model
     states = [_prefilled(tiny, q) for q in QUESTIONS[:3]]
-    alone = [lm(lm.embed(mx.array([[t]])), kv)[0][0, -1] for kv, t in states]
+    step = cpu_step.decode_step(lm) if fast_path else None
+    assert (step is not None) == fast_path
+    alone = [(step or lm)(lm.embed(mx.array([[t]])), kv)[0, -1] for kv, t in states]
     states = [_prefilled(tiny, q) for q in QUESTIONS[:3]]
     batch = [BatchKVCache.merge([kv[i] for kv, _ in states]) for i in range(len(lm.layers))]
-    together = lm(lm.embed(mx.array([[t] for _, t in states])), batch)[0][:, -1]
+    together = lm(lm.embed(mx.array([[t] for _, t in states])), batch)[:, -1]
     for a, b in zip(alone, together):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-4)
         assert mx.argmax(a).item() == mx.argmax(b).item()

@@ -1,5 +1,6 @@
-"""SIGTERM that stops a long run promptly: the finished work is saved when Python gets control,
-and the process exits anyway if a long native (MLX) call keeps it from doing so."""
+"""Stopping long runs: ``sigterm_interrupts`` makes SIGTERM stop one promptly (the finished work
+is saved when Python gets control, and the process exits anyway if a long native MLX call keeps it
+from doing so); ``StopRequest`` asks a training loop to save and stop after its current step."""
 
 from __future__ import annotations
 
@@ -49,3 +50,17 @@ def sigterm_interrupts(grace_s: float = GRACE_S):
         os.close(w)
         watcher.join(1.0)
         os.close(r)
+
+
+class StopRequest:
+    """Signal handler: the first SIGINT / SIGTERM asks the training loop to save and stop after
+    the current step; a second one stops at once (losing that step)."""
+
+    def __init__(self):
+        self.asked = False
+
+    def handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (again to stop at once)", file=sys.stderr)

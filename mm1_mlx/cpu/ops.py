@@ -380,6 +380,15 @@ class Linear(nn.Linear):
         return q
 
 
+def as_fast(layer: nn.Module) -> nn.Module:
+    """MLX's own ``Linear`` / ``QuantizedLinear`` (what mlx-lm's LoRA ``fuse`` returns) as this
+    module's subclass: the same parameters, only how the product runs differs."""
+    kind = {nn.Linear: Linear, nn.QuantizedLinear: QuantizedLinear}.get(type(layer))
+    if kind is not None:
+        layer.__class__ = kind
+    return layer
+
+
 _STREAMS: list = []
 QUANT_SPLIT = 1 << 18  # quantized weights with this many elements are split over the streams
 GEMV_ROWS = 4  # quantized products of up to this many rows read the packed weight once per row

@@ -1,4 +1,4 @@
-"""One decode step of the dense decoder on the CPU, in numpy and BLAS ``sgemv``.
+"""One decode step of the decoder on the CPU, in numpy and BLAS ``sgemv``.
 
 MLX on the CPU spends ~15-80 us per evaluated op (each is handed to a worker thread), and a decode
 step is ~50 small ops per layer around its 7 products: on the 2-core development machine 18 ms of
@@ -7,16 +7,19 @@ same step runs as numpy operations on zero-copy views of the MLX weights and the
 ``sgemv``, reading each weight once. The KV caches stay mlx-lm's: the new keys and values are
 written with its ``update_and_fetch`` after the layer attended to them, and evaluated once per step.
 
-``decode`` applies only where it computes what the MLX layers compute (to float32 rounding): the
-CPU, inference, one sequence of one token, float32 weights in our plain ``Linear`` layers and
-mlx-lm's ``SwitchLinear`` experts (dense or top-k MoE feed-forwards; not LoRA-wrapped), or their
-affine 4/8-bit quantized forms where ``cpu.quant``'s kernels read them (numba: the packed weights
-unpacked in registers, ~10x MLX's ``quantized_matmul`` here), no q/k norms, RMS norms, plain
-``KVCache``\\ s and a RoPE ``cpu.rope`` can tabulate. Anything else returns None and the model runs
-its MLX layers.
+The contract: ``decode_step(lm)`` returns a ``DecodeStep`` prepared once for the model's current
+layers (prepared again only when they change: LoRA wrapping, quantizing, a new dtype), or None
+where this step would not compute what the MLX layers compute: not on the CPU, in training, a
+config field in ``FIELDS`` marked refused, or a layer that is not a plain float32 ``Linear`` /
+mlx-lm ``SwitchLinear`` (or its 4/8-bit affine form that ``cpu.quant``'s kernels read), an RMS
+norm, or a RoPE that ``cpu.ops.rope_tables`` can tabulate. Generation asks once per reply
+(``DecodeStep.accepts`` its plain float32 ``KVCache``\\ s) and then calls it for every token;
+the model's own ``__call__`` never takes this path.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,25 +31,102 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from . import blas, quant
 from .ops import LOG2E, Linear, QuantizedLinear, gemv_numpy, np_silu, on_cpu, rope_tables
 
-ENABLED = True  # tests compare against the MLX layers by switching it off
+ENABLED = True  # tests and benchmarks compare against the MLX layers by switching it off
+
+# How the step treats every field of ``TextConfig`` (tests/test_cpu.py checks that none is
+# missing): "read" fields shape the arithmetic below; "refused" ones make ``prepare`` return
+# None when set; "training" ones do not change a forward pass.
+FIELDS = {
+    "vocab_size": "read", "hidden_size": "read", "intermediate_size": "read",
+    "num_hidden_layers": "read", "num_attention_heads": "read", "num_key_value_heads": "read",
+    "head_dim": "read", "rms_norm_eps": "read", "max_position_embeddings": "read",
+    "rope_theta": "read", "rope_scaling": "read", "rope_traditional": "read",  # via the tables
+    "attention_bias": "read", "mlp_bias": "read", "tie_word_embeddings": "read",
+    "num_experts": "read", "num_experts_per_tok": "read", "moe_every": "read",
+    "moe_intermediate_size": "read", "shared_expert_intermediate_size": "read",
+    "norm_topk_prob": "read",
+    "qk_norm": "refused", "qk_norm_full": "refused",
+    "router_aux_loss_coef": "training", "router_z_loss_coef": "training",
+}
 
 
-def decode(lm, embeds: mx.array, cache) -> mx.array | None:
-    """Logits (1, 1, V) of ``lm`` (a ``decoder.LanguageModel``) for one token's embedding
-    (1, 1, D), advancing ``cache``; None where the MLX layers must run instead."""
-    if not (ENABLED and on_cpu() and cache is not None and embeds.shape[:2] == (1, 1)
-            and embeds.dtype == mx.float32 and not lm.training):
+class DecodeStep:
+    """The CPU decode step of one ``decoder.LanguageModel``, prepared for its current layers."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
+
+    def accepts(self, cache) -> bool:
+        """Whether the step can advance ``cache`` (plain float32 mlx-lm ``KVCache``\\ s)."""
+        return (cache is not None and len(cache) == len(self.lm.layers)
+                and all(type(c) is KVCache and (c.keys is None or c.keys.dtype == mx.float32)
+                        for c in cache))
+
+    def __call__(self, embeds: mx.array, cache) -> mx.array:
+        """Logits (1, 1, V) for one token's embedding (1, 1, D), advancing ``cache``."""
+        x = np.array(embeds, dtype=np.float32).reshape(-1)
+        for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
+            x = _layer(x, c, layer, self._tables(i, c.offset + 1))
+        mx.eval([(c.keys, c.values) for c in cache])
+        return mx.array(_linear(_head(self.lm), _rms_norm(x, self.lm.model.norm)))[None, None]
+
+    def _tables(self, i: int, positions: int):
+        t = self.tables[i]
+        if t is None or t[0].shape[0] < positions:
+            at = self.lm.layers[i].self_attn
+            t = self.tables[i] = rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads,
+                                             positions)
+        return t
+
+
+def decode_step(lm) -> DecodeStep | None:
+    """``lm``'s prepared step, prepared again if its layers changed; None where it cannot run."""
+    if not (ENABLED and on_cpu()) or lm.training:
         return None
-    tables = [_rope_tables(layer, c) for layer, c in zip(lm.layers, cache)]
-    head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
-    if (any(t is None for t in tables) or type(lm.model.norm) is not nn.RMSNorm
-            or not _plain(head)):
+    sig = signature(lm)
+    cached = getattr(lm, "_cpu_decode_step", None)
+    if cached is None or cached[0] != sig:
+        cached = (sig, prepare(lm))
+        object.__setattr__(lm, "_cpu_decode_step", cached)  # not a parameter: off the module tree
+    return cached[1]
+
+
+def signature(lm) -> tuple:
+    """What a prepared step depends on: every layer object, its weights' dtypes, and whether
+    ``cpu.quant``'s kernels can read quantized ones."""
+    modules = [m for _, m in tree_flatten(lm.leaf_modules(), is_leaf=nn.Module.is_module)]
+    layers = tuple((id(m), type(m), getattr(m, "weight", None) is not None and m.weight.dtype)
+                   for m in modules)
+    return layers, any("scales" in m for m in modules) and quant.kernels() is not None
+
+
+def prepare(lm) -> DecodeStep | None:
+    """A ``DecodeStep`` for ``lm`` if it computes what the MLX layers compute, else None."""
+    if any(FIELDS[f.name] == "refused" and getattr(lm.args, f.name) for f in fields(lm.args)):
         return None
-    x = np.array(embeds, dtype=np.float32).reshape(-1)
-    for layer, t, c in zip(lm.layers, tables, cache):
-        x = _layer(x, c, layer, t)
-    mx.eval([(c.keys, c.values) for c in cache])
-    return mx.array(_linear(head, _rms_norm(x, lm.model.norm)))[None, None]
+    if type(lm.model.norm) is not nn.RMSNorm or not _plain(_head(lm)):
+        return None
+    if not all(_layer_ok(layer) for layer in lm.layers):
+        return None
+    return DecodeStep(lm)
+
+
+def _head(lm):
+    return lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
+
+
+def _layer_ok(layer) -> bool:
+    """Plain projections, RMS norms, a SwiGLU (or top-k MoE) feed-forward and a tabulable RoPE."""
+    at, mlp = layer.self_attn, layer.mlp
+    if "q_norm" in at or not _ffn_ok(mlp):
+        return False
+    if not all(_projection(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
+        return False
+    if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
+                                               layer.post_attention_layernorm)):
+        return False
+    return rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, 1) is not None
 
 
 def pack_layers(lm) -> None:
@@ -76,21 +156,6 @@ def pack_layer(layer) -> None:
             m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
             start += m.weight.size
     mx.eval(layer.parameters())
-
-
-def _rope_tables(layer, cache):
-    """The layer's RoPE tables if this step can run the layer, else None."""
-    at, mlp = layer.self_attn, layer.mlp
-    if type(cache) is not KVCache or (cache.keys is not None and cache.keys.dtype != mx.float32):
-        return None
-    if "q_norm" in at or not _ffn_ok(mlp):
-        return None
-    if not all(_projection(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
-        return None
-    if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
-                                               layer.post_attention_layernorm)):
-        return None
-    return rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, cache.offset + 1)
 
 
 def _ffn_ok(mlp) -> bool:

@@ -157,58 +157,81 @@ def check_config(config: ModelConfig) -> None:
 
 
 def assemble(hf_path: str | None = None, vision: str | None = None,
-            text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
-            connector_hidden: int | None = None, feature_layer: int = -2,
-            dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
-            upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0,
-            progress: bool = True) -> tuple:
+             text: str | None = None, connector: str = "c-abstractor", image_tokens: int = 144,
+             connector_hidden: int | None = None, feature_layer: int = -2,
+             dtype: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
+             upcycle: int = 0, moe_every: int = 1, top_k: int = 2, seed: int = 0,
+             progress: bool = True) -> tuple:
     """A LLaVA model (``hf_path``) converted, or one assembled from ``vision`` + ``text`` parts:
     (model in eval mode, processor); ``progress``: bars on stderr while tensors are converted and
     quantized."""
     if hf_path:
-        src = hf_source(resolve(hf_path))
-        config, raw, tok, settings, fresh = src.model, src.weights, src.tokenizer, \
-            src.image_settings, ()
-        dtype = dtype or src.dtype
-    else:
-        if not (vision and text):
-            raise MM1Error("give --hf-path (a LLaVA model) or both --vision and --text")
-        vs, ts = vision_source(resolve(vision), feature_layer), text_source(resolve(text))
-        tok, settings, raw, fresh = ts.tokenizer, vs.image_settings, {**vs.weights, **ts.weights}, \
-            ("connector.",)
-        config = ModelConfig(
-            vision_config=vs.vision, text_config=ts.text,
-            image_token_id=preprocess.image_token_id(tok),
-            connector_config=connector_config(connector, image_tokens, vs.vision, connector_hidden),
-            name=f"{Path(vision).name}+{Path(text).name}")
-        dtype = dtype or ts.dtype
-    dtype = dtype or "float16"
+        src, fresh = hf_source(resolve(hf_path)), ()
+    else:  # a new connector: its parameters start untrained
+        src = assembled(vision, text, connector, image_tokens, connector_hidden, feature_layer)
+        fresh = ("connector.",)
+    dtype = dtype or src.dtype or "float16"
     if dtype not in DTYPES:
         raise MM1Error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    config = src.model
     if upcycle and config.text_config.num_experts:
         raise MM1Error("--upcycle-experts needs a dense decoder, this one is already MoE")
-
     check_config(config)
-    weights = convert_weights(raw, config, allow_missing=fresh)
-    del raw
-    if config.image_token_id >= config.text_config.vocab_size:
-        config.text_config.vocab_size = config.image_token_id + 1
-        weights = pad_vocab(weights, config.text_config.vocab_size)
-    if upcycle:
-        weights, config.text_config = upcycle_experts(weights, config.text_config, upcycle,
-                                                      moe_every, top_k, seed)
-    weights = convert_weights(weights, config, allow_missing=fresh)  # idempotent: re-checks
-
+    weights = converted(src, fresh, upcycle, moe_every, top_k, seed)
     config.check("the converted config")
     mx.random.seed(seed)
     try:
         model = Model(config)
     except ValueError as e:
         raise MM1Error(str(e)) from None
-    fresh_params = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(fresh)} \
-        if fresh else {}
-    weights = {**fresh_params, **weights}
-    target = DTYPES[dtype]
+    nbytes = load_converted(model, weights, fresh, DTYPES[dtype], progress)
+    if q_bits:  # the decoder; records config.quantization (per-module) for loading
+        from ..models.quantization import quantize_model
+
+        quantize_model(model, bits=q_bits, group_size=q_group_size)
+        materialize(model, False, progress, nbytes, desc="quantizing")
+    model.eval()
+    return model, preprocess.build_processor(src.tokenizer, src.image_settings,
+                                             config.num_image_tokens)
+
+
+def assembled(vision: str | None, text: str | None, connector: str, image_tokens: int,
+              connector_hidden: int | None, feature_layer: int) -> Source:
+    """A vision encoder and a language model joined by a new (untrained) connector."""
+    if not (vision and text):
+        raise MM1Error("give --hf-path (a LLaVA model) or both --vision and --text")
+    vs, ts = vision_source(resolve(vision), feature_layer), text_source(resolve(text))
+    config = ModelConfig(
+        vision_config=vs.vision, text_config=ts.text,
+        image_token_id=preprocess.image_token_id(ts.tokenizer),
+        connector_config=connector_config(connector, image_tokens, vs.vision, connector_hidden),
+        name=f"{Path(vision).name}+{Path(text).name}")
+    return Source({**vs.weights, **ts.weights}, model=config, tokenizer=ts.tokenizer,
+                  image_settings=vs.image_settings, dtype=ts.dtype)
+
+
+def converted(src: Source, fresh: tuple, upcycle: int, moe_every: int, top_k: int, seed: int
+              ) -> dict:
+    """The source tensors under our keys and layouts; the vocabulary grown for ``<image>``, the
+    decoder's FFNs upcycled into experts when asked (``src.model`` follows)."""
+    config = src.model
+    weights = convert_weights(src.weights, config, allow_missing=fresh)
+    src.weights = None  # the converted tensors replace them
+    if config.image_token_id >= config.text_config.vocab_size:
+        config.text_config.vocab_size = config.image_token_id + 1
+        weights = pad_vocab(weights, config.text_config.vocab_size)
+    if upcycle:
+        weights, config.text_config = upcycle_experts(weights, config.text_config, upcycle,
+                                                      moe_every, top_k, seed)
+    return convert_weights(weights, config, allow_missing=fresh)  # idempotent: re-checks
+
+
+def load_converted(model: Model, weights: dict, fresh: tuple, target, progress: bool) -> int:
+    """Cast the tensors to ``target`` (untrained parts keep the model's initial values) and
+    load them; their size in bytes."""
+    if fresh:
+        weights = {**{k: v for k, v in tree_flatten(model.parameters()) if k.startswith(fresh)},
+                   **weights}
     nbytes = sum(v.nbytes for v in weights.values())
     for k in tqdm(list(weights), desc="converting", unit="tensor", leave=False,
                   disable=not progress):
@@ -217,11 +240,4 @@ def assemble(hf_path: str | None = None, vision: str | None = None,
         mx.eval(weights[k])
     check_dtypes(model, weights)
     model.load_weights(list(weights.items()), strict=True)
-    del weights
-    if q_bits:  # the decoder; records config.quantization (per-module) for loading
-        from ..models.quantization import quantize_model
-
-        quantize_model(model, bits=q_bits, group_size=q_group_size)
-        materialize(model, False, progress, nbytes, desc="quantizing")
-    model.eval()
-    return model, preprocess.build_processor(tok, settings, config.num_image_tokens)
+    return nbytes

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import MM1Error
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # mm1_mlx/ (this file is mm1_mlx/io/atomic.py)
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json"]

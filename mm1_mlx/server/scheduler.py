@@ -27,6 +27,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from ..cpu import step as cpu_step
 from ..generate import prefill
 from ..processor import PreparedImage
 
@@ -177,6 +178,7 @@ class Scheduler:
         self.waiting: list[Job] = []  # in order; the first is prefilled when a batch slot is free
         self.active: list[Job] = []
         self.cache: list | None = None  # the active jobs' caches per layer (plain for one job)
+        self.cpu_step = cpu_step.decode_step(self.lm)  # one job alone decodes as the CLI does
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mm1-scheduler", daemon=True)
@@ -313,7 +315,11 @@ class Scheduler:
 
     def _decode_step(self) -> list[int]:
         toks = mx.array([[j.next_token] for j in self.active])
-        logits = self.lm(self.lm.embed(toks), self.cache)
+        step = self.cpu_step if len(self.active) == 1 else None
+        if step is not None and step.accepts(self.cache):
+            logits = step(self.lm.embed(toks), self.cache)
+        else:
+            logits = self.lm(self.lm.embed(toks), self.cache)
         for job in self.active:
             job.cache_keys.append(job.next_token)
         return self._sample(self.active, logits[:, -1]).tolist()

@@ -11,15 +11,15 @@ saved atomically every ``--save-every`` steps and after the current step on Ctrl
 second one stops at once); rerunning the same command resumes where it stopped, and says where.
 Data is a pure function of (seed, stage, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
+
+``train`` builds the model (``build``) and runs each stage with ``run_stage``; the language loss and
+the loss figure are the fine-tuner's (``tuner.losses.masked_ce``, ``tuner.plots.plot_losses``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,15 +33,16 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from ..checkpoint import WEIGHTS_DIR, save
-from ..cli import args as cli_args
-from ..errors import MM1Error, cli_errors
+from ..checkpoint import save
+from ..errors import MM1Error
 from ..io.atomic import atomic_dir, check_output, claim_output
 from ..models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ..models.connector import grid_side
 from ..models.model import Model
 from ..processor import ImageSettings, Processor
 from ..tuner.batching import collate, prefetch
+from ..tuner.losses import masked_ce
+from ..tuner.plots import plot_losses
 from . import world
 from .tokenizer import train_tokenizer
 
@@ -179,11 +180,10 @@ def encoder_loss(trainer: EncoderTrainer, pixels, slots, cells):
 
 
 def loss_fn(model: Model, ids, mask, pixels):
+    """(mean cross-entropy of the loss tokens + MoE auxiliary loss, number of loss tokens)."""
     logits, aux = model(ids[:, :-1], pixels, return_aux=True)
-    targets, m = ids[:, 1:], mask[:, 1:]
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * m
-    ntok = m.sum()
-    return ce.sum() / ntok + aux, ntok
+    ce, ntok = masked_ce(logits, ids, mask)
+    return ce / ntok + aux, ntok
 
 
 def schedule(recipe: Recipe, stage: str, total: int):
@@ -227,28 +227,15 @@ def load_state(run: Path, model: Model, head: nn.Module | None = None
     return stage, step, losses, opt_state
 
 
-def plot_losses(losses: list, path: Path, title: str) -> None:
-    import matplotlib
+STAGE_STYLES = {"encoder": dict(color="tab:green", linewidth=0.8),
+                "pretrain": dict(color="tab:blue", linewidth=0.8),
+                "sft": dict(color="tab:orange", linewidth=0.8)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for stage, color in (("encoder", "tab:green"), ("pretrain", "tab:blue"), ("sft", "tab:orange")):
-        pts = [(i, l) for i, (s, l) in enumerate(losses) if s == stage]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, color=color, label=stage, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+def stage_curves(losses: list) -> dict[str, list]:
+    """[(stage, loss)] of every step so far -> stage -> [(step counted over all stages, loss)]."""
+    return {stage: [(i, loss) for i, (s, loss) in enumerate(losses) if s == stage]
+            for stage in STAGES}
 
 
 def setup_processor(run: Path, recipe: Recipe) -> Processor:
@@ -279,73 +266,43 @@ def train(recipe: Recipe, run: Path, save_every: int = 100, out: Path | None = N
         return _train(recipe, run, save_every, out, quiet, max_steps, stop, force)
 
 
+@dataclass
+class Run:
+    """One call of ``train``: the model being trained, where its state goes, when it stops."""
+    recipe: Recipe
+    dir: Path  # the run directory: tokenizer, state, loss.png
+    model: Model
+    head: SlotHead  # stage 0's
+    processor: Processor
+    losses: list  # (stage, loss) of every step so far
+    save_every: int
+    quiet: bool
+    stop: Callable[[], bool]
+
+
 def _train(recipe: Recipe, run: Path, save_every: int, out: Path | None, quiet: bool,
            max_steps: int | None, stop: Callable[[], bool] | None, force: bool
            ) -> tuple[Model, Processor, list]:
-    mx.random.seed(recipe.seed)
-    run.mkdir(parents=True, exist_ok=True)
-    processor = setup_processor(run, recipe)
-    cfg = recipe.model
-    cfg.image_token_id = processor.image_token_id
-    cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
-    model = Model(cfg)
-    head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
+    model, processor, head = build(recipe, run)
     stage, start, losses, opt_state = load_state(run, model, head)
-    steps = dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    steps = stage_steps(recipe)
     if opt_state is not None:
         print(f"resuming {recipe.name} from {run / 'state'}: stage {stage}, step {start} of "
               f"{steps[stage]}", file=sys.stderr)
+    r = Run(recipe, run, model, head, processor, losses, save_every, quiet,
+            stop or (lambda: False))
     stopped = False
     for name in STAGES[STAGES.index(stage):]:
-        total = steps[name]
-        if total == 0:
+        if steps[name] == 0:
             continue
-        opt = optim.AdamW(learning_rate=schedule(recipe, name, total),
+        opt = optim.AdamW(learning_rate=schedule(recipe, name, steps[name]),
                           weight_decay=recipe.weight_decay)
         if name == stage and opt_state is not None:
             opt.state = opt_state
         else:
             start = 0
-        model.train()
-        if name == "encoder":
-            trained = EncoderTrainer(model, head)
-            step_fn = nn.value_and_grad(trained, encoder_loss)
-            batches = lambda s: make_encoder_batch(processor, recipe, s)  # noqa: E731
-        else:
-            trained = model
-            model.unfreeze()
-            if recipe.freeze_vision and recipe.encoder_steps:
-                model.vision_tower.freeze()
-            step_fn = nn.value_and_grad(model, loss_fn)
-            batches = lambda s, n=name: make_batch(processor, recipe, n, s)  # noqa: E731
-        bar = tqdm(total=total, initial=start, desc=f"{recipe.name} {name}", disable=quiet,
-                   dynamic_ncols=True)
-        t0, ntoks = time.perf_counter(), 0
-        end = total if max_steps is None else min(total, start + max_steps)
-        for step, arrays in prefetch(batches, range(start, end)):
-            (loss, ntok), grads = step_fn(trained, *(None if a is None else mx.array(a)
-                                                     for a in arrays))
-            grads, _ = optim.clip_grad_norm(grads, 1.0)
-            opt.update(trained, grads)
-            mx.eval(trained.trainable_parameters(), opt.state, loss)
-            losses.append((name, loss.item()))
-            ntoks += int(ntok.item())
-            unit = "img_s" if name == "encoder" else "tok_s"
-            bar.set_postfix({"loss": f"{loss.item():.4g}", "lr": f"{opt.learning_rate.item():.1e}",
-                             unit: f"{ntoks / (time.perf_counter() - t0):.0f}"})
-            bar.update(1)
-            asked = stop is not None and stop()
-            if (step + 1) % save_every == 0 or step + 1 == total or asked:
-                save_state(run, model, opt, name, step + 1, losses,
-                           head if name == "encoder" else None)
-                plot_losses(losses, run / "loss.png", recipe.name)
-            if asked:
-                bar.write(f"stopped: {name} step {step + 1} saved in {run / 'state'}; the same "
-                          "command resumes from there", file=sys.stderr)
-                end = step + 1
-                break
-        bar.close()
-        stopped = end < total or (stop is not None and stop())
+        end = steps[name] if max_steps is None else min(steps[name], start + max_steps)
+        stopped = run_stage(r, name, opt, start, end)
         if stopped:  # by max_steps or stop(): the next call resumes
             break
     model.unfreeze()
@@ -356,75 +313,77 @@ def _train(recipe: Recipe, run: Path, save_every: int, out: Path | None, quiet: 
     return model, processor, losses
 
 
-def setup_arg_parser() -> argparse.ArgumentParser:
-    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.train",
-                                description="Train an MM1-style model on shapes world.")
-    p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
-    p.add_argument("--run-dir", default=None, help="state and logs (default runs/RECIPE)")
-    p.add_argument("--out", default=None, help="final checkpoint (default RUN_DIR/model)")
-    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
-    p.add_argument("--install", action="store_true",
-                   help="also install the result as a bundled model in the package")
-    p.add_argument("--pretrain-steps", type=cli_args.non_negative_int)
-    p.add_argument("--sft-steps", type=cli_args.non_negative_int)
-    p.add_argument("--batch-size", type=cli_args.positive_int)
-    p.add_argument("--mix", default=None,
-                   help="interleaved,captions,text-only fractions (default 0.45,0.45,0.10)")
-    p.add_argument("--save-every", type=cli_args.positive_int, default=100)
-    p.add_argument("--seed", type=cli_args.seed)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+def build(recipe: Recipe, run: Path) -> tuple[Model, Processor, SlotHead]:
+    """A fresh model for ``recipe`` (seeded), its processor and stage 0's head."""
+    mx.random.seed(recipe.seed)
+    run.mkdir(parents=True, exist_ok=True)
+    processor = setup_processor(run, recipe)
+    cfg = recipe.model
+    cfg.image_token_id = processor.image_token_id
+    cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
+    model = Model(cfg)
+    return model, processor, SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
 
 
-class StopRequest:
-    """Signal handler: the first SIGINT / SIGTERM asks the training loop to save and stop after
-    the current step; a second one stops at once (losing that step)."""
-
-    def __init__(self):
-        self.asked = False
-
-    def handle(self, signum, frame) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        print("\nstopping after this step (again to stop at once)", file=sys.stderr)
+def stage_steps(recipe: Recipe) -> dict[str, int]:
+    return dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
 
 
-@cli_errors
-def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
-    recipe = RECIPES[args.recipe]()
-    for k in ("pretrain_steps", "sft_steps", "batch_size", "seed"):
-        if getattr(args, k) is not None:
-            setattr(recipe, k, getattr(args, k))
-    if args.mix:
-        try:
-            mix = tuple(float(x) for x in args.mix.split(","))
-        except ValueError:
-            raise MM1Error(f"--mix takes three numbers, got {args.mix!r}") from None
-        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-            raise MM1Error(f"--mix takes three non-negative fractions, got {args.mix!r}")
-        recipe.mix = mix
-    run = Path(args.run_dir or f"runs/{args.recipe}")
-    out = Path(args.out) if args.out else run / "model"
-    t = time.perf_counter()
-    stop = StopRequest()
-    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train(recipe, run, args.save_every, out, quiet=args.quiet, stop=lambda: stop.asked,
-              force=args.force)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop.asked:
-        sys.exit(130)
-    print(f"saved {out} in {(time.perf_counter() - t) / 60:.1f} min")
-    if args.install:
-        dst = WEIGHTS_DIR / recipe.name
-        with atomic_dir(dst, "checkpoint", force=True, allow_package=True) as tmp:
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
-        print(f"installed as {dst}")
+def prepare_stage(r: Run, name: str):
+    """(the module that trains, its loss-and-gradient function, step -> batch) of stage ``name``."""
+    r.model.train()
+    if name == "encoder":
+        trained = EncoderTrainer(r.model, r.head)
+        return (trained, nn.value_and_grad(trained, encoder_loss),
+                lambda s: make_encoder_batch(r.processor, r.recipe, s))
+    r.model.unfreeze()
+    if r.recipe.freeze_vision and r.recipe.encoder_steps:
+        r.model.vision_tower.freeze()
+    return (r.model, nn.value_and_grad(r.model, loss_fn),
+            lambda s: make_batch(r.processor, r.recipe, name, s))
 
 
-if __name__ == "__main__":
-    main()
+def run_stage(r: Run, name: str, opt, start: int, end: int) -> bool:
+    """Steps ``start`` to ``end`` of stage ``name``, saved every ``save_every`` steps, at the
+    stage's end and when ``stop()`` turns true; whether the stage stopped before its end."""
+    total = stage_steps(r.recipe)[name]
+    trained, step_fn, batches = prepare_stage(r, name)
+    bar = tqdm(total=total, initial=start, desc=f"{r.recipe.name} {name}", disable=r.quiet,
+               dynamic_ncols=True)
+    t0, count = time.perf_counter(), 0
+    unit = "img_s" if name == "encoder" else "tok_s"
+    for step, arrays in prefetch(batches, range(start, end)):
+        loss, n = optimizer_step(trained, step_fn, opt, arrays)
+        r.losses.append((name, loss))
+        count += n
+        bar.set_postfix({"loss": f"{loss:.4g}", "lr": f"{opt.learning_rate.item():.1e}",
+                         unit: f"{count / (time.perf_counter() - t0):.0f}"})
+        bar.update(1)
+        asked = r.stop()
+        if (step + 1) % r.save_every == 0 or step + 1 == total or asked:
+            save_state(r.dir, r.model, opt, name, step + 1, r.losses,
+                       r.head if name == "encoder" else None)
+            write_plot(r)
+        if asked:
+            bar.write(f"stopped: {name} step {step + 1} saved in {r.dir / 'state'}; the same "
+                      "command resumes from there", file=sys.stderr)
+            end = step + 1
+            break
+    bar.close()
+    return end < total or r.stop()
+
+
+def write_plot(r: Run) -> None:
+    """``loss.png`` of the run so far, replaced atomically (a reader never sees half a figure)."""
+    tmp = r.dir / "loss.tmp.png"
+    plot_losses(stage_curves(r.losses), tmp, r.recipe.name, STAGE_STYLES)
+    tmp.replace(r.dir / "loss.png")
+
+
+def optimizer_step(trained: nn.Module, step_fn, opt, arrays) -> tuple[float, int]:
+    """One clipped AdamW step on a batch; (loss, tokens or images it counted)."""
+    (loss, n), grads = step_fn(trained, *(None if a is None else mx.array(a) for a in arrays))
+    grads, _ = optim.clip_grad_norm(grads, 1.0)
+    opt.update(trained, grads)
+    mx.eval(trained.trainable_parameters(), opt.state, loss)
+    return loss.item(), int(n.item())

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from ..cpu.ops import as_fast
 from ..errors import MM1Error
 from ..io import atomic
 
@@ -78,6 +79,12 @@ def vision_layers(model: nn.Module) -> list:
     """The image encoder's transformer layers ([] for an encoder without them, e.g. FastViT)."""
     encoder = model.vision_tower.get("encoder")
     return list(getattr(encoder, "layers", []))
+
+
+def lora_vision_layers(model: nn.Module) -> int:
+    """How many image-encoder layers hold LoRA layers."""
+    return sum(any(isinstance(m, LORA_TYPES) for _, m in layer.named_modules())
+               for layer in vision_layers(model))
 
 
 def apply_vision_lora(model: nn.Module, params: dict) -> None:
@@ -183,8 +190,9 @@ def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Modul
 
 def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
     """Merge every LoRA layer into its base (re-quantized with the base's settings unless
-    ``dequantize``). Returns the number of layers fused."""
-    fused = [(p, m.fuse(dequantize=dequantize)) for p, m in model.named_modules()
+    ``dequantize``), as our layer classes (the CPU decode step reads them). Returns the number of
+    layers fused."""
+    fused = [(p, as_fast(m.fuse(dequantize=dequantize))) for p, m in model.named_modules()
              if isinstance(m, LORA_TYPES)]
     if fused:
         model.update_modules(tree_unflatten(fused))

@@ -1,4 +1,5 @@
-"""Batches for training: right-padded ids with their loss masks, built ahead in a thread."""
+"""Batches for training: right-padded ids with their loss masks (and the images of fine-tuning
+samples), built ahead in a thread."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import queue
 import threading
 
 import numpy as np
+
+from . import datasets
 
 
 def collate(samples: list[tuple[list, list]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,3 +39,11 @@ def prefetch(fn, steps, depth: int = 3):
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def encoded_batch(items: list, processor, seeds: list[str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Encoded samples (``datasets.Encoded``) -> padded ids, loss mask and their images' pixels
+    (with ``seeds``, one per sample: random variations of the images, see ``augment``)."""
+    ids, mask = collate([(e.ids, e.mask) for e in items], processor.tokenizer.pad_token_id)
+    return ids, mask, datasets.prepare_pixels(items, processor, seeds)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,26 @@ def encode(sample: Sample, processor: Processor, max_length: int, mask_prompt: b
     return Encoded(ids, mask, sample.images, sample.where)
 
 
+def data_files(data: str | None, valid: str | None) -> tuple[Path, Path | None]:
+    """(training, validation) files of ``--data`` / ``--valid``, checked before the (slow) model
+    load; ``--data DIR`` is mlx-lm's layout, DIR/train.jsonl and DIR/valid.jsonl (used unless
+    ``valid`` names another)."""
+    if not data:
+        raise MM1Error("no training data: pass --data FILE or a directory with train.jsonl")
+    data, valid = Path(data).expanduser(), valid and Path(valid).expanduser()
+    if data.is_dir():
+        if not (data / "train.jsonl").is_file():
+            raise MM1Error(f"--data {data} is a directory without train.jsonl (mlx-lm's "
+                           "layout: train.jsonl, optionally valid.jsonl)")
+        if valid is None and (data / "valid.jsonl").is_file():
+            valid = data / "valid.jsonl"
+        data = data / "train.jsonl"
+    for name, f in (("data", data), ("valid", valid)):
+        if f and not f.is_file():
+            raise MM1Error(f"--{name} file not found (or not a regular file): {f}")
+    return data, valid
+
+
 def load_dataset(path: str | Path, processor: Processor, max_length: int, mask_prompt: bool = True,
                  on_bad_data: str = "skip", progress: bool = False
                  ) -> tuple[list[Encoded], list[str]]:
@@ -256,6 +277,17 @@ def load_dataset(path: str | Path, processor: Processor, max_length: int, mask_p
         raise MM1Error(f"no usable samples in {path}"
                        + (f"; first problem: {problems[0]}" if problems else ""))
     return out, problems
+
+
+def report_problems(problems: list[str], name: str, listed_in: str) -> None:
+    """The skipped records of the ``name`` data on stderr: the first ten, and where all are."""
+    if not problems:
+        return
+    print(f"skipped {len(problems)} bad record(s) in the {name} data:", file=sys.stderr)
+    for p in problems[:10]:
+        print(f"  {p}", file=sys.stderr)
+    if len(problems) > 10:
+        print(f"  ... and {len(problems) - 10} more (all listed in {listed_in})", file=sys.stderr)
 
 
 def batch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
