@@ -20,15 +20,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
+
 BITS = (4, 8)
 PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
+BLOCK_BYTES = 1 << 22  # prefill: dequantized weight rows per block (measured best of 0.5-16 MB)
 _KERNELS: list = []
+_SCRATCH = threading.local()  # per thread: the block buffer prefill reuses
 
 
 def cache_dir() -> str:
@@ -112,6 +117,35 @@ def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) 
     written into ``out`` if given (C-contiguous float32 of that shape)."""
     return _dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
                                     for k in ("weight", "scales", "biases")}, out)
+
+
+def matmul(layer, x: np.ndarray) -> np.ndarray:
+    """Float32 ``x`` (M, K) times ``layer``'s weight transposed: (M, N), without the layer's bias
+    (prefill). Blocks of weight rows are dequantized into one reused buffer of ``BLOCK_BYTES``
+    and multiplied by BLAS ``sgemm`` straight into their columns of the result while they are in
+    cache: no float copy of the weight, no fresh pages per call (a whole dequantized weight per
+    call made prefill 0.6x the float model's)."""
+    n, k = layer["weight"].shape[0], x.shape[1]
+    rows = max(16, BLOCK_BYTES // (4 * k))
+    buffer = _scratch(rows * k)
+    y = np.empty((x.shape[0], n), np.float32)
+    sgemm = blas.sgemm()
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        w = dequantize(layer, slice(a, b), out=buffer[: (b - a) * k].reshape(b - a, k))
+        if sgemm is None:
+            y[:, a:b] = x @ w.T
+            continue
+        sgemm(101, 111, 112, x.shape[0], b - a, k, 1.0, x.ctypes.data, k,  # row-major, x w^T
+              w.ctypes.data, k, 0.0, y.ctypes.data + 4 * a, n)
+    return y
+
+
+def _scratch(size: int) -> np.ndarray:
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _SCRATCH.buffer = np.empty(size, np.float32)
+    return buffer
 
 
 def _kernel(name: str, w: np.ndarray):
