@@ -424,11 +424,17 @@ class QuantizedLinear(nn.QuantizedLinear):
         rows = x.size // x.shape[-1]
         mx.eval(x)
         xs = np.ascontiguousarray(np.asarray(x).reshape(rows, -1))
-        if rows > GEMV_ROWS:
-            y = quant.matmul(self, xs)
-        else:
+        if rows <= GEMV_ROWS:
             y = np.stack([quant.gemv(self, r) for r in xs])
-        return mx.array(y.reshape(*x.shape[:-1], -1))
+            return mx.array(y.reshape(*x.shape[:-1], -1))
+        y = mx.zeros((rows, self["weight"].shape[0]))  # BLAS writes into MLX's own buffer:
+        mx.eval(y)  # a fresh numpy result and its copy into MLX cost ~5% of a prefill
+        view = shared_view(y)
+        if view is None:
+            y = mx.array(quant.matmul(self, xs))
+        else:
+            quant.matmul(self, xs, out=view)
+        return y.reshape(*x.shape[:-1], -1)
 
     def _dequantized(self) -> mx.array:
         """The float32 weight, written by the kernel into the MLX array's own buffer where MLX

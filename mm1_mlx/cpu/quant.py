@@ -31,7 +31,7 @@ from . import blas
 
 BITS = (4, 8)
 PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
-BLOCK_BYTES = 1 << 22  # prefill: dequantized weight rows per block (measured best of 0.5-16 MB)
+BLOCK_BYTES = 1 << 24  # prefill: dequantized weight rows per block (a whole layer here)
 _KERNELS: list = []
 _SCRATCH = threading.local()  # per thread: the block buffer prefill reuses
 
@@ -119,16 +119,17 @@ def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) 
                                     for k in ("weight", "scales", "biases")}, out)
 
 
-def matmul(layer, x: np.ndarray) -> np.ndarray:
+def matmul(layer, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Float32 ``x`` (M, K) times ``layer``'s weight transposed: (M, N), without the layer's bias
-    (prefill). Blocks of weight rows are dequantized into one reused buffer of ``BLOCK_BYTES``
-    and multiplied by BLAS ``sgemm`` straight into their columns of the result while they are in
-    cache: no float copy of the weight, no fresh pages per call (a whole dequantized weight per
-    call made prefill 0.6x the float model's)."""
+    (prefill), written into ``out`` if given (C-contiguous float32). Blocks of weight rows (a
+    whole layer of the benchmark decoder) are dequantized into one reused per-thread buffer of
+    ``BLOCK_BYTES`` and multiplied by BLAS ``sgemm`` straight into their columns of the result:
+    no float copy of the model, no fresh pages per call (a fresh whole dequantized weight per
+    call made prefill 0.6x the float model's). The buffer stays: 16 MB per thread that prefills."""
     n, k = layer["weight"].shape[0], x.shape[1]
     rows = max(16, BLOCK_BYTES // (4 * k))
-    buffer = _scratch(rows * k)
-    y = np.empty((x.shape[0], n), np.float32)
+    buffer = _scratch(min(rows, n) * k)
+    y = np.empty((x.shape[0], n), np.float32) if out is None else out
     sgemm = blas.sgemm()
     for a in range(0, n, rows):
         b = min(n, a + rows)
