@@ -4,7 +4,7 @@ MLX's ``quantized_matmul`` reads ~1 GB/s per thread on the development machine's
 model decoded 3x slower than the float one and ~10x slower than llama.cpp's Q4_0 on the same
 weights. The kernels in ``quant_kernels`` read the packed bytes once, unpack, scale and
 accumulate in registers, on every core, with no float copy of the weights (decode), and
-dequantize straight into the float buffer a BLAS product reads (prefill).
+dequantize a layer's rows into a reused buffer that BLAS ``sgemm`` multiplies (prefill, ``matmul``).
 
 They cover what ``mx.quantize`` makes by default: affine mode, 4 or 8 bits, any group size, float32
 scales and biases (what ``load`` gives a quantized model on the CPU), C-contiguous. Anything else,
@@ -113,7 +113,7 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
 
 
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
-    """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it (prefill),
+    """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it,
     written into ``out`` if given (C-contiguous float32 of that shape)."""
     return _dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
                                     for k in ("weight", "scales", "biases")}, out)
