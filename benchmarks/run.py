@@ -195,7 +195,7 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
 
     ggufs, notes, llama = llama_cpp.gguf_files(paths["hf"], cache, timeout, log)
     spec = {"token_ids": llama_cpp.prompt_ids(SIZES[size]["text"]["vocab_size"]),
-            "max_tokens": opts["max_tokens"], "threads": os.cpu_count(),
+            "max_tokens": opts["max_tokens"], "threads": opts.get("threads") or os.cpu_count(),
             "probe_mb": opts["probe_mb"]}
     sources = {**{s: paths.get(m) for s, m in llama_cpp.OURS.items()}, **ggufs}
     runs = {s: [] for pair in llama_cpp.PAIRS for s in pair}
@@ -296,6 +296,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None,
                    help="restrict the generate suite to these systems (comma-separated)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the llama.cpp peer and of every child's BLAS / numba / OpenMP "
+                        "(default: all cores; 1 on a shared machine, where threads wait their turn)")
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp text-decoder peer in the generate suite (auto: if installed)")
     return p
@@ -313,6 +316,10 @@ def main(argv=None) -> dict:
         opts.update(reps=args.reps, reference_reps=min(args.reps, opts["reference_reps"]))
     if args.max_tokens:
         opts["max_tokens"] = args.max_tokens
+    if args.threads:
+        opts["threads"] = args.threads
+        for var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # the children's
     if args.cache:
         cache = Path(args.cache)
     else:

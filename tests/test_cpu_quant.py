@@ -76,6 +76,21 @@ def test_quantized_linear_layer_equals_mlx(rows, monkeypatch):
     np.testing.assert_allclose(got, np.array(q(x)), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("sgemm", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_matmul_in_blocks_equals_mlx(bits, sgemm, monkeypatch):
+    # prefill: blocks of 16 dequantized rows (the last one short) multiplied into their columns,
+    # by the bound OpenBLAS's sgemm or (none bound) numpy
+    monkeypatch.setattr(cpu_quant, "BLOCK_BYTES", 16 * 4 * 256)
+    if not sgemm:
+        monkeypatch.setattr(cpu_quant.blas, "sgemm", lambda: None)
+    q = _quantized_linear(70, 256, bits, 64)
+    x = mx.random.normal((9, 256), key=mx.random.key(4))
+    w = mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=bits)
+    got = cpu_quant.matmul(q, np.array(x))
+    np.testing.assert_allclose(got, np.array(x @ w.T), rtol=2e-5, atol=2e-5)
+
+
 def test_handles_only_what_the_kernels_read():
     q = _quantized_linear(8, 64, 4, 32)
     assert cpu_quant.handles(q)
