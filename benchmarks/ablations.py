@@ -23,7 +23,6 @@ C-Abstractor 16 tokens, 45/45/10).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -33,10 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
+
+# isort: split
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import MM1Error, cli_errors
@@ -60,13 +60,15 @@ class Budget:
     text_n: int
     learning_rate: float = 1e-3
     warmup: int = 20
+    max_tokens: int = 24  # per reply (a caption is 10-20 tokens)
+    tokenizer_corpus: int = 300
 
 
 BUDGETS = {
     "smoke": Budget(encoder_steps=2, pretrain_steps=2, batch_size=2, encoder_batch_size=2,
-                    eval_n=2, text_n=2, warmup=1),
-    "small": Budget(encoder_steps=150, pretrain_steps=200, batch_size=8, encoder_batch_size=16,
-                    eval_n=30, text_n=60),
+                    eval_n=1, text_n=2, warmup=1, max_tokens=4, tokenizer_corpus=40),
+    "small": Budget(encoder_steps=100, pretrain_steps=80, batch_size=8, encoder_batch_size=16,
+                    eval_n=24, text_n=48),
     "medium": Budget(encoder_steps=400, pretrain_steps=500, batch_size=16, encoder_batch_size=32,
                      eval_n=100, text_n=200),
 }
@@ -126,7 +128,7 @@ def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool) -> Recipe:
                pretrain_steps=budget.pretrain_steps if pretrain else 0, sft_steps=0,
                batch_size=budget.batch_size, learning_rate=budget.learning_rate,
                warmup=budget.warmup, mix=spec.mix, encoder_batch_size=budget.encoder_batch_size,
-               seed=seed, tokenizer_corpus=300)
+               seed=seed, tokenizer_corpus=budget.tokenizer_corpus)
     r.image.image_size = spec.image_size
     return r
 
@@ -188,7 +190,7 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
               **score(model, processor, budget, eval_seed, quiet)}
     result["eval_seconds"] = round(time.perf_counter() - t1, 1)
     write_json(out, result)
-    return result
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 # ---- scoring ----
@@ -211,7 +213,8 @@ def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict
     pool = fewshot.items(64, fewshot.POOL_SEED, EVAL_KINDS)
     per_scene, replies = {}, {}
     for k in SHOTS:
-        recs = fewshot.run_items(model, processor, tests, pool, k, chat=False, max_tokens=24,
+        recs = fewshot.run_items(model, processor, tests, pool, k, chat=False,
+                                 max_tokens=budget.max_tokens,
                                  progress=not quiet)
         per = len(EVAL_KINDS)
         caption = [r["f1"] for r in recs if r["kind"] == "caption"]
@@ -395,6 +398,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def same_budget(stored: dict, budget: Budget) -> bool:
+    """Runs of another budget never mix into a comparison (fields added later at defaults)."""
+    want = asdict(budget)
+    return all(want.get(k) == v for k, v in stored.items()) and all(
+        k in stored or v == getattr(Budget, k, None) for k, v in want.items())
+
+
 def plan(axes: list[str], seeds: list[int]) -> list[tuple[Spec, int]]:
     """Distinct (spec, seed) runs, seed by seed (a first seed finishes every axis first)."""
     out = []
@@ -429,7 +439,7 @@ def main(argv=None):
             found = [json.loads(p.read_text(encoding="utf-8")) for seed in args.seeds
                      if (p := work / "results" / f"{spec.name}-s{seed}.json").exists()]
             if found:
-                by[label] = [r for r in found if r["budget"] == asdict(budget)]
+                by[label] = [r for r in found if same_budget(r["budget"], budget)]
         if len(by) < len(AXES[axis]) or not all(by.values()):
             print(f"{axis}: {sum(map(bool, by.values()))} of {len(AXES[axis])} configurations "
                   "finished; no summary yet", file=sys.stderr)
