@@ -23,6 +23,7 @@ C-Abstractor 16 tokens, 45/45/10).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -45,7 +46,7 @@ from mm1_mlx.models.model import Model
 from mm1_mlx.shapes import fewshot, world
 from mm1_mlx.shapes.train import Recipe, save_state, setup_processor, train
 
-SHOTS = (0, 4, 8)
+SHOTS = (0, 4)  # MM1 reports 0/4/8; 8-shot prompts cost twice 4-shot ones here
 VQA_KINDS = ("color", "shape", "where")
 EVAL_KINDS = ("caption",) + VQA_KINDS
 
@@ -56,11 +57,11 @@ class Budget:
     pretrain_steps: int
     batch_size: int
     encoder_batch_size: int
-    eval_n: int  # held-out scenes (one caption and one question of each VQA kind per scene)
+    eval_n: int  # held-out scenes (a caption and one short-answer question each)
     text_n: int
     learning_rate: float = 1e-3
     warmup: int = 20
-    max_tokens: int = 24  # per reply (a caption is 10-20 tokens)
+    max_tokens: int = 20  # per caption (10-20 tokens); short answers get 6
     tokenizer_corpus: int = 300
 
 
@@ -146,8 +147,40 @@ def encoder_run(spec: Spec, budget: Budget, seed: int, work: Path, quiet: bool) 
     """Stage 0 for this encoder and seed (trained once, then shared); its run directory."""
     base = Spec(image_size=spec.image_size, vit_width=spec.vit_width)
     run = work / "encoders" / f"{spec.encoder_name}-s{seed}"
-    train(recipe(base, budget, seed, pretrain=False), run, save_every=50, quiet=quiet)
+    progress = run / "state" / "progress.json"
+    done = progress.exists() and json.loads(progress.read_text()).get("step") == budget.encoder_steps
+    if not done:
+        with claimed(work / "claims" / f"encoder-{spec.encoder_name}-s{seed}", wait=True):
+            train(recipe(base, budget, seed, pretrain=False), run, save_every=50, quiet=quiet)
     return run
+
+
+@contextlib.contextmanager
+def claimed(path: Path, wait: bool = False):
+    """A claim file holding our pid, so that two sweeps on one --work share the runs; yields
+    False while a live process holds it (``wait``: until it lets go)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # a claim left by a process that is gone
+                continue
+            if wait:
+                time.sleep(5)
+                continue
+            yield False
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        break
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def seed_run(spec: Spec, budget: Budget, seed: int, enc: Path, run: Path) -> None:
@@ -207,22 +240,23 @@ def text_items(n: int, seed: str) -> list[tuple[str, str]]:
 
 
 def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict:
-    """Per-scene scores at each K (average of caption F1 and short-answer accuracy, as MM1
-    averages captioning and VQA), and text-only accuracy."""
-    tests = fewshot.items(budget.eval_n, eval_seed, EVAL_KINDS)
+    """Per-scene scores at each K: the average of the scene's caption F1 and its short-answer
+    accuracy (one question per scene, kinds in turn), as MM1 averages captioning and VQA; and
+    text-only accuracy."""
+    scenes = fewshot.items(budget.eval_n, eval_seed, EVAL_KINDS)
+    per = len(EVAL_KINDS)
+    captions = scenes[::per]
+    vqa = [scenes[i * per + 1 + i % len(VQA_KINDS)] for i in range(budget.eval_n)]
     pool = fewshot.items(64, fewshot.POOL_SEED, EVAL_KINDS)
     per_scene, replies = {}, {}
     for k in SHOTS:
-        recs = fewshot.run_items(model, processor, tests, pool, k, chat=False,
-                                 max_tokens=budget.max_tokens,
-                                 progress=not quiet)
-        per = len(EVAL_KINDS)
-        caption = [r["f1"] for r in recs if r["kind"] == "caption"]
-        vqa = [float(np.mean([r["exact"] for r in recs[i:i + per] if r["kind"] != "caption"]))
-               for i in range(0, len(recs), per)]
-        per_scene[str(k)] = {"caption": caption, "vqa": vqa,
-                             "average": [(a + b) / 2 for a, b in zip(caption, vqa)]}
-        replies[str(k)] = recs[:per]
+        cap = fewshot.run_items(model, processor, captions, pool, k, chat=False,
+                                max_tokens=budget.max_tokens, progress=not quiet)
+        qa = fewshot.run_items(model, processor, vqa, pool, k, chat=False,
+                               max_tokens=min(6, budget.max_tokens), progress=not quiet)
+        c, q = [r["f1"] for r in cap], [r["exact"] for r in qa]
+        per_scene[str(k)] = {"caption": c, "vqa": q, "average": [(a + b) / 2 for a, b in zip(c, q)]}
+        replies[str(k)] = cap[:2] + qa[:3]
     text = []
     for prompt, answer in text_items(budget.text_n, eval_seed):
         reply = fewshot.complete(model, processor, prompt, [], max_tokens=3)
@@ -296,7 +330,7 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
     elif axis == "data":
         out.append({"claim": "captions drive zero-shot: caption-only over interleaved-only, 0-shot",
                     **paired_diff(avg("caption-only", "0"), avg("interleaved-only", "0"))})
-        for k in ("4", "8"):
+        for k in map(str, SHOTS[1:]):
             out.append({"claim": f"interleaved data drives few-shot: interleaved-only over "
                                  f"caption-only, {k}-shot",
                         **paired_diff(avg("interleaved-only", k), avg("caption-only", k))})
@@ -308,12 +342,12 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
                              "interleaved-only, text task", **paired_diff(text["45/45/10"],
                                                                            text["interleaved-only"])})
         for other in ("caption-only", "interleaved-only", "text-heavy"):
-            bal = np.mean([avg("45/45/10", k) for k in ("0", "8")], axis=0)
-            oth = np.mean([avg(other, k) for k in ("0", "8")], axis=0)
+            bal = np.mean([avg("45/45/10", k) for k in map(str, SHOTS)], axis=0)
+            oth = np.mean([avg(other, k) for k in map(str, SHOTS)], axis=0)
             n = min(len(bal), len(text["45/45/10"]))  # scenes and text items differ in count
             mix_all = np.concatenate([bal, text["45/45/10"][:n]])
             oth_all = np.concatenate([oth, text[other][:n]])
-            out.append({"claim": f"45/45/10 balances: over {other} on 0-shot, 8-shot and text "
+            out.append({"claim": f"45/45/10 balances: over {other} on 0-shot, few-shot and text "
                                  "together", **paired_diff(mix_all, oth_all)})
     for c in out:
         c["verdict"] = verdict(c)
@@ -336,6 +370,20 @@ def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
             "eval_seed": next(iter(by.values()))[0]["eval_seed"],
             "intervals": "95%: Wilson for 0/1 scores, percentile bootstrap (2000) over scenes x "
                          "seeds otherwise; claims are paired differences on the same scenes"}
+
+
+def markdown(summary: dict) -> str:
+    """The axis as README tables: scores with intervals, then each claim and its verdict."""
+    cols = [f"average {k}-shot" for k in SHOTS] + ["text"]
+    lines = [f"| {summary['axis']} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, c in summary["configs"].items():
+        cells = [f"{c['metrics'][x]['mean']:.1f} [{c['metrics'][x]['ci95'][0]:.0f}, "
+                 f"{c['metrics'][x]['ci95'][1]:.0f}]" for x in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| claim | difference (points) [95% CI] | verdict |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | "
+              f"{c['verdict']} |" for c in summary["claims"]]
+    return "\n".join(lines) + "\n"
 
 
 def plot_axis(summary: dict, path: Path) -> None:
@@ -368,6 +416,14 @@ def plot_axis(summary: dict, path: Path) -> None:
 
 
 # ---- command line ----
+def axes_list(text: str) -> list[str]:
+    axes = list(AXES) if text == "all" else text.split(",")
+    bad = [a for a in axes if a not in AXES]
+    if bad or not axes:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(AXES)} or all")
+    return axes
+
+
 def seeds_list(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -383,7 +439,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = cli_args.ArgumentParser(prog="python -m benchmarks.ablations",
                                 description="MM1's ablations (encoder, connector, data) on shapes "
                                             "world, reduced budget, resumable.")
-    p.add_argument("--axis", default="all", choices=[*AXES, "all"])
+    p.add_argument("--axis", type=axes_list, default=list(AXES),
+                   help=f"{', '.join(AXES)} or all (default), or a comma-separated list")
     p.add_argument("--seeds", type=seeds_list, default=[0], help="e.g. 0,1 (default 0)")
     p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
     p.add_argument("--out", default="benchmarks/results/ablations",
@@ -419,7 +476,7 @@ def plan(axes: list[str], seeds: list[int]) -> list[tuple[Spec, int]]:
 @cli_errors
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    axes = list(AXES) if args.axis == "all" else [args.axis]
+    axes = args.axis
     budget, work, out = BUDGETS[args.budget], Path(args.work), Path(args.out)
     if work.resolve() == out.resolve():
         raise MM1Error("--work and --out must differ")
@@ -430,9 +487,15 @@ def main(argv=None):
             print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: "
                   f"{'done' if done else 'not run'}", file=sys.stderr)
             continue
-        print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: training", file=sys.stderr)
-        r = run_one(spec, budget, seed, work, args.eval_seed, args.quiet)
-        print(f"  {r['train_seconds']:.0f} s training, {r['eval_seconds']:.0f} s scoring", file=sys.stderr)
+        with claimed(work / "claims" / f"{spec.name}-s{seed}") as mine:
+            if not mine:
+                print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: another sweep runs it",
+                      file=sys.stderr)
+                continue
+            print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: training", file=sys.stderr)
+            r = run_one(spec, budget, seed, work, args.eval_seed, args.quiet)
+        print(f"  {r['train_seconds']:.0f} s training, {r['eval_seconds']:.0f} s scoring",
+              file=sys.stderr)
     for axis in axes:
         by = {}
         for label, spec in AXES[axis].items():
@@ -447,6 +510,9 @@ def main(argv=None):
         summary = summarize_axis(axis, by)
         write_json(out / axis / "results.json", summary)
         plot_axis(summary, out / axis / f"{axis}.png")
+        md = out / axis / "results.md"
+        md.with_name(".results.md.tmp").write_text(markdown(summary))
+        os.replace(md.with_name(".results.md.tmp"), md)
         print(f"{axis}: {out / axis / 'results.json'}", file=sys.stderr)
 
 

@@ -17,9 +17,9 @@ def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
     first = ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True)
     path = tmp_path / "results" / f"{spec.name}-s0.json"
     assert json.loads(path.read_text()) == first
-    assert len(first["per_scene"]["8"]["caption"]) == budget.eval_n
+    assert len(first["per_scene"]["4"]["caption"]) == budget.eval_n
     assert len(first["text"]) == budget.text_n
-    assert all(0.0 <= v <= 1.0 for k in ("0", "4", "8") for v in first["per_scene"][k]["average"])
+    assert all(0.0 <= v <= 1.0 for k in map(str, ab.SHOTS) for v in first["per_scene"][k]["average"])
     assert (tmp_path / "encoders" / "r96-w128-s0" / "state" / "progress.json").exists()
 
     def no_training(*args, **kwargs):
@@ -67,6 +67,7 @@ def test_summarize_only_writes_results_and_figure(tmp_path, capsys):
     summary = json.loads((out / "data" / "results.json").read_text())
     assert set(summary["configs"]) == set(ab.AXES["data"])
     assert (out / "data" / "data.png").exists()
+    assert "| 45/45/10 |" in (out / "data" / "results.md").read_text()
 
 
 def test_verdicts():
