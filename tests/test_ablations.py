@@ -49,7 +49,7 @@ def test_data_axis_summary_from_finished_runs(tmp_path, capsys):
     assert zero["diff"] == pytest.approx(-40, abs=3) and zero["verdict"].startswith("not reproduced")
     text = claims["text-only data gives text-only ability: text-heavy over caption-only, text task"]
     assert text["ci95"][0] > 0 and text["verdict"] == "reproduced"
-    m = summary["configs"]["45/45/10"]["metrics"]["average 8-shot"]
+    m = summary["configs"]["45/45/10"]["metrics"]["average 4-shot"]
     assert m["n"] == 60 and m["ci95"][0] < m["mean"] < m["ci95"][1]
     ab.plot_axis(summary, tmp_path / "data.png")
     assert (tmp_path / "data.png").stat().st_size > 1000
