@@ -13,11 +13,11 @@ text-only task from the corpus. Every finished run writes its own JSON under ``W
 axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
 claims and a verdict computed from them) and a figure under ``--out``.
 
-Sharing (fair by construction): stage 0 (ViT + a 16-token C-Abstractor with the slot heads) is
-trained once per (encoder, seed). Every downstream run loads that ViT, frozen, and starts its
-connector and decoder fresh from the same seed, so within an axis runs differ only in the factor
-compared, and the same run serves every axis it belongs to (the base: 96 px, width 128,
-C-Abstractor 16 tokens, 45/45/10).
+Sharing (fair by construction): stage 0 (the ViT and the run's connector, trained with the slot
+heads, as the shipped recipe does) is trained once per (encoder, connector, seed), and every run
+that differs from it only downstream (the data axis) continues from that same state: within an
+axis runs differ only in the factor compared, and the base run (96 px, width 128, C-Abstractor
+16 tokens, 45/45/10) serves every axis it belongs to.
 """
 
 from __future__ import annotations
@@ -35,16 +35,13 @@ from pathlib import Path
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 
 # isort: split
-import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 
 from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import MM1Error, cli_errors
 from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from mm1_mlx.models.model import Model
 from mm1_mlx.shapes import fewshot, world
-from mm1_mlx.shapes.train import Recipe, save_state, setup_processor, train
+from mm1_mlx.shapes.train import Recipe, train
 
 SHOTS = (0, 4)  # MM1 reports 0/4/8; 8-shot prompts cost twice 4-shot ones here
 VQA_KINDS = ("color", "shape", "where")
@@ -68,8 +65,8 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(encoder_steps=2, pretrain_steps=2, batch_size=2, encoder_batch_size=2,
                     eval_n=1, text_n=2, warmup=1, max_tokens=4, tokenizer_corpus=40),
-    "small": Budget(encoder_steps=100, pretrain_steps=80, batch_size=8, encoder_batch_size=16,
-                    eval_n=24, text_n=48),
+    "small": Budget(encoder_steps=100, pretrain_steps=48, batch_size=8, encoder_batch_size=16,
+                    eval_n=20, text_n=48),
     "medium": Budget(encoder_steps=400, pretrain_steps=500, batch_size=16, encoder_batch_size=32,
                      eval_n=100, text_n=200),
 }
@@ -92,7 +89,8 @@ class Spec:
 
     @property
     def encoder_name(self) -> str:
-        return f"r{self.image_size}-w{self.vit_width}"
+        """What stage 0 trains (ViT and connector): runs that differ only in data share it."""
+        return f"r{self.image_size}-w{self.vit_width}-{self.connector}{self.tokens}"
 
 
 BASE = Spec()
@@ -144,8 +142,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def encoder_run(spec: Spec, budget: Budget, seed: int, work: Path, quiet: bool) -> Path:
-    """Stage 0 for this encoder and seed (trained once, then shared); its run directory."""
-    base = Spec(image_size=spec.image_size, vit_width=spec.vit_width)
+    """Stage 0 (ViT + this connector, slot heads) for this encoder and seed, trained once and
+    shared by the runs that differ only downstream; its run directory."""
+    base = Spec(image_size=spec.image_size, vit_width=spec.vit_width, connector=spec.connector,
+                tokens=spec.tokens)
     run = work / "encoders" / f"{spec.encoder_name}-s{seed}"
     progress = run / "state" / "progress.json"
     done = progress.exists() and json.loads(progress.read_text()).get("step") == budget.encoder_steps
@@ -183,25 +183,15 @@ def claimed(path: Path, wait: bool = False):
         path.unlink(missing_ok=True)
 
 
-def seed_run(spec: Spec, budget: Budget, seed: int, enc: Path, run: Path) -> None:
-    """A run that starts after stage 0: the shared ViT, a fresh connector and decoder."""
+def seed_run(enc: Path, run: Path) -> None:
+    """A run that starts where the shared stage 0 ended (as ``train`` resumes any run)."""
     if (run / "state" / "progress.json").exists():
         return
     import shutil
 
-    r = recipe(spec, budget, seed, pretrain=True)
-    processor = setup_processor(enc, r)
-    cfg = r.model
-    cfg.image_token_id = processor.image_token_id
-    cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
-    mx.random.seed(seed)
-    model = Model(cfg)
-    vit = {k: v for k, v in mx.load(str(enc / "state" / "model.safetensors")).items()
-           if k.startswith("vision_tower.")}
-    model.load_weights(list(vit.items()), strict=False)
     run.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(enc / "tokenizer", run / "tokenizer", dirs_exist_ok=True)
-    save_state(run, model, optim.AdamW(learning_rate=0.0), "encoder", budget.encoder_steps, [])
+    for part in ("tokenizer", "state"):
+        shutil.copytree(enc / part, run / part, dirs_exist_ok=True)
 
 
 def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
@@ -213,7 +203,7 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     t0 = time.perf_counter()
     enc = encoder_run(spec, budget, seed, work, quiet)
     run = work / "runs" / f"{spec.name}-s{seed}"
-    seed_run(spec, budget, seed, enc, run)
+    seed_run(enc, run)
     model, processor, losses = train(recipe(spec, budget, seed, pretrain=True), run,
                                      save_every=50, quiet=quiet)
     t1 = time.perf_counter()
