@@ -256,8 +256,8 @@ def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict
 
 
 # ---- axes ----
-def mean_ci(values) -> dict:
-    return fewshot.summarize([{"v": float(v)} for v in values], "v")
+def mean_ci(values, binary: bool) -> dict:
+    return fewshot.summarize([{"v": float(v)} for v in values], "v", binary)
 
 
 def paired_diff(a, b, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -347,9 +347,9 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
 def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
     configs = {}
     for label, results in by.items():
-        m = {f"{metric} {k}-shot": mean_ci(pooled(results, metric, k))
+        m = {f"{metric} {k}-shot": mean_ci(pooled(results, metric, k), metric == "vqa")
              for metric in ("average", "caption", "vqa") for k in map(str, SHOTS)}
-        m["text"] = mean_ci(pooled(results, "text"))
+        m["text"] = mean_ci(pooled(results, "text"), True)
         m["average by seed"] = {str(r["seed"]): {k: round(100 * float(np.mean(
             r["per_scene"][k]["average"])), 2) for k in map(str, SHOTS)} for r in results}
         configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),

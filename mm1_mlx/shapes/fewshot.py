@@ -199,12 +199,14 @@ def bootstrap(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarize(records: list[dict], metric: str) -> dict:
-    """Mean (percent) and its 95% interval: Wilson for 0/1 scores, bootstrap otherwise."""
+def summarize(records: list[dict], metric: str, binary: bool | None = None) -> dict:
+    """Mean (percent) and its 95% interval: Wilson for 0/1 scores (``binary``; by default when
+    every value is 0 or 1), bootstrap for graded ones (F1, averages)."""
     vals = [r[metric] for r in records if metric in r]
     if not vals:
         return {"mean": None, "ci95": None, "n": 0}
-    binary = all(v in (0.0, 1.0) for v in vals)
+    if binary is None:
+        binary = all(v in (0.0, 1.0) for v in vals)
     lo, hi = wilson(sum(vals), len(vals)) if binary else bootstrap(vals)
     return {"mean": round(100 * sum(vals) / len(vals), 2),
             "ci95": [round(100 * lo, 2), round(100 * hi, 2)], "n": len(vals),
