@@ -355,7 +355,9 @@ def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
         configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),
                           "metrics": m,
                           "train_seconds": [r["train_seconds"] for r in results]}
-    return {"axis": axis, "configs": configs, "claims": claims(axis, by),
+    complete = set(by) == set(AXES[axis])
+    return {"axis": axis, "configs": configs, "claims": claims(axis, by) if complete else [],
+            "missing": [label for label in AXES[axis] if label not in by],
             "budget": next(iter(by.values()))[0]["budget"],
             "eval_seed": next(iter(by.values()))[0]["eval_seed"],
             "intervals": "95%: Wilson for 0/1 scores, percentile bootstrap (2000) over scenes x "
@@ -370,6 +372,9 @@ def markdown(summary: dict) -> str:
         cells = [f"{c['metrics'][x]['mean']:.1f} [{c['metrics'][x]['ci95'][0]:.0f}, "
                  f"{c['metrics'][x]['ci95'][1]:.0f}]" for x in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary.get("missing"):
+        return "\n".join(lines + ["", "Not finished (no claims until all are): "
+                                   + ", ".join(summary["missing"])]) + "\n"
     lines += ["", "| claim | difference (points) [95% CI] | verdict |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | "
               f"{c['verdict']} |" for c in summary["claims"]]
@@ -493,11 +498,14 @@ def main(argv=None):
                      if (p := work / "results" / f"{spec.name}-s{seed}.json").exists()]
             if found:
                 by[label] = [r for r in found if same_budget(r["budget"], budget)]
-        if len(by) < len(AXES[axis]) or not all(by.values()):
-            print(f"{axis}: {sum(map(bool, by.values()))} of {len(AXES[axis])} configurations "
-                  "finished; no summary yet", file=sys.stderr)
+        by = {label: rs for label, rs in by.items() if rs}
+        if not by:
+            print(f"{axis}: no run finished yet", file=sys.stderr)
             continue
         summary = summarize_axis(axis, by)
+        if len(by) < len(AXES[axis]):
+            print(f"{axis}: {len(by)} of {len(AXES[axis])} configurations finished; claims wait "
+                  "for all of them", file=sys.stderr)
         write_json(out / axis / "results.json", summary)
         plot_axis(summary, out / axis / f"{axis}.png")
         md = out / axis / "results.md"
