@@ -20,7 +20,7 @@ def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
     assert len(first["per_scene"]["4"]["caption"]) == budget.eval_n
     assert len(first["text"]) == budget.text_n
     assert all(0.0 <= v <= 1.0 for k in map(str, ab.SHOTS) for v in first["per_scene"][k]["average"])
-    assert (tmp_path / "encoders" / "r96-w128-s0" / "state" / "progress.json").exists()
+    assert (tmp_path / "encoders" / f"{spec.encoder_name}-s0" / "state" / "progress.json").exists()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
