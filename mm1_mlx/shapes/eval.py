@@ -166,7 +166,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
+    run(setup_arg_parser().parse_args(argv))
+
+
+def run(args) -> None:
+    """Evaluate as the parsed flags say and print the JSON."""
     from ..checkpoint import load
 
     model, processor = load(args.model, adapter_path=args.adapter, progress=not args.quiet)

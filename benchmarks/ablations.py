@@ -1,0 +1,518 @@
+"""MM1's ablations at shapes-world scale: encoder, connector and pre-training data.
+
+    python -m benchmarks.ablations [--axis encoder|connector|data|all] [--seeds 0,1]
+        [--budget small] [--out benchmarks/results/ablations] [--work runs/ablations]
+
+Each run is a reduced-budget MM1 recipe (``mm1_mlx.shapes.train``: stage-0 encoder training, then
+pre-training on a caption / interleaved / text mix, no SFT: MM1's ablations score pre-trained
+models), then scored on held-out scenes (drawn from ``--eval-seed``, a stream training never
+uses) 0-, 4- and 8-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
+(F1 of colour-shape pairs), short-answer questions (format shown only by the examples) and a
+text-only task from the corpus. Every finished run writes its own JSON under ``WORK/results``
+(atomically); a rerun skips those and resumes an interrupted one from its saved state. Then each
+axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
+claims and a verdict computed from them) and a figure under ``--out``.
+
+Sharing (fair by construction): stage 0 (the ViT and the run's connector, trained with the slot
+heads, as the shipped recipe does) is trained once per (encoder, connector, seed), and every run
+that differs from it only downstream (the data axis) continues from that same state: within an
+axis runs differ only in the factor compared, and the base run (96 px, width 128, C-Abstractor
+16 tokens, 45/45/10) serves every axis it belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
+
+# isort: split
+import numpy as np
+
+from mm1_mlx.cli import args as cli_args
+from mm1_mlx.errors import MM1Error, cli_errors
+from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from mm1_mlx.shapes import fewshot, world
+from mm1_mlx.shapes.train import Recipe, train
+
+SHOTS = (0, 4)  # MM1 reports 0/4/8; 8-shot prompts cost twice 4-shot ones here
+VQA_KINDS = ("color", "shape", "where")
+EVAL_KINDS = ("caption",) + VQA_KINDS
+
+
+@dataclass
+class Budget:
+    encoder_steps: int
+    pretrain_steps: int
+    batch_size: int
+    encoder_batch_size: int
+    eval_n: int  # held-out scenes (a caption and one short-answer question each)
+    text_n: int
+    learning_rate: float = 1e-3
+    warmup: int = 20
+    max_tokens: int = 20  # per caption (10-20 tokens); short answers get 6
+    tokenizer_corpus: int = 300
+
+
+BUDGETS = {
+    "smoke": Budget(encoder_steps=2, pretrain_steps=2, batch_size=2, encoder_batch_size=2,
+                    eval_n=1, text_n=2, warmup=1, max_tokens=4, tokenizer_corpus=40),
+    "small": Budget(encoder_steps=100, pretrain_steps=48, batch_size=8, encoder_batch_size=16,
+                    eval_n=20, text_n=48),
+    "medium": Budget(encoder_steps=400, pretrain_steps=500, batch_size=16, encoder_batch_size=32,
+                     eval_n=100, text_n=200),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One ablation model: its encoder (stage 0 shared by equal encoders), connector and mix."""
+
+    image_size: int = 96
+    vit_width: int = 128
+    connector: str = "c-abstractor"
+    tokens: int = 16
+    mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only (Recipe's order)
+
+    @property
+    def name(self) -> str:
+        mix = "-".join(f"{round(100 * m)}" for m in self.mix)
+        return f"r{self.image_size}-w{self.vit_width}-{self.connector}{self.tokens}-mix{mix}"
+
+    @property
+    def encoder_name(self) -> str:
+        """What stage 0 trains (ViT and connector): runs that differ only in data share it."""
+        return f"r{self.image_size}-w{self.vit_width}-{self.connector}{self.tokens}"
+
+
+BASE = Spec()
+MIXES = {"caption-only": (0.0, 1.0, 0.0), "interleaved-only": (1.0, 0.0, 0.0),
+         "text-heavy": (0.2, 0.2, 0.6), "45/45/10": (0.45, 0.45, 0.10)}
+AXES = {  # cheapest first: the data and connector axes share one stage-0 encoder per seed
+    "data": {label: Spec(mix=mix) for label, mix in MIXES.items()},
+    "connector": {f"{c}, {t} tokens": Spec(connector=c, tokens=t)
+                  for c in ("c-abstractor", "avg-pool", "attention-pool") for t in (4, 16)},
+    "encoder": {f"{r}px, width {w}": Spec(image_size=r, vit_width=w)
+                for r in (48, 96) for w in (64, 128)},
+}
+
+
+def model_config(spec: Spec) -> ModelConfig:
+    """A smaller mm1-tiny (2-layer decoder of width 128) so one run takes minutes here."""
+    return ModelConfig(
+        vision_config=VisionConfig(hidden_size=spec.vit_width, intermediate_size=3 * spec.vit_width,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   image_size=spec.image_size, patch_size=12,
+                                   hidden_act="quick_gelu", feature_layer=-2),
+        connector_config=ConnectorConfig(type=spec.connector, num_image_tokens=spec.tokens,
+                                         hidden_size=128, depth=1, mlp_depth=2, num_heads=4),
+        text_config=TextConfig(vocab_size=640, hidden_size=128, intermediate_size=384,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=1024, tie_word_embeddings=True,
+                               rope_theta=10000.0),
+        name=f"ablation-{spec.name}")
+
+
+def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool) -> Recipe:
+    r = Recipe(f"ablation-{spec.name}", model_config(spec),
+               encoder_steps=budget.encoder_steps,
+               pretrain_steps=budget.pretrain_steps if pretrain else 0, sft_steps=0,
+               batch_size=budget.batch_size, learning_rate=budget.learning_rate,
+               warmup=budget.warmup, mix=spec.mix, encoder_batch_size=budget.encoder_batch_size,
+               seed=seed, tokenizer_corpus=budget.tokenizer_corpus)
+    r.image.image_size = spec.image_size
+    return r
+
+
+# ---- runs ----
+def write_json(path: Path, obj) -> None:
+    """Written aside, then renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def encoder_run(spec: Spec, budget: Budget, seed: int, work: Path, quiet: bool) -> Path:
+    """Stage 0 (ViT + this connector, slot heads) for this encoder and seed, trained once and
+    shared by the runs that differ only downstream; its run directory."""
+    base = Spec(image_size=spec.image_size, vit_width=spec.vit_width, connector=spec.connector,
+                tokens=spec.tokens)
+    run = work / "encoders" / f"{spec.encoder_name}-s{seed}"
+    progress = run / "state" / "progress.json"
+    done = progress.exists() and json.loads(progress.read_text()).get("step") == budget.encoder_steps
+    if not done:
+        with claimed(work / "claims" / f"encoder-{spec.encoder_name}-s{seed}", wait=True):
+            train(recipe(base, budget, seed, pretrain=False), run, save_every=50, quiet=quiet)
+    return run
+
+
+@contextlib.contextmanager
+def claimed(path: Path, wait: bool = False):
+    """A claim file holding our pid, so that two sweeps on one --work share the runs; yields
+    False while a live process holds it (``wait``: until it lets go)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # a claim left by a process that is gone
+                continue
+            if wait:
+                time.sleep(5)
+                continue
+            yield False
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        break
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def seed_run(enc: Path, run: Path) -> None:
+    """A run that starts where the shared stage 0 ended (as ``train`` resumes any run)."""
+    if (run / "state" / "progress.json").exists():
+        return
+    import shutil
+
+    run.mkdir(parents=True, exist_ok=True)
+    for part in ("tokenizer", "state"):
+        shutil.copytree(enc / part, run / part, dirs_exist_ok=True)
+
+
+def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
+            quiet: bool) -> dict:
+    """Train (or resume) and score one (spec, seed); cached in WORK/results."""
+    out = work / "results" / f"{spec.name}-s{seed}.json"
+    if out.exists():
+        return json.loads(out.read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    enc = encoder_run(spec, budget, seed, work, quiet)
+    run = work / "runs" / f"{spec.name}-s{seed}"
+    seed_run(enc, run)
+    model, processor, losses = train(recipe(spec, budget, seed, pretrain=True), run,
+                                     save_every=50, quiet=quiet)
+    t1 = time.perf_counter()
+    result = {"spec": asdict(spec), "name": spec.name, "seed": seed, "budget": asdict(budget),
+              "eval_seed": eval_seed, "final_loss": losses[-1][1] if losses else None,
+              "train_seconds": round(t1 - t0, 1),
+              **score(model, processor, budget, eval_seed, quiet)}
+    result["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    write_json(out, result)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+# ---- scoring ----
+def text_items(n: int, seed: str) -> list[tuple[str, str]]:
+    """The corpus's text-only task held out: "Imagine a red star at the top. It is a star and
+    its color is" -> "red"."""
+    rng = random.Random(f"{seed}:text")
+    out = []
+    for _ in range(n):
+        k, c, p = rng.choice(world.SHAPES), rng.choice(world.COLORS), rng.choice(world.POSITIONS)
+        out.append((f"Imagine {world.article(c)} {c} {k} {world.WHERE[p]}. It is a {k} and its "
+                    f"color is", c))
+    return out
+
+
+def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict:
+    """Per-scene scores at each K: the average of the scene's caption F1 and its short-answer
+    accuracy (one question per scene, kinds in turn), as MM1 averages captioning and VQA; and
+    text-only accuracy."""
+    scenes = fewshot.items(budget.eval_n, eval_seed, EVAL_KINDS)
+    per = len(EVAL_KINDS)
+    captions = scenes[::per]
+    vqa = [scenes[i * per + 1 + i % len(VQA_KINDS)] for i in range(budget.eval_n)]
+    pool = fewshot.items(64, fewshot.POOL_SEED, EVAL_KINDS)
+    per_scene, replies = {}, {}
+    for k in SHOTS:
+        cap = fewshot.run_items(model, processor, captions, pool, k, chat=False,
+                                max_tokens=budget.max_tokens, progress=not quiet)
+        qa = fewshot.run_items(model, processor, vqa, pool, k, chat=False,
+                               max_tokens=min(6, budget.max_tokens), progress=not quiet)
+        c, q = [r["f1"] for r in cap], [r["exact"] for r in qa]
+        per_scene[str(k)] = {"caption": c, "vqa": q, "average": [(a + b) / 2 for a, b in zip(c, q)]}
+        replies[str(k)] = cap[:2] + qa[:3]
+    text = []
+    for prompt, answer in text_items(budget.text_n, eval_seed):
+        reply = fewshot.complete(model, processor, prompt, [], max_tokens=3)
+        words = reply.strip().lower().split()
+        text.append(float(bool(words) and words[0].strip(".") == answer))
+    return {"per_scene": per_scene, "text": text, "sample_replies": replies}
+
+
+# ---- axes ----
+def mean_ci(values, binary: bool) -> dict:
+    return fewshot.summarize([{"v": float(v)} for v in values], "v", binary)
+
+
+def paired_diff(a, b, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Mean of a - b (percent points) over the same scenes and seeds, with a bootstrap 95% CI."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    lo, hi = fewshot.bootstrap(d, n_boot, seed)
+    return {"diff": round(100 * float(d.mean()), 2), "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}
+
+
+def verdict(d: dict, narrow: float = 5.0) -> str:
+    """Predicted: a positive difference."""
+    lo, hi = d["ci95"]
+    if lo > 0:
+        return "reproduced"
+    if hi < 0:
+        return "not reproduced (the opposite)"
+    return "not reproduced at this scale" if hi - lo <= 2 * narrow else "inconclusive"
+
+
+def pooled(results: list[dict], metric: str, k: str | None = None) -> list[float]:
+    """Per-scene values of every seed, in (seed, scene) order."""
+    out = []
+    for r in sorted(results, key=lambda r: r["seed"]):
+        out += r["text"] if metric == "text" else r["per_scene"][k][metric]
+    return out
+
+
+def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
+    """The paper's claims on this axis as paired differences (positive = as the paper says)."""
+    def avg(label, k):
+        return np.asarray(pooled(by[label], "average", k))
+
+    def mean_over(labels, metric, k=None):
+        return np.mean([pooled(by[lab], metric, k) for lab in labels], axis=0)
+
+    out = []
+    if axis == "encoder":
+        for k in map(str, SHOTS):
+            hi_res = mean_over(["96px, width 64", "96px, width 128"], "average", k)
+            lo_res = mean_over(["48px, width 64", "48px, width 128"], "average", k)
+            wide = mean_over(["48px, width 128", "96px, width 128"], "average", k)
+            narrow = mean_over(["48px, width 64", "96px, width 64"], "average", k)
+            out.append({"claim": f"higher resolution scores higher ({k}-shot)",
+                        **paired_diff(hi_res, lo_res)})
+            out.append({"claim": f"a wider ViT scores higher ({k}-shot)",
+                        **paired_diff(wide, narrow)})
+            out.append({"claim": f"resolution matters more than ViT width ({k}-shot)",
+                        **paired_diff(hi_res - lo_res, np.abs(wide - narrow))})
+    elif axis == "connector":
+        types = ("c-abstractor", "avg-pool", "attention-pool")
+        for k in map(str, SHOTS):
+            more = mean_over([f"{t}, 16 tokens" for t in types], "average", k)
+            few = mean_over([f"{t}, 4 tokens" for t in types], "average", k)
+            out.append({"claim": f"16 image tokens score higher than 4 ({k}-shot)",
+                        **paired_diff(more, few)})
+            scores = {t: avg(f"{t}, 16 tokens", k) for t in types}
+            spread = np.max(list(scores.values()), axis=0) - np.min(list(scores.values()), axis=0)
+            out.append({"claim": f"token count matters more than connector type ({k}-shot)",
+                        **paired_diff(more - few, spread)})
+    elif axis == "data":
+        out.append({"claim": "captions drive zero-shot: caption-only over interleaved-only, 0-shot",
+                    **paired_diff(avg("caption-only", "0"), avg("interleaved-only", "0"))})
+        for k in map(str, SHOTS[1:]):
+            out.append({"claim": f"interleaved data drives few-shot: interleaved-only over "
+                                 f"caption-only, {k}-shot",
+                        **paired_diff(avg("interleaved-only", k), avg("caption-only", k))})
+        text = {lab: np.asarray(pooled(by[lab], "text")) for lab in by}
+        out.append({"claim": "text-only data gives text-only ability: text-heavy over "
+                             "caption-only, text task", **paired_diff(text["text-heavy"],
+                                                                       text["caption-only"])})
+        out.append({"claim": "text-only data gives text-only ability: 45/45/10 over "
+                             "interleaved-only, text task", **paired_diff(text["45/45/10"],
+                                                                           text["interleaved-only"])})
+        for other in ("caption-only", "interleaved-only", "text-heavy"):
+            bal = np.mean([avg("45/45/10", k) for k in map(str, SHOTS)], axis=0)
+            oth = np.mean([avg(other, k) for k in map(str, SHOTS)], axis=0)
+            n = min(len(bal), len(text["45/45/10"]))  # scenes and text items differ in count
+            mix_all = np.concatenate([bal, text["45/45/10"][:n]])
+            oth_all = np.concatenate([oth, text[other][:n]])
+            out.append({"claim": f"45/45/10 balances: over {other} on 0-shot, few-shot and text "
+                                 "together", **paired_diff(mix_all, oth_all)})
+    for c in out:
+        c["verdict"] = verdict(c)
+    return out
+
+
+def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
+    configs = {}
+    for label, results in by.items():
+        m = {f"{metric} {k}-shot": mean_ci(pooled(results, metric, k), metric == "vqa")
+             for metric in ("average", "caption", "vqa") for k in map(str, SHOTS)}
+        m["text"] = mean_ci(pooled(results, "text"), True)
+        m["average by seed"] = {str(r["seed"]): {k: round(100 * float(np.mean(
+            r["per_scene"][k]["average"])), 2) for k in map(str, SHOTS)} for r in results}
+        configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),
+                          "metrics": m,
+                          "train_seconds": [r["train_seconds"] for r in results]}
+    complete = set(by) == set(AXES[axis])
+    return {"axis": axis, "configs": configs, "claims": claims(axis, by) if complete else [],
+            "missing": [label for label in AXES[axis] if label not in by],
+            "budget": next(iter(by.values()))[0]["budget"],
+            "eval_seed": next(iter(by.values()))[0]["eval_seed"],
+            "intervals": "95%: Wilson for 0/1 scores, percentile bootstrap (2000) over scenes x "
+                         "seeds otherwise; claims are paired differences on the same scenes"}
+
+
+def markdown(summary: dict) -> str:
+    """The axis as README tables: scores with intervals, then each claim and its verdict."""
+    cols = [f"average {k}-shot" for k in SHOTS] + ["text"]
+    lines = [f"| {summary['axis']} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, c in summary["configs"].items():
+        cells = [f"{c['metrics'][x]['mean']:.1f} [{c['metrics'][x]['ci95'][0]:.0f}, "
+                 f"{c['metrics'][x]['ci95'][1]:.0f}]" for x in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary.get("missing"):
+        return "\n".join(lines + ["", "Not finished (no claims until all are): "
+                                   + ", ".join(summary["missing"])]) + "\n"
+    lines += ["", "| claim | difference (points) [95% CI] | verdict |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | "
+              f"{c['verdict']} |" for c in summary["claims"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_axis(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary["configs"])
+    metrics = [f"average {k}-shot" for k in SHOTS] + ["text"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        m = summary["configs"][label]["metrics"]
+        ys = [m[x]["mean"] for x in metrics]
+        err = [[y - m[x]["ci95"][0] for x, y in zip(metrics, ys)],
+               [m[x]["ci95"][1] - y for x, y in zip(metrics, ys)]]
+        ax.bar(np.arange(len(metrics)) + i * width, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2)
+    ax.set_xticklabels(metrics)
+    ax.set_ylabel("score (%), 95% interval")
+    seeds = sorted({s for c in summary["configs"].values() for s in c["seeds"]})
+    ax.set_title(f"{summary['axis']} axis (seeds {seeds}, held-out scenes)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- command line ----
+def axes_list(text: str) -> list[str]:
+    axes = list(AXES) if text == "all" else text.split(",")
+    bad = [a for a in axes if a not in AXES]
+    if bad or not axes:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(AXES)} or all")
+    return axes
+
+
+def seeds_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds"
+                                         ) from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct non-negative seeds")
+    return seeds
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = cli_args.ArgumentParser(prog="python -m benchmarks.ablations",
+                                description="MM1's ablations (encoder, connector, data) on shapes "
+                                            "world, reduced budget, resumable.")
+    p.add_argument("--axis", type=axes_list, default=list(AXES),
+                   help=f"{', '.join(AXES)} or all (default), or a comma-separated list")
+    p.add_argument("--seeds", type=seeds_list, default=[0], help="e.g. 0,1 (default 0)")
+    p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    p.add_argument("--out", default="benchmarks/results/ablations",
+                   help="results.json and figures per axis")
+    p.add_argument("--work", default="runs/ablations",
+                   help="run states and per-run results (resumable)")
+    p.add_argument("--eval-seed", default="ablation-heldout", type=cli_args.utf8_text,
+                   help="seed of the held-out scenes (never a training stream)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="write results.json and figures from finished runs, train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def same_budget(stored: dict, budget: Budget) -> bool:
+    """Runs of another budget never mix into a comparison (fields added later at defaults)."""
+    want = asdict(budget)
+    return all(want.get(k) == v for k, v in stored.items()) and all(
+        k in stored or v == getattr(Budget, k, None) for k, v in want.items())
+
+
+def plan(axes: list[str], seeds: list[int]) -> list[tuple[Spec, int]]:
+    """Distinct (spec, seed) runs, seed by seed (a first seed finishes every axis first)."""
+    out = []
+    for seed in seeds:
+        for axis in axes:
+            for spec in AXES[axis].values():
+                if (spec, seed) not in out:
+                    out.append((spec, seed))
+    return out
+
+
+@cli_errors
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    axes = args.axis
+    budget, work, out = BUDGETS[args.budget], Path(args.work), Path(args.out)
+    if work.resolve() == out.resolve():
+        raise MM1Error("--work and --out must differ")
+    todo = plan(axes, args.seeds)
+    for i, (spec, seed) in enumerate(todo):
+        done = (work / "results" / f"{spec.name}-s{seed}.json").exists()
+        if args.summarize_only or done:
+            print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: "
+                  f"{'done' if done else 'not run'}", file=sys.stderr)
+            continue
+        with claimed(work / "claims" / f"{spec.name}-s{seed}") as mine:
+            if not mine:
+                print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: another sweep runs it",
+                      file=sys.stderr)
+                continue
+            print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: training", file=sys.stderr)
+            r = run_one(spec, budget, seed, work, args.eval_seed, args.quiet)
+        print(f"  {r['train_seconds']:.0f} s training, {r['eval_seconds']:.0f} s scoring",
+              file=sys.stderr)
+    for axis in axes:
+        by = {}
+        for label, spec in AXES[axis].items():
+            found = [json.loads(p.read_text(encoding="utf-8")) for seed in args.seeds
+                     if (p := work / "results" / f"{spec.name}-s{seed}.json").exists()]
+            if found:
+                by[label] = [r for r in found if same_budget(r["budget"], budget)]
+        by = {label: rs for label, rs in by.items() if rs}
+        if not by:
+            print(f"{axis}: no run finished yet", file=sys.stderr)
+            continue
+        summary = summarize_axis(axis, by)
+        if len(by) < len(AXES[axis]):
+            print(f"{axis}: {len(by)} of {len(AXES[axis])} configurations finished; claims wait "
+                  "for all of them", file=sys.stderr)
+        write_json(out / axis / "results.json", summary)
+        plot_axis(summary, out / axis / f"{axis}.png")
+        md = out / axis / "results.md"
+        md.with_name(".results.md.tmp").write_text(markdown(summary))
+        os.replace(md.with_name(".results.md.tmp"), md)
+        print(f"{axis}: {out / axis / 'results.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

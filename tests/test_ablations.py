@@ -1,0 +1,88 @@
+"""benchmarks/ablations.py: a tiny-budget run that resumes (a second call trains nothing), the
+axis summary (results.json, figure, claims with paired intervals and verdicts), and its flags."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks import ablations as ab
+
+
+def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
+    budget = ab.BUDGETS["smoke"]
+    spec = ab.Spec(connector="avg-pool", tokens=4, mix=(0.5, 0.5, 0.0))
+    first = ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True)
+    path = tmp_path / "results" / f"{spec.name}-s0.json"
+    assert json.loads(path.read_text()) == first
+    assert len(first["per_scene"]["4"]["caption"]) == budget.eval_n
+    assert len(first["text"]) == budget.text_n
+    assert all(0.0 <= v <= 1.0 for k in map(str, ab.SHOTS) for v in first["per_scene"][k]["average"])
+    assert (tmp_path / "encoders" / f"{spec.encoder_name}-s0" / "state" / "progress.json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ab, "train", no_training)
+    assert ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True) == first
+
+
+def fake_result(spec: ab.Spec, seed: int, level: float, text: float, n: int = 30) -> dict:
+    rng = random.Random(f"{spec.name}:{seed}")
+    per_scene = {k: {m: [min(1.0, max(0.0, level + rng.uniform(-0.1, 0.1))) for _ in range(n)]
+                     for m in ("caption", "vqa", "average")} for k in map(str, ab.SHOTS)}
+    return {"spec": {}, "name": spec.name, "seed": seed, "budget": ab.asdict(ab.BUDGETS["smoke"]),
+            "eval_seed": "x", "train_seconds": 1.0, "per_scene": per_scene,
+            "text": [float(rng.random() < text) for _ in range(n)]}
+
+
+def test_data_axis_summary_from_finished_runs(tmp_path, capsys):
+    levels = {"caption-only": (0.2, 0.0), "interleaved-only": (0.6, 0.0),
+              "text-heavy": (0.4, 0.9), "45/45/10": (0.6, 0.6)}
+    by = {label: [fake_result(ab.AXES["data"][label], s, *levels[label]) for s in (0, 1)]
+          for label in levels}
+    summary = ab.summarize_axis("data", by)
+    claims = {c["claim"]: c for c in summary["claims"]}
+    zero = claims["captions drive zero-shot: caption-only over interleaved-only, 0-shot"]
+    assert zero["diff"] == pytest.approx(-40, abs=3) and zero["verdict"].startswith("not reproduced")
+    text = claims["text-only data gives text-only ability: text-heavy over caption-only, text task"]
+    assert text["ci95"][0] > 0 and text["verdict"] == "reproduced"
+    m = summary["configs"]["45/45/10"]["metrics"]["average 4-shot"]
+    assert m["n"] == 60 and m["ci95"][0] < m["mean"] < m["ci95"][1]
+    ab.plot_axis(summary, tmp_path / "data.png")
+    assert (tmp_path / "data.png").stat().st_size > 1000
+
+
+def test_summarize_only_writes_results_and_figure(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "out"
+    for spec in ab.AXES["data"].values():
+        r = fake_result(spec, 0, 0.5, 0.5)
+        r["budget"] = ab.asdict(ab.BUDGETS["smoke"])
+        ab.write_json(work / "results" / f"{spec.name}-s0.json", r)
+    ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
+             "--quiet"])  # every run is finished: nothing trains
+    assert capsys.readouterr().err.count(": done") == 4
+    summary = json.loads((out / "data" / "results.json").read_text())
+    assert set(summary["configs"]) == set(ab.AXES["data"])
+    assert (out / "data" / "data.png").exists()
+    assert "| 45/45/10 |" in (out / "data" / "results.md").read_text()
+
+
+def test_verdicts():
+    assert ab.verdict({"ci95": [0.5, 4.0]}) == "reproduced"
+    assert ab.verdict({"ci95": [-6.0, -1.0]}) == "not reproduced (the opposite)"
+    assert ab.verdict({"ci95": [-2.0, 3.0]}) == "not reproduced at this scale"
+    assert ab.verdict({"ci95": [-15.0, 12.0]}) == "inconclusive"
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "a"], ["--seeds", "1,1"], ["--budget", "huge"],
+                                   ["--axis", "decoder"], ["--work", "x", "--out", "x"]])
+def test_bad_flags_are_one_line(flags, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ab.main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
