@@ -6,14 +6,9 @@ seeds the training code never uses (training draws from ``"{seed}:{stage}:{step}
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
-import sys
 
-from ..cli import args as cli_args
-from ..errors import cli_errors
 from . import redraw, world
 
 SPLITS = {"test": "heldout-test", "valid": "heldout-valid"}
@@ -146,44 +141,3 @@ def evaluate(model, processor, n: int = 200, seed: str | int = SPLITS["test"], s
         result["caption_f1"] = round(100 * totals["describe"] / counts["describe"], 2)
     result["failures"] = bad
     return result
-
-
-def setup_arg_parser() -> argparse.ArgumentParser:
-    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.eval",
-                                description="Evaluate a model on held-out shapes-world questions.")
-    p.add_argument("--model", default=None, help="checkpoint (default mm1-tiny)")
-    p.add_argument("--adapter-path", "--adapter", dest="adapter", default=None,
-                   help="LoRA adapter directory")
-    p.add_argument("--split", default="test", choices=sorted(SPLITS))
-    p.add_argument("--n", type=cli_args.positive_int, default=200, help="held-out images (6 questions each)")
-    p.add_argument("--new-concepts", action="store_true",
-                   help="questions about the LoRA demo's teal/hexagon instead")
-    p.add_argument("--drawing", default="ours", choices=sorted(DRAWINGS),
-                   help="independent: images drawn by other code (mm1_mlx.shapes.redraw), for robustness")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-@cli_errors
-def main(argv=None):
-    run(setup_arg_parser().parse_args(argv))
-
-
-def run(args) -> None:
-    """Evaluate as the parsed flags say and print the JSON."""
-    from ..checkpoint import load
-
-    model, processor = load(args.model, adapter_path=args.adapter, progress=not args.quiet)
-    kw = {}
-    if args.new_concepts:
-        kw = dict(shapes=world.SHAPES + world.NEW_SHAPES, colors=world.COLORS + world.NEW_COLORS,
-                  must_include=(world.NEW_SHAPES[0], world.NEW_COLORS[0]))
-    result = evaluate(model, processor, n=args.n, seed=SPLITS[args.split], drawing=args.drawing,
-                      progress=not args.quiet, **kw)
-    result["model"] = args.model or "mm1-tiny"
-    json.dump(result, sys.stdout, indent=2)
-    print()
-
-
-if __name__ == "__main__":
-    main()
