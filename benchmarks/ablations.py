@@ -419,15 +419,7 @@ def axes_list(text: str) -> list[str]:
     return axes
 
 
-def seeds_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds"
-                                         ) from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: distinct non-negative seeds")
-    return seeds
+seeds_list = cli_args.int_list(0, distinct=True)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

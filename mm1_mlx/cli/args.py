@@ -47,6 +47,20 @@ def int_range(lo: int | None = None, hi: int | None = None):
     return parse
 
 
+def int_list(lo: int | None = None, hi: int | None = None, distinct: bool = False):
+    """Comma-separated integers, each in [lo, hi] ("0,2,4,8"); ``distinct``: no repeats."""
+    one = int_range(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        values = [one(part) for part in text.split(",")]
+        if distinct and len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+        return values
+
+    parse.__name__ = "list of integers"
+    return parse
+
+
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
     """A finite number in [lo, hi] (``lo_open``: above lo)."""
 

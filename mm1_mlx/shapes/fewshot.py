@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..cli import args as cli_args
 from ..generate import prefill
 from ..images import pixel_hash
 from . import eval as shapes_eval
@@ -214,18 +215,7 @@ def summarize(records: list[dict], metric: str, binary: bool | None = None) -> d
 
 
 # ---- the command line's part (``python -m mm1_mlx.eval --shots 0,2,4,8``) ----
-def shots_list(text: str) -> list[int]:
-    """"0,2,4,8" -> [0, 2, 4, 8] (argparse type: a bad value is one line, exit 2)."""
-    import argparse
-
-    try:
-        shots = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
-                                         ) from None
-    if not shots or min(shots) < 0 or max(shots) > 16:
-        raise argparse.ArgumentTypeError(f"{text!r}: each K must be between 0 and 16")
-    return shots
+shots_list = cli_args.int_list(0, 16)  # "0,2,4,8"
 
 
 def add_arguments(p) -> None:
