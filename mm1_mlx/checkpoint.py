@@ -186,7 +186,7 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     token 6.0 s vs 2.3-2.8 s). ``None`` keeps the stored types (tools that write the model back,
     like fuse). On the CPU, loading also lets glibc keep freed memory for reuse
     (``backend.retain_freed_memory``) and, unless ``lazy``, packs each decoder layer's weights
-    into one buffer (``cpu.step.pack_layers``) and prepares the decode step
+    into one buffer (``cpu.step.pack_layer``) and prepares the decode step
     (``cpu.step.decode_step``); a quantized model gets ``cpu.quant``'s kernels ready.
     ``progress``: a bar on stderr while a checkpoint of a gigabyte or more is read."""
     from .cpu.blas import retain_freed_memory

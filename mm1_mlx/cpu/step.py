@@ -129,10 +129,10 @@ def _layer_ok(layer) -> bool:
     return rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads, 1) is not None
 
 
-def pack_layers(lm) -> None:
-    """Give the weights a decode step streams (each decoder layer's ``Linear`` and ``SwitchLinear``
-    weights: q, k, v, o, gate, up, down, in that order) one buffer per layer and dtype, each weight
-    a zero-copy view into it; evaluates the layers one by one.
+def pack_layer(layer) -> None:
+    """Give the weights a decode step streams (the layer's ``Linear`` and ``SwitchLinear``
+    weights: q, k, v, o, gate, up, down, in that order) one buffer per dtype, each weight a zero-copy
+    view into it; evaluates the layer (``io.materialize`` runs it layer by layer as a model loads).
 
     On the development VM ``sgemv`` read the per-tensor buffers ``mx.load`` makes at ~27 GB/s, one
     buffer per layer (58 MB in the benchmark decoder) at ~31 (the numpy read probe: ~32-34): its
@@ -140,12 +140,6 @@ def pack_layers(lm) -> None:
     memory grows by one layer at most. Views save, load and train like any array. Only weights
     share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
     projection of a layer frees its float buffer."""
-    for layer in lm.layers:
-        pack_layer(layer)
-
-
-def pack_layer(layer) -> None:
-    """One decoder layer of ``pack_layers``, evaluated."""
     groups: dict = {}
     for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
         if isinstance(m, (nn.Linear, SwitchLinear)):

@@ -10,7 +10,7 @@ PROGRESS_BYTES = 1 << 30  # a checkpoint this large takes seconds to read: show 
 def materialize(model, cpu: bool, progress: bool, nbytes: int, desc: str = "loading"
                 ) -> None:
     """Read the weights one decoder layer at a time (on the CPU packing each, see
-    ``cpu.step.pack_layers``), with a bar on stderr when ``progress`` and the checkpoint holds at
+    ``cpu.step.pack_layer``), with a bar on stderr when ``progress`` and the checkpoint holds at
     least ``PROGRESS_BYTES``."""
     from tqdm import tqdm
 
