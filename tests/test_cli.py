@@ -26,8 +26,10 @@ CLIS = {
     "convert.__main__": dict(writes="--mlx-path", quantizes=True, long=True),
     "convert.coreml": dict(),
     "app.__main__": dict(adapter=True, sampling=True),
+    "mm1_mlx.server.__main__": dict(adapter=True, sampling=True),
 }
-PROGS = {"convert.__main__": "python -m convert", "app.__main__": "python -m app"}
+PROGS = {"convert.__main__": "python -m convert", "app.__main__": "python -m app",
+         "mm1_mlx.server.__main__": "python -m mm1_mlx.server"}
 # old spelling -> mlx-lm's, per tool: both must reach the same setting
 ALIASES = {
     "mm1_mlx.generate": {"--adapter": "--adapter-path", "--temp": "--temperature",

@@ -10,12 +10,13 @@ import sys
 
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 
+from ..cli import args as cli_args
 from ..errors import MM1Error, cli_errors
 from ..images import DEFAULT_MAX_PIXELS
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm1-server",
+    p = cli_args.ArgumentParser(prog="python -m mm1_mlx.server",
                                 description="OpenAI-compatible chat server for an MM1 model.")
     p.add_argument("--model", default=None,
                    help="checkpoint directory, bundled model name or hub id (default mm1-tiny)")
