@@ -31,12 +31,14 @@ def _quantized_linear(n, k, bits, group, seed=0, bias=False):
     return q
 
 
+@pytest.mark.parametrize("rows", [70, 67])
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("bits,group", SETTINGS)
-def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, monkeypatch):
-    # both kernels: split over the cores (large weights) and in the calling thread (small ones)
+def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, rows, monkeypatch):
+    # both kernels: split over the cores (large weights) and in the calling thread (small ones);
+    # 70 rows: 17 blocks of four and 2 left over, or a block of 64 and 6; 67: an odd last row
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 0 if parallel else 1 << 40)
-    q = _quantized_linear(70, 384, bits, group)  # 70 rows: 17 blocks of four and 2 left over
+    q = _quantized_linear(rows, 384, bits, group)
     args = (q.weight, q.scales, q.biases)
     x = mx.random.normal((384,), key=mx.random.key(1))
     want = mx.quantized_matmul(x[None], *args, transpose=True, group_size=group, bits=bits)[0]

@@ -72,14 +72,15 @@ def _load_kernels():
 
 def warm_up(model) -> None:
     """Compile (or load from the cache) the kernels ``model``'s quantized layers use."""
-    sizes = {(m.bits, m["weight"][0].nbytes >= PARALLEL_BYTES if m["weight"].ndim == 3
-              else m["weight"].nbytes >= PARALLEL_BYTES)
+    sizes = {(m.bits, m.group_size, m["weight"][0].nbytes >= PARALLEL_BYTES
+              if m["weight"].ndim == 3 else m["weight"].nbytes >= PARALLEL_BYTES)
              for _, m in model.named_modules() if handles(m)}
-    for b, large in sorted(sizes):
-        rows = PARALLEL_BYTES // (4 * b) if large else 5  # of 32 values (b words) each
-        layer = {"weight": np.zeros((rows, b), np.uint32), "scales": np.ones((rows, 1), np.float32),
-                 "biases": np.zeros((rows, 1), np.float32)}
-        _gemv(b, layer, np.ones(32, np.float32))
+    for b, group, large in sorted(sizes):
+        words = group * b // 32  # one group a row
+        rows = PARALLEL_BYTES // (4 * words) if large else 5
+        layer = {"weight": np.zeros((rows, words), np.uint32),
+                 "scales": np.ones((rows, 1), np.float32), "biases": np.zeros((rows, 1), np.float32)}
+        _gemv(b, layer, np.ones(group, np.float32))
         _dequantize(b, layer)
 
 
@@ -155,8 +156,10 @@ def _kernel(name: str, w: np.ndarray):
 
 def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
     out = np.empty(a["weight"].shape[0], np.float32)
-    fn = _kernel(f"gemv{bits}", a["weight"])
-    fn(a["weight"].view(np.uint8), a["scales"], a["biases"], x, out)
+    w = a["weight"]
+    g64 = bits == 4 and w.shape[1] == a["scales"].shape[1] * 8  # 8 words: 64 values a group
+    fn = _kernel("gemv4_g64" if g64 else f"gemv{bits}", w)
+    fn(w.view(np.uint8), a["scales"], a["biases"], x, out)
     return out
 
 

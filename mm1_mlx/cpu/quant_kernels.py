@@ -81,6 +81,45 @@ def gemv4(w, scales, biases, x, out):
         out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
 
 
+PER64 = 32  # bytes in a 4-bit group of 64 values (MLX's default group size)
+BLOCK = 64  # rows per parallel block of ``gemv4_g64``
+
+
+@njit(**_OPTIONS)
+def gemv4_g64(w, scales, biases, x, out):
+    """``gemv4`` for groups of 64 values, 1.2-1.3x faster: the group loop has a literal trip count
+    and each row keeps 32 lanes of scaled partial sums across its groups, reduced once per row
+    (``gemv4`` reduces every group's sum to a scalar: at 32 bytes a group, those horizontal sums
+    cost as much as the products). Rows go two at a time, blocks of ``BLOCK`` rows per thread."""
+    N, B = w.shape
+    G = B // PER64
+    xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
+    sums = (xe + xo).reshape(G, PER64).sum(axis=1)
+    low, four = np.uint8(15), np.uint8(4)
+    for blk in prange((N + BLOCK - 1) // BLOCK):
+        acc = np.zeros((2, PER64), np.float32)
+        end = min(N, blk * BLOCK + BLOCK)
+        for n0 in range(blk * BLOCK, end, 2):
+            n1 = min(n0 + 1, end - 1)  # an odd last row is computed twice, written once
+            r0, r1 = w[n0], w[n1]
+            acc[:] = 0
+            t0 = t1 = np.float32(0)
+            for g in range(G):
+                lo = g * PER64
+                s0, s1 = scales[n0, g], scales[n1, g]
+                for i in range(PER64):
+                    t = lo + i
+                    e, o = xe[t], xo[t]
+                    b0, b1 = r0[t], r1[t]
+                    acc[0, i] += s0 * (_lo(b0, low) * e + _hi(b0, four) * o)
+                    acc[1, i] += s1 * (_lo(b1, low) * e + _hi(b1, four) * o)
+                s = sums[g]
+                t0 += biases[n0, g] * s
+                t1 += biases[n1, g] * s
+            out[n1] = t1 + acc[1].sum()
+            out[n0] = t0 + acc[0].sum()
+
+
 @njit(**_OPTIONS)
 def gemv8(w, scales, biases, x, out):
     """out = W x for 8-bit W: w (N, K) bytes, scales and biases (N, G), x (K,)."""
@@ -156,6 +195,7 @@ def dequantize8(w, scales, biases, out):
 # more than it saves, and on a busy machine each parallel region waits for every thread's turn
 _SERIAL = dict(_OPTIONS, parallel=False)
 gemv4_serial = njit(**_SERIAL)(gemv4.py_func)
+gemv4_g64_serial = njit(**_SERIAL)(gemv4_g64.py_func)
 gemv8_serial = njit(**_SERIAL)(gemv8.py_func)
 dequantize4_serial = njit(**_SERIAL)(dequantize4.py_func)
 dequantize8_serial = njit(**_SERIAL)(dequantize8.py_func)
