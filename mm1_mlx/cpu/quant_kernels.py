@@ -18,12 +18,36 @@ that call when a quantized model loads, for the bit widths it has.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _OPTIONS = dict(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy",
                 boundscheck=False)
 ROWS = 4  # rows per block
 _INLINE = dict(_OPTIONS, parallel=False, inline="always")
+AHEAD = 8192  # bytes: how far ahead of the rows being read ``gemv4_g64`` asks for the weights
+_PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Ask the CPU to start loading the cache line of ``arr[index]`` (a 1-D array; a hint: it
+    never faults). The hardware prefetcher alone left the 4-bit kernel waiting on memory for
+    ~20% of its time: it reads 512-byte rows, too short a stream for it to run far enough ahead."""
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), _PREFETCH)
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
 
 
 @njit(**_INLINE)
@@ -87,12 +111,14 @@ BLOCK = 64  # rows per parallel block of ``gemv4_g64``
 
 @njit(**_OPTIONS)
 def gemv4_g64(w, scales, biases, x, out):
-    """``gemv4`` for groups of 64 values, 1.2-1.3x faster: the group loop has a literal trip count
-    and each row keeps 32 lanes of scaled partial sums across its groups, reduced once per row
+    """``gemv4`` for groups of 64 values, ~1.4x faster: the group loop has a literal trip count,
+    each row keeps 32 lanes of scaled partial sums across its groups, reduced once per row
     (``gemv4`` reduces every group's sum to a scalar: at 32 bytes a group, those horizontal sums
-    cost as much as the products). Rows go two at a time, blocks of ``BLOCK`` rows per thread."""
+    cost as much as the products), and the rows ``AHEAD`` bytes on are prefetched. Rows go two
+    at a time, blocks of ``BLOCK`` rows per thread."""
     N, B = w.shape
     G = B // PER64
+    flat, flat_scales, flat_biases = w.reshape(-1), scales.reshape(-1), biases.reshape(-1)
     xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
     sums = (xe + xo).reshape(G, PER64).sum(axis=1)
     low, four = np.uint8(15), np.uint8(4)
@@ -101,6 +127,13 @@ def gemv4_g64(w, scales, biases, x, out):
         end = min(N, blk * BLOCK + BLOCK)
         for n0 in range(blk * BLOCK, end, 2):
             n1 = min(n0 + 1, end - 1)  # an odd last row is computed twice, written once
+            ahead = n0 * B + AHEAD
+            for c in range(0, min(2 * B, flat.size - ahead), 64):  # two rows' cache lines
+                _prefetch(flat, ahead + c)
+            ahead = n0 * G + AHEAD // PER64  # their scales and biases, as many rows ahead
+            for c in range(0, min(2 * G, flat_scales.size - ahead), 16):
+                _prefetch(flat_scales, ahead + c)
+                _prefetch(flat_biases, ahead + c)
             r0, r1 = w[n0], w[n1]
             acc[:] = 0
             t0 = t1 = np.float32(0)
