@@ -2,7 +2,9 @@
 dequantized weights equal MLX's, the decode step with them gives MLX's own quantized model's
 tokens, and everything falls back to MLX's kernels without them."""
 
-import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,10 +13,11 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
 from mm1_mlx.cpu import quant as cpu_quant
 from mm1_mlx.cpu import step as cpu_step
-from mm1_mlx.models.config import TextConfig
 from mm1_mlx.cpu.ops import Linear, on_cpu
+from mm1_mlx.models.config import TextConfig
 from mm1_mlx.models.decoder import LanguageModel
 
 pytestmark = pytest.mark.skipif(not on_cpu() or cpu_quant.kernels() is None,
@@ -160,3 +163,14 @@ def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, monkeypatch):
     assert len(calls) == 10 and not any(calls)  # without the kernels the MLX layers run
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("user,want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_pools_sleep_unless_the_user_says(user, want):
+    # spinning OpenMP threads (numba's kernels) and BLAS's took each other's cores: 4 tok/s
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = "import mm1_mlx, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == want, out.stderr
