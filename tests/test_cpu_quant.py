@@ -2,6 +2,8 @@
 dequantized weights equal MLX's, the decode step with them gives MLX's own quantized model's
 tokens, and everything falls back to MLX's kernels without them."""
 
+import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
+
 import os
 import subprocess
 import sys
@@ -13,7 +15,6 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
 from mm1_mlx.cpu import quant as cpu_quant
 from mm1_mlx.cpu import step as cpu_step
 from mm1_mlx.cpu.ops import Linear, on_cpu
