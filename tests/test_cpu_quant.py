@@ -175,3 +175,21 @@ def test_openmp_pools_sleep_unless_the_user_says(user, want):
     code = "import mm1_mlx, os; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == want, out.stderr
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("rep", [1, 3])
+def test_attend_equals_softmax_attention(rep, parallel, monkeypatch):
+    # the decode step's attention in the kernels' pool: base-2 scores over the cache, then itself
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 0 if parallel else 1 << 40)
+    rng = np.random.default_rng(5)
+    hkv, cap, pos, d = 2, 40, 29, 16
+    q = rng.standard_normal((hkv, rep, d)).astype(np.float32) * 3
+    keys, values = (rng.standard_normal((hkv, cap, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((hkv, d)).astype(np.float32) for _ in range(2))
+    allk = np.concatenate([keys[:, :pos], k[:, None]], axis=1)
+    allv = np.concatenate([values[:, :pos], v[:, None]], axis=1)
+    s = np.exp2(q @ allk.transpose(0, 2, 1) - (q @ allk.transpose(0, 2, 1)).max(-1, keepdims=True))
+    want = (s / s.sum(-1, keepdims=True)) @ allv
+    got = cpu_quant.attend(q, keys, values, pos, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

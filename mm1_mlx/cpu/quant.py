@@ -82,6 +82,10 @@ def warm_up(model) -> None:
                  "scales": np.ones((rows, 1), np.float32), "biases": np.zeros((rows, 1), np.float32)}
         _gemv(b, layer, np.ones(group, np.float32))
         _dequantize(b, layer)
+    if sizes:  # the decode step's attention, in both forms
+        q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
+        for fn in (kernels().attend, kernels().attend_serial):
+            fn(q, kv, kv, 1, kv[:, 0], kv[:, 0], np.empty_like(q))
 
 
 def handles(layer) -> bool:
@@ -111,6 +115,17 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     if expert is not None:
         arrays = {k: a[expert] for k, a in arrays.items()}
     return _gemv(layer.bits, arrays, np.ascontiguousarray(x, dtype=np.float32))
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.ndarray,
+           v: np.ndarray) -> np.ndarray:
+    """Softmax attention of one token in the kernels' thread pool (``quant_kernels.attend``):
+    base-2 scores of ``q`` (Hkv, rep, D) against ``keys``/``values`` (Hkv, capacity, D) up to
+    ``pos``, then its own ``k``/``v`` (Hkv, D). Returns (Hkv, rep, D)."""
+    out = np.empty(q.shape, np.float32)
+    fn = kernels().attend if keys[:, :pos].nbytes >= PARALLEL_BYTES else kernels().attend_serial
+    fn(np.ascontiguousarray(q, dtype=np.float32), keys, values, pos, k, v, out)
+    return out
 
 
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:

@@ -223,18 +223,24 @@ def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
     pos = cache.offset
     a, b = np.asarray(a)[pos], np.asarray(b)[pos]  # views of evaluated tables: no MLX op
     q, k = q * a + swap(q) * b, k * a + swap(k) * b
-    o = _attend(q, k, v, cache, at.scale)
+    o = _attend(q, k, v, cache, at.scale, pooled="scales" in at.o_proj)
     cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])  # lazy
     x = x + _linear(at.o_proj, o.reshape(-1))
     return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
 
 
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float) -> np.ndarray:
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
+            pooled: bool = False) -> np.ndarray:
     """Attention of the new token (q (Hq, D), its k/v (Hkv, D)) over the cached positions and
-    itself, before the cache holds it: (Hq, D)."""
+    itself, before the cache holds it: (Hq, D). In a layer whose products run in ``cpu.quant``'s
+    kernels (``pooled``), in their thread pool too: one pool per step (two fought over 2 cores)."""
     Hkv, D = k.shape
     q = q.reshape(Hkv, -1, D) * np.float32(scale * LOG2E)  # base-2 scores
     rep, pos = q.shape[1], cache.offset
+    if pooled and pos:
+        keys, values = np.asarray(cache.keys)[0], np.asarray(cache.values)[0]
+        if keys.flags.c_contiguous and values.flags.c_contiguous:
+            return quant.attend(q, keys, values, pos, k, v).reshape(-1, D)
     s = np.empty((Hkv, rep, pos + 1), np.float32)  # cached positions, then the new one
     s[..., pos] = (q * k[:, None]).sum(-1)
     batched = None
