@@ -117,6 +117,13 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     return _gemv(layer.bits, arrays, np.ascontiguousarray(x, dtype=np.float32))
 
 
+def threads() -> int:
+    """How many threads the kernels' parallel regions use (numba's setting)."""
+    import numba
+
+    return numba.get_num_threads()
+
+
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.ndarray,
            v: np.ndarray) -> np.ndarray:
     """Softmax attention of one token in the kernels' thread pool (``quant_kernels.attend``):
