@@ -450,6 +450,40 @@ def test_augmentation_is_real_bounded_and_seeded():
     assert len({round(d, 3) for d in diffs}) == len(diffs)  # different seeds, different variations
 
 
+def test_augmentation_keeps_colour_names():
+    """Every shapes-world palette colour keeps its name: the nearest palette entry to the middle
+    of an augmented patch is one of the same colour (97%+; teal, green and blue always)."""
+    from mm1_mlx.shapes import world
+    from mm1_mlx.tuner.augment import photometric
+
+    entries = [(name, np.array(world._hex(c)) * 255) for name, cs in world.PALETTES.items()
+               for c in cs]
+    kept, flips = 0, set()
+    for name, rgb in entries:
+        a = np.full((64, 64, 3), 245, np.uint8)
+        a[16:48, 16:48] = rgb.round()
+        for seed in range(16):
+            out = np.asarray(photometric(Image.fromarray(a), random.Random(seed)), np.float32)
+            got = np.median(out[24:40, 24:40].reshape(-1, 3), 0)
+            nearest = min(entries, key=lambda e: np.sum((e[1] - got) ** 2))[0]
+            kept += nearest == name
+            flips |= {name} if nearest != name else set()
+    assert kept / (16 * len(entries)) > 0.97, kept
+    assert not flips & {"teal", "green", "blue"}, flips
+
+
+def test_augmentation_zoom_keeps_shapes_large_enough():
+    """Zoom 0.85-1.1: a shape keeps at least ~0.85^2 of its area (at 0.7 a small hexagon became
+    too few pixels to tell from a circle); zooming in never crops it away."""
+    from mm1_mlx.tuner.augment import geometry
+
+    img = teal_square(96)
+    area = (np.asarray(img)[..., 0] < 120).sum()
+    ratios = [(np.asarray(geometry(img, random.Random(s)))[..., 0] < 120).sum() / area
+              for s in range(40)]
+    assert 0.68 < min(ratios) < 0.8 and 1.1 < max(ratios) < 1.25, (min(ratios), max(ratios))
+
+
 def test_augment_flag_and_training_pixels(data, processor):
     """On by default, --no-augment switches it off; the pixels of a training step are augmented
     (the same ones again for the same step and seed) and plain when off."""
