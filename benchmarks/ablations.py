@@ -35,7 +35,9 @@ from pathlib import Path
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 
 # isort: split
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import MM1Error, cli_errors
@@ -60,6 +62,7 @@ class Budget:
     warmup: int = 20
     max_tokens: int = 20  # per caption (10-20 tokens); short answers get 6
     tokenizer_corpus: int = 300
+    text_steps: int = 0  # a text-only decoder stage shared by a seed's runs (MM1's pre-trained LLM)
 
 
 BUDGETS = {
@@ -69,6 +72,10 @@ BUDGETS = {
                     eval_n=20, text_n=48),
     "medium": Budget(encoder_steps=400, pretrain_steps=500, batch_size=16, encoder_batch_size=32,
                      eval_n=100, text_n=200),
+    # MM1's ablations start from a pre-trained LLM and image encoder: a shared text stage and a
+    # shared stage 0 per seed, then a short multimodal pre-training per configuration
+    "standard": Budget(encoder_steps=400, pretrain_steps=250, batch_size=16, encoder_batch_size=32,
+                       eval_n=60, text_n=100, text_steps=300),
 }
 
 
@@ -94,8 +101,8 @@ class Spec:
 
 
 BASE = Spec()
-MIXES = {"caption-only": (0.0, 1.0, 0.0), "interleaved-only": (1.0, 0.0, 0.0),
-         "text-heavy": (0.2, 0.2, 0.6), "45/45/10": (0.45, 0.45, 0.10)}
+MIXES = {"45/45/10": (0.45, 0.45, 0.10), "caption-only": (0.0, 1.0, 0.0),  # the base run first
+         "interleaved-only": (1.0, 0.0, 0.0), "text-heavy": (0.2, 0.2, 0.6)}
 AXES = {  # cheapest first: the data and connector axes share one stage-0 encoder per seed
     "data": {label: Spec(mix=mix) for label, mix in MIXES.items()},
     "connector": {f"{c}, {t} tokens": Spec(connector=c, tokens=t)
@@ -121,8 +128,10 @@ def model_config(spec: Spec) -> ModelConfig:
         name=f"ablation-{spec.name}")
 
 
-def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool) -> Recipe:
+def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool,
+           decoder: Path | None = None) -> Recipe:
     r = Recipe(f"ablation-{spec.name}", model_config(spec),
+               decoder_init=decoder and str(decoder),
                encoder_steps=budget.encoder_steps,
                pretrain_steps=budget.pretrain_steps if pretrain else 0, sft_steps=0,
                batch_size=budget.batch_size, learning_rate=budget.learning_rate,
@@ -139,6 +148,27 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def text_run(budget: Budget, seed: int, work: Path, quiet: bool) -> Path | None:
+    """The seed's text stage (the decoder alone on text-only samples), trained once and shared by
+    every run of the seed as MM1's ablations share a pre-trained LLM; its decoder weights, or None
+    for a budget without one."""
+    if not budget.text_steps:
+        return None
+    run = work / "text" / f"s{seed}"
+    weights = run / "decoder.safetensors"
+    if weights.exists():
+        return weights
+    with claimed(work / "claims" / f"text-s{seed}", wait=True):
+        if not weights.exists():
+            r = recipe(BASE, budget, seed, pretrain=False)
+            r.encoder_steps, r.text_steps = 0, budget.text_steps
+            model, _, _ = train(r, run, save_every=100, quiet=quiet)
+            tmp = run / f".decoder.{os.getpid()}.tmp.safetensors"
+            mx.save_safetensors(str(tmp), dict(tree_flatten(model.language_model.parameters())))
+            os.replace(tmp, weights)
+    return weights
 
 
 def encoder_run(spec: Spec, budget: Budget, seed: int, work: Path, quiet: bool) -> Path:
@@ -201,11 +231,12 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     if out.exists():
         return json.loads(out.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
+    decoder = text_run(budget, seed, work, quiet)
     enc = encoder_run(spec, budget, seed, work, quiet)
     run = work / "runs" / f"{spec.name}-s{seed}"
     seed_run(enc, run)
-    model, processor, losses = train(recipe(spec, budget, seed, pretrain=True), run,
-                                     save_every=50, quiet=quiet)
+    model, processor, losses = train(recipe(spec, budget, seed, pretrain=True, decoder=decoder),
+                                     run, save_every=50, quiet=quiet)
     t1 = time.perf_counter()
     result = {"spec": asdict(spec), "name": spec.name, "seed": seed, "budget": asdict(budget),
               "eval_seed": eval_seed, "final_loss": losses[-1][1] if losses else None,

@@ -287,7 +287,7 @@ def _numpy_attention_grad(q, k, v, mask, d_out, out) -> tuple:
     where run scalar here: its own gradient took ~35x the forward): per causal row block,
     P = softmax, dV = P^T dO, dS = P (dO V^T - rowsum(dO O)) ln 2, dq = dS K, dK = dS^T q;
     products in MLX (one BLAS pool)."""
-    L, S, D = q.shape[3], k.shape[3], q.shape[4]
+    L, S = q.shape[3], k.shape[3]
     causal = isinstance(mask, str)
     bounds = [round(L * i / BLOCKS) for i in range(BLOCKS + 1)] if causal else [0, L]
     mx.eval(d_out, out)

@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ConnectorConfig
 from ..cpu.ops import silu
+from .config import ConnectorConfig
 from .vision import Attention, activation
 
 
