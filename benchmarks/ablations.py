@@ -385,7 +385,8 @@ def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
             r["per_scene"][k]["average"])), 2) for k in map(str, SHOTS)} for r in results}
         configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),
                           "metrics": m,
-                          "train_seconds": [r["train_seconds"] for r in results]}
+                          "train_seconds": [r["train_seconds"] for r in results],
+                          "eval_seconds": [r.get("eval_seconds") for r in results]}
     complete = set(by) == set(AXES[axis])
     return {"axis": axis, "configs": configs, "claims": claims(axis, by) if complete else [],
             "missing": [label for label in AXES[axis] if label not in by],
@@ -441,6 +442,75 @@ def plot_axis(summary: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---- the README's section, from results.json ----
+PAPER = [  # (MM1's claim, its numbers (../shared/MM1.md's tables), our axis, our claims' prefix)
+    ("image resolution matters most for the encoder",
+     "ViT-L 224 -> 336 px: 0/4/8-shot 36.9/58.7/62.2 -> 39.9/62.4/66.0 (+3.0/+3.7/+3.8)",
+     "encoder", ("higher resolution scores higher",)),
+    ("encoder size matters less than resolution",
+     "ViT-L -> ViT-H at 224 px: +0.6/+1.3/+1.4; at 336 px: +0.6/+0.2/+0.3",
+     "encoder", ("a wider ViT scores higher", "resolution matters more than ViT width")),
+    ("image-token count matters, connector type little",
+     "144 > 64 tokens; average pooling, attention pooling and C-Abstractor about equal at 336 px "
+     "/ 144 tokens", "connector",
+     ("16 image tokens score higher than 4", "token count matters more than connector type")),
+    ("captions drive zero-shot", "caption share 0% -> 100%: 0-shot 25.8 -> 39.3", "data",
+     ("captions drive zero-shot",)),
+    ("interleaved data drives few-shot", "interleaved share below 50%: 8-shot ~61 -> ~45", "data",
+     ("interleaved data drives few-shot",)),
+    ("text-only data gives text-only ability",
+     "text-only data helps few-shot and text-only scores", "data",
+     ("text-only data gives text-only ability",)),
+    ("the 45/45/10 mix balances them", "best mix about 5:5:1 (caption : interleaved : text)",
+     "data", ("45/45/10 balances",)),
+]
+README_BEGIN = (
+    "<!-- ablations:begin: written by python -m benchmarks.ablations --readme from results.json -->")
+README_END = "<!-- ablations:end -->"
+
+
+def readme_section(out: Path) -> str:
+    """The claims table (the paper's numbers beside ours, with the verdicts) and each axis's tables,
+    all read from ``out/<axis>/results.json``."""
+    summaries = {axis: json.loads(p.read_text(encoding="utf-8")) for axis in AXES
+                 if (p := out / axis / "results.json").exists()}
+    lines = ["| MM1's claim | paper (MM1.md's tables) | ours: paired difference, points [95% CI] "
+             "| verdict |", "|---|---|---|---|"]
+    for claim, paper, axis, prefixes in PAPER:
+        found = [c for c in summaries.get(axis, {}).get("claims", [])
+                 if c["claim"].startswith(prefixes)]
+        ours = "; ".join(f"{c['claim']}: {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, "
+                         f"{c['ci95'][1]:+.1f}]" for c in found)
+        verdicts = "; ".join(c["verdict"] for c in found)
+        lines.append(f"| {claim} | {paper} | {ours or 'not run'} | {verdicts or '-'} |")
+    for axis, summary in summaries.items():
+        b, cfg = summary["budget"], summary["configs"]
+        train_s = [t for c in cfg.values() for t in c["train_seconds"]]
+        eval_s = [t for c in cfg.values() for t in c.get("eval_seconds", []) if t is not None]
+        seeds = sorted({s for c in cfg.values() for s in c["seeds"]})
+        lines += ["", f"**{axis.capitalize()} axis** (`benchmarks/results/ablations/{axis}/`; seeds "
+                  f"{', '.join(map(str, seeds))}; pre-training {b['pretrain_steps']} steps of "
+                  f"{b['batch_size']}; {b['eval_n']} held-out scenes and {b['text_n']} text items "
+                  f"per run; training {min(train_s):.0f}-{max(train_s):.0f} s per run"
+                  + (f", scoring {min(eval_s):.0f}-{max(eval_s):.0f} s" if eval_s else "")
+                  + "):", "", markdown(summary).rstrip(), "", f"![{axis} axis]"
+                  f"(benchmarks/results/ablations/{axis}/{axis}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(readme: Path, out: Path) -> None:
+    """Replace the block between README_BEGIN and README_END (this tool's own) in ``readme``."""
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise MM1Error(f"{readme}: needs one {README_BEGIN!r} line and one {README_END!r} line")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{readme_section(out)}{README_END}{tail}",
+                   encoding="utf-8")
+    os.replace(tmp, readme)
+
+
 # ---- command line ----
 def axes_list(text: str) -> list[str]:
     axes = list(AXES) if text == "all" else text.split(",")
@@ -470,6 +540,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize-only", action="store_true",
                    help="write results.json and figures from finished runs, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--readme", default=None,
+                   help="then rewrite this file's block between the ablations markers from the "
+                        "results.json files under --out")
     return p
 
 
@@ -530,11 +603,17 @@ def main(argv=None):
             print(f"{axis}: {len(by)} of {len(AXES[axis])} configurations finished; claims wait "
                   "for all of them", file=sys.stderr)
         write_json(out / axis / "results.json", summary)
+        for results in by.values():  # the per-run scores the summary pooled
+            for r in results:
+                write_json(out / "runs" / f"{r['name']}-s{r['seed']}.json", r)
         plot_axis(summary, out / axis / f"{axis}.png")
         md = out / axis / "results.md"
         md.with_name(".results.md.tmp").write_text(markdown(summary))
         os.replace(md.with_name(".results.md.tmp"), md)
         print(f"{axis}: {out / axis / 'results.json'}", file=sys.stderr)
+    if args.readme:
+        write_readme(Path(args.readme), out)
+        print(f"{args.readme}: the ablations section rewritten from {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,35 @@ def test_summarize_only_writes_results_and_figure(tmp_path, capsys):
     assert "| 45/45/10 |" in (out / "data" / "results.md").read_text()
 
 
+def test_readme_section_is_rewritten_from_results_json(tmp_path, capsys):
+    work, out, readme = tmp_path / "work", tmp_path / "out", tmp_path / "README.md"
+    for label, spec in ab.AXES["data"].items():
+        level = 0.7 if label == "caption-only" else 0.3
+        ab.write_json(work / "results" / f"{spec.name}-s0.json", fake_result(spec, 0, level, 0.5))
+    readme.write_text(f"# mine\nkept\n{ab.README_BEGIN}\nold numbers\n{ab.README_END}\nkept too\n")
+    ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
+             "--quiet", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# mine\nkept\n") and text.endswith("kept too\n")
+    assert "old numbers" not in text
+    summary = json.loads((out / "data" / "results.json").read_text())
+    zero = next(c for c in summary["claims"] if c["claim"].startswith("captions drive zero-shot"))
+    assert zero["diff"] > 30 and zero["verdict"] == "reproduced"
+    row = next(line for line in text.splitlines() if line.startswith("| captions drive zero-shot"))
+    assert f"{zero['diff']:+.1f} [{zero['ci95'][0]:+.1f}, {zero['ci95'][1]:+.1f}]" in row
+    assert row.endswith("| reproduced |")
+    assert "| image resolution matters most for the encoder |" in text  # an axis not run here
+    m = summary["configs"]["caption-only"]["metrics"]["average 0-shot"]
+    assert f"| caption-only | {m['mean']:.1f} [" in text
+    # the per-run scores it pooled travel with results.json
+    assert len(list((out / "runs").glob("*.json"))) == 4
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
+                 "--quiet", "--readme", str(readme)])
+    assert e.value.code == 2 and readme.read_text() == "no markers\n"
+
+
 def test_verdicts():
     assert ab.verdict({"ci95": [0.5, 4.0]}) == "reproduced"
     assert ab.verdict({"ci95": [-6.0, -1.0]}) == "not reproduced (the opposite)"
