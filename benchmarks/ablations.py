@@ -1,23 +1,26 @@
 """MM1's ablations at shapes-world scale: encoder, connector and pre-training data.
 
     python -m benchmarks.ablations [--axis encoder|connector|data|all] [--seeds 0,1]
-        [--budget small] [--out benchmarks/results/ablations] [--work runs/ablations]
+        [--budget standard] [--out benchmarks/results/ablations] [--work runs/ablations]
+        [--summarize-only] [--readme README.md]
 
 Each run is a reduced-budget MM1 recipe (``mm1_mlx.shapes.train``: stage-0 encoder training, then
 pre-training on a caption / interleaved / text mix, no SFT: MM1's ablations score pre-trained
 models), then scored on held-out scenes (drawn from ``--eval-seed``, a stream training never
-uses) 0-, 4- and 8-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
+uses) 0- and 4-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
 (F1 of colour-shape pairs), short-answer questions (format shown only by the examples) and a
 text-only task from the corpus. Every finished run writes its own JSON under ``WORK/results``
 (atomically); a rerun skips those and resumes an interrupted one from its saved state. Then each
 axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
 claims and a verdict computed from them) and a figure under ``--out``.
 
-Sharing (fair by construction): stage 0 (the ViT and the run's connector, trained with the slot
-heads, as the shipped recipe does) is trained once per (encoder, connector, seed), and every run
-that differs from it only downstream (the data axis) continues from that same state: within an
-axis runs differ only in the factor compared, and the base run (96 px, width 128, C-Abstractor
-16 tokens, 45/45/10) serves every axis it belongs to.
+Sharing (fair by construction): MM1's ablations start from a pre-trained LLM; here (budget
+``standard``) a text stage trains the decoder alone on the corpus's text-only samples once per
+seed, and every run of the seed starts pre-training from that decoder. Stage 0 (the ViT and the
+run's connector, trained with the slot heads, as the shipped recipe does) is trained once per
+(encoder, connector, seed), and every run that differs from it only downstream (the data axis)
+continues from that same state: within an axis runs differ only in the factor compared, and the
+base run (96 px, width 128, C-Abstractor 16 tokens, 45/45/10) serves every axis it belongs to.
 """
 
 from __future__ import annotations
@@ -530,7 +533,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", type=axes_list, default=list(AXES),
                    help=f"{', '.join(AXES)} or all (default), or a comma-separated list")
     p.add_argument("--seeds", type=seeds_list, default=[0], help="e.g. 0,1 (default 0)")
-    p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    p.add_argument("--budget", default="standard", choices=sorted(BUDGETS),
+                   help="standard (default; the README's), or smoke, small, medium")
     p.add_argument("--out", default="benchmarks/results/ablations",
                    help="results.json and figures per axis")
     p.add_argument("--work", default="runs/ablations",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -27,6 +28,33 @@ def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ab, "train", no_training)
     assert ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True) == first
+
+
+def test_a_seeds_runs_share_one_text_stage(tmp_path, monkeypatch):
+    budget = replace(ab.BUDGETS["smoke"], text_steps=2)
+    seen, real_train = [], ab.train
+
+    def recording(recipe, run, **kwargs):
+        seen.append((recipe.text_steps, recipe.pretrain_steps, recipe.decoder_init))
+        return real_train(recipe, run, **kwargs)
+
+    monkeypatch.setattr(ab, "train", recording)
+    a, b = ab.Spec(connector="avg-pool", tokens=4), ab.Spec(connector="avg-pool", tokens=4,
+                                                             mix=(0.0, 1.0, 0.0))
+    ab.run_one(a, budget, 0, tmp_path, "test-heldout", quiet=True)
+    decoder = tmp_path / "text" / "s0" / "decoder.safetensors"
+    before = decoder.read_bytes()
+    ab.run_one(b, budget, 0, tmp_path, "test-heldout", quiet=True)
+    assert decoder.read_bytes() == before
+    assert [s for s in seen if s[0]] == [(2, 0, None)]  # one text stage for the seed
+    starts = [d for t, p, d in seen if p]  # both pre-trainings start from its decoder
+    assert starts == [str(decoder)] * 2
+    # and the decoder it saved is the text stage's own
+    import mlx.core as mx
+
+    text_state = mx.load(str(tmp_path / "text" / "s0" / "state" / "model.safetensors"))
+    for k, v in mx.load(str(decoder)).items():
+        assert mx.array_equal(v, text_state[f"language_model.{k}"]).item(), k
 
 
 def fake_result(spec: ab.Spec, seed: int, level: float, text: float, n: int = 30) -> dict:
