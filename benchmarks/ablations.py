@@ -472,6 +472,13 @@ README_BEGIN = (
 README_END = "<!-- ablations:end -->"
 
 
+def run_label(summary: dict) -> str:
+    """"budget standard, seeds 0, 1": what an axis's results.json pooled."""
+    name = next((n for n, b in BUDGETS.items() if same_budget(summary["budget"], b)), "custom")
+    seeds = sorted({s for c in summary["configs"].values() for s in c["seeds"]})
+    return f"budget {name}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def readme_section(out: Path) -> str:
     """The claims table (the paper's numbers beside ours, with the verdicts) and each axis's tables,
     all read from ``out/<axis>/results.json``."""
@@ -484,15 +491,16 @@ def readme_section(out: Path) -> str:
                  if c["claim"].startswith(prefixes)]
         ours = "; ".join(f"{c['claim']}: {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, "
                          f"{c['ci95'][1]:+.1f}]" for c in found)
+        if found:
+            ours = f"({run_label(summaries[axis])}) {ours}"
         verdicts = "; ".join(c["verdict"] for c in found)
         lines.append(f"| {claim} | {paper} | {ours or 'not run'} | {verdicts or '-'} |")
     for axis, summary in summaries.items():
         b, cfg = summary["budget"], summary["configs"]
         train_s = [t for c in cfg.values() for t in c["train_seconds"]]
         eval_s = [t for c in cfg.values() for t in c.get("eval_seconds", []) if t is not None]
-        seeds = sorted({s for c in cfg.values() for s in c["seeds"]})
-        lines += ["", f"**{axis.capitalize()} axis** (`benchmarks/results/ablations/{axis}/`; seeds "
-                  f"{', '.join(map(str, seeds))}; pre-training {b['pretrain_steps']} steps of "
+        lines += ["", f"**{axis.capitalize()} axis** (`benchmarks/results/ablations/{axis}/`; "
+                  f"{run_label(summary)}; pre-training {b['pretrain_steps']} steps of "
                   f"{b['batch_size']}; {b['eval_n']} held-out scenes and {b['text_n']} text items "
                   f"per run; training {min(train_s):.0f}-{max(train_s):.0f} s per run"
                   + (f", scoring {min(eval_s):.0f}-{max(eval_s):.0f} s" if eval_s else "")
@@ -609,7 +617,7 @@ def main(argv=None):
         write_json(out / axis / "results.json", summary)
         for results in by.values():  # the per-run scores the summary pooled
             for r in results:
-                write_json(out / "runs" / f"{r['name']}-s{r['seed']}.json", r)
+                write_json(out / axis / "runs" / f"{r['name']}-s{r['seed']}.json", r)
         plot_axis(summary, out / axis / f"{axis}.png")
         md = out / axis / "results.md"
         md.with_name(".results.md.tmp").write_text(markdown(summary))

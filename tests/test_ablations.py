@@ -119,7 +119,7 @@ def test_readme_section_is_rewritten_from_results_json(tmp_path, capsys):
     m = summary["configs"]["caption-only"]["metrics"]["average 0-shot"]
     assert f"| caption-only | {m['mean']:.1f} [" in text
     # the per-run scores it pooled travel with results.json
-    assert len(list((out / "runs").glob("*.json"))) == 4
+    assert len(list((out / "data" / "runs").glob("*.json"))) == 4
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit) as e:
         ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
