@@ -1,23 +1,26 @@
 """MM1's ablations at shapes-world scale: encoder, connector and pre-training data.
 
     python -m benchmarks.ablations [--axis encoder|connector|data|all] [--seeds 0,1]
-        [--budget small] [--out benchmarks/results/ablations] [--work runs/ablations]
+        [--budget standard] [--out benchmarks/results/ablations] [--work runs/ablations]
+        [--summarize-only] [--readme README.md]
 
 Each run is a reduced-budget MM1 recipe (``mm1_mlx.shapes.train``: stage-0 encoder training, then
 pre-training on a caption / interleaved / text mix, no SFT: MM1's ablations score pre-trained
 models), then scored on held-out scenes (drawn from ``--eval-seed``, a stream training never
-uses) 0-, 4- and 8-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
+uses) 0- and 4-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
 (F1 of colour-shape pairs), short-answer questions (format shown only by the examples) and a
 text-only task from the corpus. Every finished run writes its own JSON under ``WORK/results``
 (atomically); a rerun skips those and resumes an interrupted one from its saved state. Then each
 axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
 claims and a verdict computed from them) and a figure under ``--out``.
 
-Sharing (fair by construction): stage 0 (the ViT and the run's connector, trained with the slot
-heads, as the shipped recipe does) is trained once per (encoder, connector, seed), and every run
-that differs from it only downstream (the data axis) continues from that same state: within an
-axis runs differ only in the factor compared, and the base run (96 px, width 128, C-Abstractor
-16 tokens, 45/45/10) serves every axis it belongs to.
+Sharing (fair by construction): MM1's ablations start from a pre-trained LLM; here (budget
+``standard``) a text stage trains the decoder alone on the corpus's text-only samples once per
+seed, and every run of the seed starts pre-training from that decoder. Stage 0 (the ViT and the
+run's connector, trained with the slot heads, as the shipped recipe does) is trained once per
+(encoder, connector, seed), and every run that differs from it only downstream (the data axis)
+continues from that same state: within an axis runs differ only in the factor compared, and the
+base run (96 px, width 128, C-Abstractor 16 tokens, 45/45/10) serves every axis it belongs to.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pathlib import Path
 import mm1_mlx  # noqa: F401, I001  (binds OpenBLAS before mlx.core loads)
 
 # isort: split
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import MM1Error, cli_errors
@@ -60,6 +65,7 @@ class Budget:
     warmup: int = 20
     max_tokens: int = 20  # per caption (10-20 tokens); short answers get 6
     tokenizer_corpus: int = 300
+    text_steps: int = 0  # a text-only decoder stage shared by a seed's runs (MM1's pre-trained LLM)
 
 
 BUDGETS = {
@@ -69,6 +75,10 @@ BUDGETS = {
                     eval_n=20, text_n=48),
     "medium": Budget(encoder_steps=400, pretrain_steps=500, batch_size=16, encoder_batch_size=32,
                      eval_n=100, text_n=200),
+    # MM1's ablations start from a pre-trained LLM and image encoder: a shared text stage and a
+    # shared stage 0 per seed, then a short multimodal pre-training per configuration
+    "standard": Budget(encoder_steps=400, pretrain_steps=250, batch_size=16, encoder_batch_size=32,
+                       eval_n=60, text_n=100, text_steps=300),
 }
 
 
@@ -94,8 +104,8 @@ class Spec:
 
 
 BASE = Spec()
-MIXES = {"caption-only": (0.0, 1.0, 0.0), "interleaved-only": (1.0, 0.0, 0.0),
-         "text-heavy": (0.2, 0.2, 0.6), "45/45/10": (0.45, 0.45, 0.10)}
+MIXES = {"45/45/10": (0.45, 0.45, 0.10), "caption-only": (0.0, 1.0, 0.0),  # the base run first
+         "interleaved-only": (1.0, 0.0, 0.0), "text-heavy": (0.2, 0.2, 0.6)}
 AXES = {  # cheapest first: the data and connector axes share one stage-0 encoder per seed
     "data": {label: Spec(mix=mix) for label, mix in MIXES.items()},
     "connector": {f"{c}, {t} tokens": Spec(connector=c, tokens=t)
@@ -121,8 +131,10 @@ def model_config(spec: Spec) -> ModelConfig:
         name=f"ablation-{spec.name}")
 
 
-def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool) -> Recipe:
+def recipe(spec: Spec, budget: Budget, seed: int, pretrain: bool,
+           decoder: Path | None = None) -> Recipe:
     r = Recipe(f"ablation-{spec.name}", model_config(spec),
+               decoder_init=decoder and str(decoder),
                encoder_steps=budget.encoder_steps,
                pretrain_steps=budget.pretrain_steps if pretrain else 0, sft_steps=0,
                batch_size=budget.batch_size, learning_rate=budget.learning_rate,
@@ -139,6 +151,27 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def text_run(budget: Budget, seed: int, work: Path, quiet: bool) -> Path | None:
+    """The seed's text stage (the decoder alone on text-only samples), trained once and shared by
+    every run of the seed as MM1's ablations share a pre-trained LLM; its decoder weights, or None
+    for a budget without one."""
+    if not budget.text_steps:
+        return None
+    run = work / "text" / f"s{seed}"
+    weights = run / "decoder.safetensors"
+    if weights.exists():
+        return weights
+    with claimed(work / "claims" / f"text-s{seed}", wait=True):
+        if not weights.exists():
+            r = recipe(BASE, budget, seed, pretrain=False)
+            r.encoder_steps, r.text_steps = 0, budget.text_steps
+            model, _, _ = train(r, run, save_every=100, quiet=quiet)
+            tmp = run / f".decoder.{os.getpid()}.tmp.safetensors"
+            mx.save_safetensors(str(tmp), dict(tree_flatten(model.language_model.parameters())))
+            os.replace(tmp, weights)
+    return weights
 
 
 def encoder_run(spec: Spec, budget: Budget, seed: int, work: Path, quiet: bool) -> Path:
@@ -201,11 +234,12 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     if out.exists():
         return json.loads(out.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
+    decoder = text_run(budget, seed, work, quiet)
     enc = encoder_run(spec, budget, seed, work, quiet)
     run = work / "runs" / f"{spec.name}-s{seed}"
     seed_run(enc, run)
-    model, processor, losses = train(recipe(spec, budget, seed, pretrain=True), run,
-                                     save_every=50, quiet=quiet)
+    model, processor, losses = train(recipe(spec, budget, seed, pretrain=True, decoder=decoder),
+                                     run, save_every=50, quiet=quiet)
     t1 = time.perf_counter()
     result = {"spec": asdict(spec), "name": spec.name, "seed": seed, "budget": asdict(budget),
               "eval_seed": eval_seed, "final_loss": losses[-1][1] if losses else None,
@@ -354,7 +388,8 @@ def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
             r["per_scene"][k]["average"])), 2) for k in map(str, SHOTS)} for r in results}
         configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),
                           "metrics": m,
-                          "train_seconds": [r["train_seconds"] for r in results]}
+                          "train_seconds": [r["train_seconds"] for r in results],
+                          "eval_seconds": [r.get("eval_seconds") for r in results]}
     complete = set(by) == set(AXES[axis])
     return {"axis": axis, "configs": configs, "claims": claims(axis, by) if complete else [],
             "missing": [label for label in AXES[axis] if label not in by],
@@ -410,6 +445,83 @@ def plot_axis(summary: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---- the README's section, from results.json ----
+PAPER = [  # (MM1's claim, its numbers (../shared/MM1.md's tables), our axis, our claims' prefix)
+    ("image resolution matters most for the encoder",
+     "ViT-L 224 -> 336 px: 0/4/8-shot 36.9/58.7/62.2 -> 39.9/62.4/66.0 (+3.0/+3.7/+3.8)",
+     "encoder", ("higher resolution scores higher",)),
+    ("encoder size matters less than resolution",
+     "ViT-L -> ViT-H at 224 px: +0.6/+1.3/+1.4; at 336 px: +0.6/+0.2/+0.3",
+     "encoder", ("a wider ViT scores higher", "resolution matters more than ViT width")),
+    ("image-token count matters, connector type little",
+     "144 > 64 tokens; average pooling, attention pooling and C-Abstractor about equal at 336 px "
+     "/ 144 tokens", "connector",
+     ("16 image tokens score higher than 4", "token count matters more than connector type")),
+    ("captions drive zero-shot", "caption share 0% -> 100%: 0-shot 25.8 -> 39.3", "data",
+     ("captions drive zero-shot",)),
+    ("interleaved data drives few-shot", "interleaved share below 50%: 8-shot ~61 -> ~45", "data",
+     ("interleaved data drives few-shot",)),
+    ("text-only data gives text-only ability",
+     "text-only data helps few-shot and text-only scores", "data",
+     ("text-only data gives text-only ability",)),
+    ("the 45/45/10 mix balances them", "best mix about 5:5:1 (caption : interleaved : text)",
+     "data", ("45/45/10 balances",)),
+]
+README_BEGIN = (
+    "<!-- ablations:begin: written by python -m benchmarks.ablations --readme from results.json -->")
+README_END = "<!-- ablations:end -->"
+
+
+def run_label(summary: dict) -> str:
+    """"budget standard, seeds 0, 1": what an axis's results.json pooled."""
+    name = next((n for n, b in BUDGETS.items() if same_budget(summary["budget"], b)), "custom")
+    seeds = sorted({s for c in summary["configs"].values() for s in c["seeds"]})
+    return f"budget {name}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def readme_section(out: Path) -> str:
+    """The claims table (the paper's numbers beside ours, with the verdicts) and each axis's tables,
+    all read from ``out/<axis>/results.json``."""
+    summaries = {axis: json.loads(p.read_text(encoding="utf-8")) for axis in AXES
+                 if (p := out / axis / "results.json").exists()}
+    lines = ["| MM1's claim | paper (MM1.md's tables) | ours: paired difference, points [95% CI] "
+             "| verdict |", "|---|---|---|---|"]
+    for claim, paper, axis, prefixes in PAPER:
+        found = [c for c in summaries.get(axis, {}).get("claims", [])
+                 if c["claim"].startswith(prefixes)]
+        ours = "; ".join(f"{c['claim']}: {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, "
+                         f"{c['ci95'][1]:+.1f}]" for c in found)
+        if found:
+            ours = f"({run_label(summaries[axis])}) {ours}"
+        verdicts = "; ".join(c["verdict"] for c in found)
+        lines.append(f"| {claim} | {paper} | {ours or 'not run'} | {verdicts or '-'} |")
+    for axis, summary in summaries.items():
+        b, cfg = summary["budget"], summary["configs"]
+        train_s = [t for c in cfg.values() for t in c["train_seconds"]]
+        eval_s = [t for c in cfg.values() for t in c.get("eval_seconds", []) if t is not None]
+        lines += ["", f"**{axis.capitalize()} axis** (`benchmarks/results/ablations/{axis}/`; "
+                  f"{run_label(summary)}; pre-training {b['pretrain_steps']} steps of "
+                  f"{b['batch_size']}; {b['eval_n']} held-out scenes and {b['text_n']} text items "
+                  f"per run; training {min(train_s):.0f}-{max(train_s):.0f} s per run"
+                  + (f", scoring {min(eval_s):.0f}-{max(eval_s):.0f} s" if eval_s else "")
+                  + "):", "", markdown(summary).rstrip(), "", f"![{axis} axis]"
+                  f"(benchmarks/results/ablations/{axis}/{axis}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(readme: Path, out: Path) -> None:
+    """Replace the block between README_BEGIN and README_END (this tool's own) in ``readme``."""
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise MM1Error(f"{readme}: needs one {README_BEGIN!r} line and one {README_END!r} line")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{readme_section(out)}{README_END}{tail}",
+                   encoding="utf-8")
+    os.replace(tmp, readme)
+
+
 # ---- command line ----
 def axes_list(text: str) -> list[str]:
     axes = list(AXES) if text == "all" else text.split(",")
@@ -429,7 +541,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", type=axes_list, default=list(AXES),
                    help=f"{', '.join(AXES)} or all (default), or a comma-separated list")
     p.add_argument("--seeds", type=seeds_list, default=[0], help="e.g. 0,1 (default 0)")
-    p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    p.add_argument("--budget", default="standard", choices=sorted(BUDGETS),
+                   help="standard (default; the README's), or smoke, small, medium")
     p.add_argument("--out", default="benchmarks/results/ablations",
                    help="results.json and figures per axis")
     p.add_argument("--work", default="runs/ablations",
@@ -439,6 +552,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize-only", action="store_true",
                    help="write results.json and figures from finished runs, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--readme", default=None,
+                   help="then rewrite this file's block between the ablations markers from the "
+                        "results.json files under --out")
     return p
 
 
@@ -499,11 +615,17 @@ def main(argv=None):
             print(f"{axis}: {len(by)} of {len(AXES[axis])} configurations finished; claims wait "
                   "for all of them", file=sys.stderr)
         write_json(out / axis / "results.json", summary)
+        for results in by.values():  # the per-run scores the summary pooled
+            for r in results:
+                write_json(out / axis / "runs" / f"{r['name']}-s{r['seed']}.json", r)
         plot_axis(summary, out / axis / f"{axis}.png")
         md = out / axis / "results.md"
         md.with_name(".results.md.tmp").write_text(markdown(summary))
         os.replace(md.with_name(".results.md.tmp"), md)
         print(f"{axis}: {out / axis / 'results.json'}", file=sys.stderr)
+    if args.readme:
+        write_readme(Path(args.readme), out)
+        print(f"{args.readme}: the ablations section rewritten from {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -27,6 +28,33 @@ def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ab, "train", no_training)
     assert ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True) == first
+
+
+def test_a_seeds_runs_share_one_text_stage(tmp_path, monkeypatch):
+    budget = replace(ab.BUDGETS["smoke"], text_steps=2)
+    seen, real_train = [], ab.train
+
+    def recording(recipe, run, **kwargs):
+        seen.append((recipe.text_steps, recipe.pretrain_steps, recipe.decoder_init))
+        return real_train(recipe, run, **kwargs)
+
+    monkeypatch.setattr(ab, "train", recording)
+    a, b = ab.Spec(connector="avg-pool", tokens=4), ab.Spec(connector="avg-pool", tokens=4,
+                                                             mix=(0.0, 1.0, 0.0))
+    ab.run_one(a, budget, 0, tmp_path, "test-heldout", quiet=True)
+    decoder = tmp_path / "text" / "s0" / "decoder.safetensors"
+    before = decoder.read_bytes()
+    ab.run_one(b, budget, 0, tmp_path, "test-heldout", quiet=True)
+    assert decoder.read_bytes() == before
+    assert [s for s in seen if s[0]] == [(2, 0, None)]  # one text stage for the seed
+    starts = [d for t, p, d in seen if p]  # both pre-trainings start from its decoder
+    assert starts == [str(decoder)] * 2
+    # and the decoder it saved is the text stage's own
+    import mlx.core as mx
+
+    text_state = mx.load(str(tmp_path / "text" / "s0" / "state" / "model.safetensors"))
+    for k, v in mx.load(str(decoder)).items():
+        assert mx.array_equal(v, text_state[f"language_model.{k}"]).item(), k
 
 
 def fake_result(spec: ab.Spec, seed: int, level: float, text: float, n: int = 30) -> dict:
@@ -68,6 +96,35 @@ def test_summarize_only_writes_results_and_figure(tmp_path, capsys):
     assert set(summary["configs"]) == set(ab.AXES["data"])
     assert (out / "data" / "data.png").exists()
     assert "| 45/45/10 |" in (out / "data" / "results.md").read_text()
+
+
+def test_readme_section_is_rewritten_from_results_json(tmp_path, capsys):
+    work, out, readme = tmp_path / "work", tmp_path / "out", tmp_path / "README.md"
+    for label, spec in ab.AXES["data"].items():
+        level = 0.7 if label == "caption-only" else 0.3
+        ab.write_json(work / "results" / f"{spec.name}-s0.json", fake_result(spec, 0, level, 0.5))
+    readme.write_text(f"# mine\nkept\n{ab.README_BEGIN}\nold numbers\n{ab.README_END}\nkept too\n")
+    ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
+             "--quiet", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# mine\nkept\n") and text.endswith("kept too\n")
+    assert "old numbers" not in text
+    summary = json.loads((out / "data" / "results.json").read_text())
+    zero = next(c for c in summary["claims"] if c["claim"].startswith("captions drive zero-shot"))
+    assert zero["diff"] > 30 and zero["verdict"] == "reproduced"
+    row = next(line for line in text.splitlines() if line.startswith("| captions drive zero-shot"))
+    assert f"{zero['diff']:+.1f} [{zero['ci95'][0]:+.1f}, {zero['ci95'][1]:+.1f}]" in row
+    assert row.endswith("| reproduced |")
+    assert "| image resolution matters most for the encoder |" in text  # an axis not run here
+    m = summary["configs"]["caption-only"]["metrics"]["average 0-shot"]
+    assert f"| caption-only | {m['mean']:.1f} [" in text
+    # the per-run scores it pooled travel with results.json
+    assert len(list((out / "data" / "runs").glob("*.json"))) == 4
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--axis", "data", "--budget", "smoke", "--work", str(work), "--out", str(out),
+                 "--quiet", "--readme", str(readme)])
+    assert e.value.code == 2 and readme.read_text() == "no markers\n"
 
 
 def test_verdicts():

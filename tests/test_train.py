@@ -196,3 +196,48 @@ def test_independent_drawing_for_the_robustness_check():
         x, y = redraw.CENTERS[scene.shapes[0].position]
         r, g, b = img[int(y * h), int(x * h)]  # the middle of its place is red
         assert r > 150 and g < 90 and b < 90, (kind, r, g, b)
+
+
+def test_text_stage_trains_the_decoder_alone_and_pretraining_starts_from_it(tmp_path):
+    from mlx.utils import tree_flatten
+
+    r = RECIPES["smoke"]()
+    r.text_steps, r.encoder_steps, r.pretrain_steps, r.sft_steps, r.batch_size = 3, 0, 0, 0, 4
+    mx.random.seed(r.seed)
+    fresh = dict(tree_flatten(Model(r.model).parameters()))
+    model, _, losses = train(r, tmp_path / "text", save_every=2, quiet=True)
+    assert [s for s, _ in losses] == ["text"] * 3
+    changed = {k for k, v in tree_flatten(model.parameters())
+               if not np.array_equal(np.array(v), np.array(fresh[k]))}
+    assert changed and all(k.startswith("language_model.") for k in changed)
+    # text batches hold text only: no image tokens, no pixels
+    ids, _, px = make_batch(setup_processor(tmp_path / "text", r), r, "text", 0)
+    assert px is None and ids.shape[0] == 4
+    decoder = tmp_path / "decoder.safetensors"
+    mx.save_safetensors(str(decoder), dict(tree_flatten(model.language_model.parameters())))
+    # another run (another seed: another random decoder) starts pre-training from that decoder;
+    # a zero learning rate keeps the weights it loaded
+    p = RECIPES["smoke"]()
+    p.seed, p.encoder_steps, p.pretrain_steps, p.sft_steps, p.batch_size = 5, 0, 1, 0, 2
+    p.learning_rate, p.weight_decay, p.decoder_init = 0.0, 0.0, str(decoder)
+    started, _, _ = train(p, tmp_path / "pre", quiet=True)
+    want = dict(tree_flatten(model.language_model.parameters()))
+    for k, v in tree_flatten(started.language_model.parameters()):
+        np.testing.assert_array_equal(np.array(v), np.array(want[k]), err_msg=k)
+
+
+def test_prefetched_batches_equal_the_unprefetched_ones(tmp_path):
+    from mm1_mlx.tuner.batching import prefetch
+
+    r = RECIPES["smoke"]()
+    r.batch_size = 3
+    proc = setup_processor(tmp_path, r)
+    steps = range(2, 7)
+    ahead = list(prefetch(lambda s: make_batch(proc, r, "pretrain", s), steps))
+    assert [s for s, _ in ahead] == list(steps)
+    for (_, got), step in zip(ahead, steps):
+        want = make_batch(proc, r, "pretrain", step)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if w is not None:
+                assert np.array_equal(g, w)

@@ -16,7 +16,9 @@ OpenBLAS bound:
   attention (prefill, vision) runs its softmax in numpy, in causal row blocks that skip the keys
   they would only mask. Two CPU streams splitting the work did less (concurrent BLAS calls
   serialize), and numpy's own matmuls made two BLAS thread pools fight (TTFT 3.6 -> 6 s).
-  Large float32 activations (SiLU, quick GELU) run in numpy too; gradients are always MLX's.
+  Large float32 activations (SiLU, quick GELU) run in numpy too. Their gradients and
+  attention's are computed in numpy as well (MLX's own gradient of these ran 3-10x the forward:
+  a training step of a small decoder spent most of its time there); other gradients are MLX's.
   The softmax runs in place in the scores' own MLX buffer (no copies either way).
 - ``mx.fast.rope`` computes exp, cos and sin per call (~170 us for one decode step's 16 heads):
   ``rope`` applies the module from per-position tables it made once.
@@ -48,17 +50,20 @@ NUMPY_ELEMENTS = 1 << 18  # float32 activations at least this large run in numpy
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    return _activation(x, mx.sigmoid, _sigmoid, lambda a: np_silu(np.float32(1), a))
+    return _activation(x, mx.sigmoid, _sigmoid, lambda a: np_silu(np.float32(1), a),
+                       lambda a: _np_silu_grad(a, 0.0))
 
 
 def silu(x: mx.array) -> mx.array:
-    return _activation(x, nn.silu, lambda a: a * _sigmoid(a), lambda a: np_silu(a, a))
+    return _activation(x, nn.silu, lambda a: a * _sigmoid(a), lambda a: np_silu(a, a),
+                       lambda a: _np_silu_grad(a, 1.0))
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """CLIP's ``x * sigmoid(1.702 x)``."""
     return _activation(x, lambda a: a * mx.sigmoid(1.702 * a), lambda a: a * _sigmoid(1.702 * a),
-                       lambda a: np_silu(a, a * np.float32(1.702)))
+                       lambda a: np_silu(a, a * np.float32(1.702)),
+                       lambda a: _np_silu_grad(a, 1.0, 1.702))
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -74,14 +79,26 @@ def gelu_approx(x: mx.array) -> mx.array:
                                          * np.float32(2 * math.sqrt(2 / math.pi))))
 
 
-def _activation(x: mx.array, metal, cpu_mlx, cpu_numpy) -> mx.array:
+def _activation(x: mx.array, metal, cpu_mlx, cpu_numpy, numpy_grad=None) -> mx.array:
     """An element-wise function: MLX's op on Metal; on the CPU ``cpu_numpy`` for large float32
-    inputs (with ``cpu_mlx``'s gradient), else ``cpu_mlx`` (MLX ops, base-2 exponentials)."""
+    inputs (with ``numpy_grad``'s derivative, or else ``cpu_mlx``'s gradient), else ``cpu_mlx``
+    (MLX ops, base-2 exponentials)."""
     if not on_cpu():
         return metal(x)
     if _large(x):
-        return _numpy_unary(cpu_numpy, cpu_mlx, x)
+        return _numpy_unary(cpu_numpy, cpu_mlx, x, numpy_grad)
     return cpu_mlx(x)
+
+
+def _np_silu_grad(x: np.ndarray, outer: float, a: float = 1.0) -> np.ndarray:
+    """The derivative of ``x^outer * sigmoid(a x)`` (outer 0: sigmoid, 1: SiLU / quick GELU):
+    s (1 - s) a x^outer + outer s, with s = sigmoid(a x)."""
+    s = np_silu(np.float32(1), x * np.float32(a))
+    d = s * (np.float32(1) - s) * np.float32(a)
+    if outer:
+        d *= x
+        d += s
+    return d
 
 
 _ERF = (0.3275911, 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
@@ -132,17 +149,30 @@ def _with_mlx_gradient(forward, reference, *args: mx.array) -> mx.array:
     return fn(*args)
 
 
-def _numpy_unary(np_fn, mx_fn, x: mx.array) -> mx.array:
-    """``mx_fn(x)`` computed as ``np_fn`` on x's buffer."""
+def _numpy_unary(np_fn, mx_fn, x: mx.array, np_grad=None) -> mx.array:
+    """``mx_fn(x)`` computed as ``np_fn`` on x's buffer; its gradient ``np_grad(x)`` times the
+    cotangent, in numpy too (MLX's exp runs scalar here: its gradient cost ~10x the forward),
+    or ``mx_fn``'s own."""
 
     def forward(x):
         mx.eval(x)
         return mx.array(np_fn(np.asarray(x)))
 
-    return _with_mlx_gradient(forward, mx_fn, x)
+    if np_grad is None:
+        return _with_mlx_gradient(forward, mx_fn, x)
+    fn = mx.custom_function(forward)
+
+    @fn.vjp
+    def backward(x, cotangent, output):
+        mx.eval(x, cotangent)
+        d = np_grad(np.asarray(x))
+        d *= np.asarray(cotangent)
+        return mx.array(d)
+
+    return fn(x)
 
 
-NUMPY_SCORES = 1 << 20  # attention with this many scores (prefill, not decode) runs in numpy
+NUMPY_SCORES = 1 << 16  # attention of many rows with this many scores (prefill, training) runs in numpy
 SHIFT_FREE = 64.0  # base-2 scores within +-64 exponentiate and sum in float32 unshifted
 BLOCKS = 8  # causal row blocks: each skips the key columns it would only mask out
 
@@ -164,7 +194,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (B|1, Hq|1, L, S)
         mask = mask.reshape(mask.shape[0], *((1, 1) if mask.shape[1] == 1 else (Hkv, Hq // Hkv)),
                             *mask.shape[2:])
-    if B * Hq * L * S >= NUMPY_SCORES:
+    if L > 1 and B * Hq * L * S >= NUMPY_SCORES:
         o = _numpy_attention(q, k, v, mask)
     else:
         o = _mlx_attention(q, k, v, mask)
@@ -222,7 +252,71 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
             parts.append(((s if shared else mx.array(p)) @ v[..., :end, :]) / sums)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=3)
 
-    return _with_mlx_gradient(forward, lambda *a: _mlx_attention(*a, mask), q, k, v)
+    fn = mx.custom_function(forward)
+
+    @fn.vjp
+    def backward(primals, cotangent, output):
+        return _numpy_attention_grad(*primals, mask, cotangent, output)
+
+    return fn(q, k, v)
+
+
+def _softmax_block(q, kt, mask, a: int, b: int, end: int, S: int, L: int) -> np.ndarray:
+    """Normalized softmax rows a..b of base-2 scores against keys ..end, in numpy."""
+    s = q[..., a:b, :] @ kt[..., :end]
+    mx.eval(s)
+    p = shared_view(s)
+    if p is None:
+        p = np.array(s)
+    if isinstance(mask, str):
+        np.copyto(p[..., S - L + a:end], -np.inf, where=np.tri(b - a, k=-1, dtype=bool).T)
+    elif mask is not None:
+        m = np.asarray(mask[..., a:b, :])
+        if m.dtype == np.bool_:
+            np.copyto(p, -np.inf, where=~m)
+        else:
+            p += m * np.float32(LOG2E)
+    p -= p.max(axis=-1, keepdims=True)
+    np.exp2(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def _numpy_attention_grad(q, k, v, mask, d_out, out) -> tuple:
+    """(dq, dk, dv) of ``_mlx_attention`` with its element-wise work in numpy (MLX's exp and
+    where run scalar here: its own gradient took ~35x the forward): per causal row block,
+    P = softmax, dV = P^T dO, dS = P (dO V^T - rowsum(dO O)) ln 2, dq = dS K, dK = dS^T q;
+    products in MLX (one BLAS pool)."""
+    L, S = q.shape[3], k.shape[3]
+    causal = isinstance(mask, str)
+    bounds = [round(L * i / BLOCKS) for i in range(BLOCKS + 1)] if causal else [0, L]
+    mx.eval(d_out, out)
+    delta = (np.asarray(d_out) * np.asarray(out)).sum(axis=-1, keepdims=True)  # (.., L, 1)
+    kt, vt = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
+    dqs, dk, dv = [], mx.zeros(k.shape, mx.float32), mx.zeros(v.shape, mx.float32)
+    for a, b in zip(bounds, bounds[1:]):
+        if a == b:
+            continue
+        end = S - L + b if causal else S
+        p = _softmax_block(q, kt, mask, a, b, end, S, L)
+        dp = d_out[..., a:b, :] @ vt[..., :end]
+        mx.eval(dp)
+        g = shared_view(dp)
+        shared = g is not None
+        if not shared:
+            g = np.array(dp)
+        g -= delta[..., a:b, :]
+        g *= p
+        g *= np.float32(math.log(2))
+        ds = dp if shared else mx.array(g)  # written in place in dp's own buffer
+        pm = mx.array(p)
+        dqs.append(ds @ k[..., :end, :])
+        pad = [(0, 0)] * 3 + [(0, S - end), (0, 0)]
+        dk = dk + mx.pad((ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(axis=2, keepdims=True), pad)
+        dv = dv + mx.pad((pm.swapaxes(-1, -2) @ d_out[..., a:b, :]).sum(axis=2, keepdims=True),
+                         pad)
+    dq = dqs[0] if len(dqs) == 1 else mx.concatenate(dqs, axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _SHARES: list = []

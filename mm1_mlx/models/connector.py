@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu.ops import silu
 from .config import ConnectorConfig
 from .vision import Attention, activation
 
@@ -114,11 +115,11 @@ class ResBlock(nn.Module):
             self.shortcut = ConvNorm(cin, cout, 1, eps)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = nn.silu(self.conv1(x))
-        h = self.se(nn.silu(self.conv2(h)))
+        h = silu(self.conv1(x))
+        h = self.se(silu(self.conv2(h)))
         h = self.conv3(h)
         skip = self.shortcut(x) if "shortcut" in self else x
-        return nn.silu(h + skip)
+        return silu(h + skip)
 
 
 class Readout(nn.Module):

@@ -4,7 +4,9 @@
 one). MM1 starts from a contrastively pre-trained image encoder; with no such encoder for shapes
 world, stage 0 pre-trains ours (ViT + connector) with a supervised objective instead: a throw-away
 linear head reads every position slot's shape and colour from the connector's tokens (as ViTs were
-first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. Pre-training uses MM1's
+first pre-trained on labelled images). The ViT is then frozen, as in LLaVA. MM1 also starts from a
+pre-trained LLM: an optional ``text`` stage trains the decoder alone on text-only samples, and
+``decoder_init`` starts pre-training from such a decoder (MM1's ablations share one). Pre-training uses MM1's
 data mix (45% interleaved, 45% captions, 10% text-only) with loss on text tokens only (plus MoE
 auxiliary losses); SFT trains on chat conversations with loss on the assistant's tokens. State is
 saved atomically every ``--save-every`` steps and after the current step on Ctrl-C or SIGTERM (a
@@ -63,6 +65,8 @@ class Recipe:
         image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resize_mode="pad",
         pad_color=[255, 255, 255]))
     encoder_steps: int = 0  # stage 0: supervised image-encoder pre-training (0: skip)
+    text_steps: int = 0  # the decoder alone on text-only samples: a stand-in for a pre-trained LLM
+    decoder_init: str | None = None  # decoder weights pre-training starts from (a text stage's)
     encoder_batch_size: int = 32
     encoder_learning_rate: float = 1e-3
     freeze_vision: bool = True  # keep the stage-0 ViT fixed afterwards (the connector trains on)
@@ -99,7 +103,7 @@ RECIPES = {
 }
 
 
-STAGES = ("encoder", "pretrain", "sft")
+STAGES = ("text", "encoder", "pretrain", "sft")
 
 
 # ---- batches ----
@@ -118,8 +122,10 @@ def example(processor: Processor, rng: random.Random, stage: str, mix) -> tuple[
 
 
 def make_batch(processor: Processor, recipe: Recipe, stage: str, step: int):
+    """(ids, loss mask, pixels or None) of step ``step`` of ``stage`` (text, pretrain or sft)."""
     rng = random.Random(f"{recipe.seed}:{stage}:{step}")
-    samples = [example(processor, rng, stage, recipe.mix) for _ in range(recipe.batch_size)]
+    kind, mix = ("pretrain", (0.0, 0.0, 1.0)) if stage == "text" else (stage, recipe.mix)
+    samples = [example(processor, rng, kind, mix) for _ in range(recipe.batch_size)]
     ids, mask = collate([(i, m) for i, m, _ in samples], processor.tokenizer.pad_token_id)
     pixels = [p.pixels for _, _, prepared in samples for p in prepared]
     px = np.concatenate(pixels) if pixels else None
@@ -187,8 +193,8 @@ def loss_fn(model: Model, ids, mask, pixels):
 
 
 def schedule(recipe: Recipe, stage: str, total: int):
-    peak = {"encoder": recipe.encoder_learning_rate, "pretrain": recipe.learning_rate,
-            "sft": recipe.sft_learning_rate}[stage]
+    peak = {"text": recipe.learning_rate, "encoder": recipe.encoder_learning_rate,
+            "pretrain": recipe.learning_rate, "sft": recipe.sft_learning_rate}[stage]
     warm = optim.linear_schedule(0.0, peak, recipe.warmup)
     cos = optim.cosine_decay(peak, max(1, total - recipe.warmup), end=0.1 * peak)
     return optim.join_schedules([warm, cos], [recipe.warmup])
@@ -227,7 +233,8 @@ def load_state(run: Path, model: Model, head: nn.Module | None = None
     return stage, step, losses, opt_state
 
 
-STAGE_STYLES = {"encoder": dict(color="tab:green", linewidth=0.8),
+STAGE_STYLES = {"text": dict(color="tab:gray", linewidth=0.8),
+                "encoder": dict(color="tab:green", linewidth=0.8),
                 "pretrain": dict(color="tab:blue", linewidth=0.8),
                 "sft": dict(color="tab:orange", linewidth=0.8)}
 
@@ -301,6 +308,8 @@ def _train(recipe: Recipe, run: Path, save_every: int, out: Path | None, quiet: 
             opt.state = opt_state
         else:
             start = 0
+            if name == "pretrain" and recipe.decoder_init:
+                model.language_model.load_weights(recipe.decoder_init)
         end = steps[name] if max_steps is None else min(steps[name], start + max_steps)
         stopped = run_stage(r, name, opt, start, end)
         if stopped:  # by max_steps or stop(): the next call resumes
@@ -326,7 +335,8 @@ def build(recipe: Recipe, run: Path) -> tuple[Model, Processor, SlotHead]:
 
 
 def stage_steps(recipe: Recipe) -> dict[str, int]:
-    return dict(zip(STAGES, (recipe.encoder_steps, recipe.pretrain_steps, recipe.sft_steps)))
+    return dict(zip(STAGES, (recipe.text_steps, recipe.encoder_steps, recipe.pretrain_steps,
+                             recipe.sft_steps)))
 
 
 def prepare_stage(r: Run, name: str):
@@ -337,7 +347,10 @@ def prepare_stage(r: Run, name: str):
         return (trained, nn.value_and_grad(trained, encoder_loss),
                 lambda s: make_encoder_batch(r.processor, r.recipe, s))
     r.model.unfreeze()
-    if r.recipe.freeze_vision and r.recipe.encoder_steps:
+    if name == "text":  # the decoder alone
+        r.model.vision_tower.freeze()
+        r.model.connector.freeze()
+    elif r.recipe.freeze_vision and r.recipe.encoder_steps:
         r.model.vision_tower.freeze()
     return (r.model, nn.value_and_grad(r.model, loss_fn),
             lambda s: make_batch(r.processor, r.recipe, name, s))
