@@ -230,20 +230,7 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
             if a == b:
                 continue
             end = S - L + b if causal else S  # causal row i sees keys up to S - L + i
-            s = q[..., a:b, :] @ kt[..., :end]
-            mx.eval(s)
-            p = shared_view(s)
-            shared = p is not None
-            if not shared:  # MLX did not lend its buffer: work on a copy
-                p = np.array(s)
-            if causal:  # only the block's last b - a keys are hidden from some of its rows
-                np.copyto(p[..., S - L + a:end], -np.inf, where=np.tri(b - a, k=-1, dtype=bool).T)
-            elif mask is not None:
-                m = np.asarray(mask[..., a:b, :])
-                if m.dtype == np.bool_:
-                    np.copyto(p, -np.inf, where=~m)
-                else:
-                    p += m * np.float32(LOG2E)
+            s, p, shared = _masked_scores(q, kt, mask, a, b, end, S, L)
             m = p.max(axis=-1, keepdims=True)
             if not -SHIFT_FREE <= m.min() <= m.max() <= SHIFT_FREE:
                 p -= m  # softmax is shift-invariant: shift only when 2^s could overflow
@@ -261,14 +248,16 @@ def _numpy_attention(q, k, v, mask) -> mx.array:
     return fn(q, k, v)
 
 
-def _softmax_block(q, kt, mask, a: int, b: int, end: int, S: int, L: int) -> np.ndarray:
-    """Normalized softmax rows a..b of base-2 scores against keys ..end, in numpy."""
+def _masked_scores(q, kt, mask, a: int, b: int, end: int, S: int, L: int):
+    """Base-2 scores of query rows a..b against keys ..end, masked: (MLX array, numpy view of
+    it or a copy where MLX does not lend its buffer, whether the view is shared)."""
     s = q[..., a:b, :] @ kt[..., :end]
     mx.eval(s)
     p = shared_view(s)
-    if p is None:
+    shared = p is not None
+    if not shared:  # MLX did not lend its buffer: work on a copy
         p = np.array(s)
-    if isinstance(mask, str):
+    if isinstance(mask, str):  # causal: only the block's last b - a keys are hidden from some rows
         np.copyto(p[..., S - L + a:end], -np.inf, where=np.tri(b - a, k=-1, dtype=bool).T)
     elif mask is not None:
         m = np.asarray(mask[..., a:b, :])
@@ -276,6 +265,12 @@ def _softmax_block(q, kt, mask, a: int, b: int, end: int, S: int, L: int) -> np.
             np.copyto(p, -np.inf, where=~m)
         else:
             p += m * np.float32(LOG2E)
+    return s, p, shared
+
+
+def _softmax_block(q, kt, mask, a: int, b: int, end: int, S: int, L: int) -> np.ndarray:
+    """Normalized softmax rows a..b of base-2 scores against keys ..end, in numpy."""
+    p = _masked_scores(q, kt, mask, a, b, end, S, L)[1]
     p -= p.max(axis=-1, keepdims=True)
     np.exp2(p, out=p)
     p /= p.sum(axis=-1, keepdims=True)
