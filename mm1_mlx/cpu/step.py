@@ -56,6 +56,7 @@ class DecodeStep:
     def __init__(self, lm):
         self.lm = lm
         self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
+        self.quantized = ["scales" in layer.self_attn.o_proj for layer in lm.layers]
 
     def accepts(self, cache) -> bool:
         """Whether the step can advance ``cache`` (plain float32 mlx-lm ``KVCache``\\ s)."""
@@ -66,8 +67,9 @@ class DecodeStep:
     def __call__(self, embeds: mx.array, cache) -> mx.array:
         """Logits (1, 1, V) for one token's embedding (1, 1, D), advancing ``cache``."""
         x = np.array(embeds, dtype=np.float32).reshape(-1)
+        pool = any(self.quantized) and quant.threads() > 1  # once a step: ~30 us a call
         for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
-            x = _layer(x, c, layer, self._tables(i, c.offset + 1))
+            x = _layer(x, c, layer, self._tables(i, c.offset + 1), pool and self.quantized[i])
         mx.eval([(c.keys, c.values) for c in cache])
         return mx.array(_linear(_head(self.lm), _rms_norm(x, self.lm.model.norm)))[None, None]
 
@@ -213,7 +215,7 @@ def _plain(layer, experts: bool = False) -> bool:
             and layer.weight.dtype == mx.float32 and np.asarray(layer.weight).flags.c_contiguous)
 
 
-def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
+def _layer(x: np.ndarray, cache, layer, tables, pooled: bool = False) -> np.ndarray:
     at = layer.self_attn
     h = _rms_norm(x, layer.input_layernorm)
     q = _linear(at.q_proj, h).reshape(at.n_heads, -1)
@@ -223,7 +225,7 @@ def _layer(x: np.ndarray, cache, layer, tables) -> np.ndarray:
     pos = cache.offset
     a, b = np.asarray(a)[pos], np.asarray(b)[pos]  # views of evaluated tables: no MLX op
     q, k = q * a + swap(q) * b, k * a + swap(k) * b
-    o = _attend(q, k, v, cache, at.scale, pooled="scales" in at.o_proj)
+    o = _attend(q, k, v, cache, at.scale, pooled)
     cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])  # lazy
     x = x + _linear(at.o_proj, o.reshape(-1))
     return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
@@ -233,12 +235,12 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
             pooled: bool = False) -> np.ndarray:
     """Attention of the new token (q (Hq, D), its k/v (Hkv, D)) over the cached positions and
     itself, before the cache holds it: (Hq, D). In a layer whose products run in ``cpu.quant``'s
-    kernels (``pooled``) on several threads, in their thread pool too: one pool per step (two
+    kernels on several threads (``pooled``), in their thread pool too: one pool per step (two
     fought over 2 cores: 35 vs 49 ms a step at 2 threads); on one, BLAS is 3% faster."""
     Hkv, D = k.shape
     q = q.reshape(Hkv, -1, D) * np.float32(scale * LOG2E)  # base-2 scores
     rep, pos = q.shape[1], cache.offset
-    if pooled and pos and quant.threads() > 1:
+    if pooled and pos:
         keys, values = np.asarray(cache.keys)[0], np.asarray(cache.values)[0]
         if keys.flags.c_contiguous and values.flags.c_contiguous:
             return quant.attend(q, keys, values, pos, k, v).reshape(-1, D)
