@@ -130,7 +130,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.
     base-2 scores of ``q`` (Hkv, rep, D) against ``keys``/``values`` (Hkv, capacity, D) up to
     ``pos``, then its own ``k``/``v`` (Hkv, D). Returns (Hkv, rep, D)."""
     out = np.empty(q.shape, np.float32)
-    fn = kernels().attend if keys[:, :pos].nbytes >= PARALLEL_BYTES else kernels().attend_serial
+    fn = _kernel("attend", keys[:, :pos])  # split over the threads from PARALLEL_BYTES of keys
     fn(np.ascontiguousarray(q, dtype=np.float32), keys, values, pos, k, v, out)
     return out
 
