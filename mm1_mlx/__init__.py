@@ -1,20 +1,24 @@
 """mm1-mlx: an MM1-style multimodal LLM in MLX.
 
 Importing this package binds an optimized BLAS for MLX's Linux CPU backend before ``mlx.core``
-loads (see ``cpu/blas.py``) and makes OpenMP thread pools sleep between parallel regions (below);
-nothing else happens at import.
+loads (see ``cpu/blas.py``) and keeps OpenMP thread pools from spinning long between parallel
+regions (below); nothing else happens at import.
 """
 
 import os
 
 from .cpu.blas import backend_info, bind_blas
 
-# The quantized decode step alternates numba's OpenMP kernels with BLAS's own threads (attention)
-# ~130 times a token. Spinning pools took each other's cores: 4-bit decode at 2 threads ran at
-# 4 tok/s against 18 at one thread on 2 cores, and at 0.2-0.3 tok/s whenever another process was
-# busy. Passive waiting gives that back. It must be set before any OpenMP runtime loads (numba's
-# pool shares the libgomp that torch, imported by transformers, loads first); a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numba's OpenMP threads (the quantized decode step's kernels) spin only briefly between parallel
+# regions. libgomp's default spin (300,000 rounds) took the cores BLAS's threads needed (4-bit
+# decode ran at 4 tok/s at 2 threads); sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost a thread
+# wake-up at each of the ~130 regions of a step (2 threads were slower than one). 5,000 rounds
+# (tens of microseconds) span the gaps inside a step: 4-bit decode 40 -> 19 ms a token on 2 cores.
+# It must be set before an OpenMP runtime loads (numba's pool shares the libgomp that torch loads
+# first); a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. When another process wants the cores,
+# spinning threads lose to it: the decode step then times one thread against all (cpu/step.py).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 bind_blas()
 
 __version__ = "0.1.0"

@@ -166,15 +166,52 @@ def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, monkeypatch):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("user,want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_pools_sleep_unless_the_user_says(user, want):
-    # spinning OpenMP threads (numba's kernels) and BLAS's took each other's cores: 4 tok/s
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if user:
-        env["OMP_WAIT_POLICY"] = user
-    code = "import mm1_mlx, os; print(os.environ['OMP_WAIT_POLICY'])"
+@pytest.mark.parametrize("user,want", [({}, "5000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"),
+                                       ({"OMP_WAIT_POLICY": "PASSIVE"}, "unset")])
+def test_openmp_pools_spin_briefly_unless_the_user_says(user, want):
+    # libgomp's default spin took BLAS's cores (4 tok/s); sleeping at once made 2 threads slower
+    # than one; a user's OpenMP setting wins
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user)
+    code = "import mm1_mlx, os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == want, out.stderr
+
+
+def test_thread_choice_follows_the_faster_one():
+    choice = cpu_step.ThreadChoice(2)
+    steps = []
+
+    def run(n, quiet):
+        for _ in range(n):
+            used = choice.pick()
+            steps.append(used)
+            choice.record(used, (0.020 if used == 2 else 0.030) if quiet else
+                          (0.190 if used == 2 else 0.035))
+
+    run(40, quiet=True)  # both cores faster: one-thread tries, each after twice as long
+    assert [i for i, u in enumerate(steps) if u == 1] == [7, 23] and choice.current == 2
+    steps.clear()
+    run(30, quiet=False)  # another process busy: the next try of one thread takes over
+    assert choice.current == 1 and steps[-10:].count(2) <= 1
+    steps.clear()
+    run(40, quiet=True)  # the machine quiet again: back to both cores within a few tries
+    assert choice.current == 2 and steps[-5:] == [2] * 5
+    assert cpu_step.ThreadChoice(1).pick() == 1  # one thread: nothing to choose
+
+
+def test_decode_step_threads_do_not_change_logits(monkeypatch):
+    # each output row is summed by one thread, each head attended by one: the same bits on 1 or 2
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
+    lm = _lm(4, 64, False)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    most = cpu_quant.threads()
+    runs = {}
+    for n in (1, 2):
+        monkeypatch.setattr(cpu_step.ThreadChoice, "pick", lambda self, n=n: min(n, self.most))
+        runs[n] = _greedy(lm, prompt, 6)
+        assert cpu_quant.threads() == most  # the caller's setting is restored after each step
+    np.testing.assert_array_equal(runs[1], runs[2])
 
 
 @pytest.mark.parametrize("parallel", [True, False])

@@ -118,10 +118,17 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
 
 
 def threads() -> int:
-    """How many threads the kernels' parallel regions use (numba's setting)."""
+    """How many threads the kernels' parallel regions use (numba's setting, per calling thread)."""
     import numba
 
     return numba.get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels called from this thread on ``n`` threads (at most numba's launch count)."""
+    import numba
+
+    numba.set_num_threads(n)
 
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.ndarray,

@@ -19,6 +19,7 @@ the model's own ``__call__`` never takes this path.
 
 from __future__ import annotations
 
+import time
 from dataclasses import fields
 
 import mlx.core as mx
@@ -50,6 +51,47 @@ FIELDS = {
 }
 
 
+class ThreadChoice:
+    """How many threads a decode step whose products run in ``cpu.quant``'s kernels gives them:
+    all of numba's (``most``) or one, chosen by timing the steps.
+
+    On the quiet 2-core development VM two threads decode the benchmark's 4-bit decoder in ~19 ms
+    a token against ~31 on one. But the kernels' threads spin between parallel regions (see
+    ``mm1_mlx/__init__.py``), and with another busy process on the machine a 2-thread step took
+    190 ms against ~40 on one thread. The choice in use is timed at every step; the other one is
+    tried for a step after ``FIRST`` steps, then after twice as many each time it loses (at most
+    ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the median of the last
+    ``RECENT`` steps of the one in use (a median: the first step after a prefill waits for BLAS's
+    spinning threads, ~100 ms). The threads do not change the arithmetic: each output row is summed
+    by one thread."""
+
+    FIRST, LONGEST, MARGIN, RECENT = 8, 512, 0.85, 5
+
+    def __init__(self, most: int):
+        self.most, self.current = most, most
+        self.recent: list[float] = []  # seconds of the last steps with ``current``
+        self.wait = self.countdown = self.FIRST
+
+    def pick(self) -> int:
+        """The thread count for the next step."""
+        if self.most == 1:
+            return 1
+        self.countdown -= 1
+        return (1 if self.current == self.most else self.most) if self.countdown <= 0 \
+            else self.current
+
+    def record(self, used: int, seconds: float) -> None:
+        """The time of a step run with ``used`` threads (the last ``pick``)."""
+        if used == self.current:
+            self.recent = (self.recent + [seconds])[-self.RECENT:]
+            return
+        if self.recent and seconds < self.MARGIN * sorted(self.recent)[len(self.recent) // 2]:
+            self.current, self.recent, self.wait = used, [seconds], self.FIRST
+        else:
+            self.wait = min(2 * self.wait, self.LONGEST)
+        self.countdown = self.wait
+
+
 class DecodeStep:
     """The CPU decode step of one ``decoder.LanguageModel``, prepared for its current layers."""
 
@@ -57,6 +99,7 @@ class DecodeStep:
         self.lm = lm
         self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
         self.quantized = ["scales" in layer.self_attn.o_proj for layer in lm.layers]
+        self.threads: ThreadChoice | None = None  # for the kernels' pool, made at the first step
 
     def accepts(self, cache) -> bool:
         """Whether the step can advance ``cache`` (plain float32 mlx-lm ``KVCache``\\ s)."""
@@ -66,10 +109,25 @@ class DecodeStep:
 
     def __call__(self, embeds: mx.array, cache) -> mx.array:
         """Logits (1, 1, V) for one token's embedding (1, 1, D), advancing ``cache``."""
+        if not any(self.quantized):
+            return self._run(embeds, cache)
+        most = quant.threads()  # the caller's numba setting, restored after the step
+        if self.threads is None or self.threads.most != most:
+            self.threads = ThreadChoice(most)
+        n = self.threads.pick()
+        quant.set_threads(n)
+        start = time.perf_counter()
+        try:
+            logits = self._run(embeds, cache)
+        finally:
+            quant.set_threads(most)
+        self.threads.record(n, time.perf_counter() - start)
+        return logits
+
+    def _run(self, embeds: mx.array, cache) -> mx.array:
         x = np.array(embeds, dtype=np.float32).reshape(-1)
-        pool = any(self.quantized) and quant.threads() > 1  # once a step: ~30 us a call
         for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
-            x = _layer(x, c, layer, self._tables(i, c.offset + 1), pool and self.quantized[i])
+            x = _layer(x, c, layer, self._tables(i, c.offset + 1), self.quantized[i])
         mx.eval([(c.keys, c.values) for c in cache])
         return mx.array(_linear(_head(self.lm), _rms_norm(x, self.lm.model.norm)))[None, None]
 
@@ -235,8 +293,9 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
             pooled: bool = False) -> np.ndarray:
     """Attention of the new token (q (Hq, D), its k/v (Hkv, D)) over the cached positions and
     itself, before the cache holds it: (Hq, D). In a layer whose products run in ``cpu.quant``'s
-    kernels on several threads (``pooled``), in their thread pool too: one pool per step (two
-    fought over 2 cores: 35 vs 49 ms a step at 2 threads); on one, BLAS is 3% faster."""
+    kernels (``pooled``), on their threads too, as many as the step gives them (``ThreadChoice``):
+    BLAS's own threads fought the kernels' over 2 cores (35 vs 49 ms a step at 2 threads), and
+    with another busy process, BLAS's at 2 threads beside the kernels' at one took 185 ms a step."""
     Hkv, D = k.shape
     q = q.reshape(Hkv, -1, D) * np.float32(scale * LOG2E)  # base-2 scores
     rep, pos = q.shape[1], cache.offset
