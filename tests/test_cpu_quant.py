@@ -15,6 +15,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from mm1_mlx.cpu import blas
 from mm1_mlx.cpu import quant as cpu_quant
 from mm1_mlx.cpu import step as cpu_step
 from mm1_mlx.cpu.ops import Linear, on_cpu
@@ -124,8 +125,9 @@ def _lm(bits, group, moe):
     mx.random.seed(11)
     lm = LanguageModel(TextConfig(**kw))
     lm.update(nn.utils.tree_map(lambda p: p * 3 if p.ndim >= 2 else p, lm.parameters()))
-    nn.quantize(lm, group_size=group, bits=bits,
-                class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    if bits:  # else float32
+        nn.quantize(lm, group_size=group, bits=bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized"))
     lm.set_dtype(mx.float32)  # what load gives a quantized model on the CPU
     mx.eval(lm.parameters())
     lm.eval()
@@ -200,17 +202,21 @@ def test_thread_choice_follows_the_faster_one():
     assert cpu_step.ThreadChoice(1).pick() == 1  # one thread: nothing to choose
 
 
-def test_decode_step_threads_do_not_change_logits(monkeypatch):
+@pytest.mark.parametrize("bits", [4, None])
+def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
     # each output row is summed by one thread, each head attended by one: the same bits on 1 or 2
+    # threads, the kernels' (quantized) or BLAS's (float32)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
-    lm = _lm(4, 64, False)
+    lm = _lm(bits, 64, False)
+    pool = cpu_quant if bits else blas
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
-    most = cpu_quant.threads()
+    most = pool.threads()
     runs = {}
     for n in (1, 2):
         monkeypatch.setattr(cpu_step.ThreadChoice, "pick", lambda self, n=n: min(n, self.most))
-        runs[n] = _greedy(lm, prompt, 6)
-        assert cpu_quant.threads() == most  # the caller's setting is restored after each step
+        calls = []
+        runs[n] = _greedy(lm, prompt, 6, calls)
+        assert all(calls) and pool.threads() == most  # the step ran; the setting is restored
     np.testing.assert_array_equal(runs[1], runs[2])
 
 

@@ -423,6 +423,22 @@ def sgemm_batch_strided():
     return _blas_function("cblas_sgemm_batch_strided", "iiiiiifpiipiifpiii")
 
 
+def threads() -> int | None:
+    """How many threads the bound OpenBLAS gives a product (process-wide), or None without one."""
+    fn = _blas_function("openblas_get_num_threads", "")
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int
+    return fn()
+
+
+def set_threads(n: int) -> None:
+    """Give the bound OpenBLAS's products ``n`` threads (process-wide; MLX's matmuls too)."""
+    fn = _blas_function("openblas_set_num_threads", "i")
+    if fn is not None:
+        fn(n)
+
+
 _CTYPES = {"i": ctypes.c_int, "f": ctypes.c_float, "p": ctypes.c_void_p}
 
 

@@ -52,18 +52,20 @@ FIELDS = {
 
 
 class ThreadChoice:
-    """How many threads a decode step whose products run in ``cpu.quant``'s kernels gives them:
-    all of numba's (``most``) or one, chosen by timing the steps.
+    """How many threads a decode step gives its products: all (``most``) or one, chosen by timing
+    the steps. The threads are ``cpu.quant``'s kernels' where the model has quantized layers, else
+    the bound BLAS's.
 
-    On the quiet 2-core development VM two threads decode the benchmark's 4-bit decoder in ~19 ms
-    a token against ~31 on one. But the kernels' threads spin between parallel regions (see
-    ``mm1_mlx/__init__.py``), and with another busy process on the machine a 2-thread step took
-    190 ms against ~40 on one thread. The choice in use is timed at every step; the other one is
-    tried for a step after ``FIRST`` steps, then after twice as many each time it loses (at most
-    ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the median of the last
-    ``RECENT`` steps of the one in use (a median: the first step after a prefill waits for BLAS's
-    spinning threads, ~100 ms). The threads do not change the arithmetic: each output row is summed
-    by one thread."""
+    On the quiet 2-core development VM two threads decode the benchmark's 4-bit decoder in ~19-23
+    ms a token against ~31 on one, and its float32 one in ~47 against ~71. But both pools spin
+    between products (the kernels' briefly, see ``mm1_mlx/__init__.py``; OpenBLAS's for ~0.1 s),
+    and with one other busy process on the machine a 2-thread step took 70-190 ms (4-bit) and
+    140-220 ms (float32), against ~31 and ~73 on one thread. The choice in use is timed at every
+    step; the other one is tried for a step after ``FIRST`` steps, then after twice as many each
+    time it loses (at most ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the
+    median of the last ``RECENT`` steps of the one in use (a median: the first step after a
+    prefill waits for BLAS's spinning threads, ~100 ms). The threads do not change the
+    arithmetic: each output row is summed by one thread."""
 
     FIRST, LONGEST, MARGIN, RECENT = 8, 512, 0.85, 5
 
@@ -109,18 +111,21 @@ class DecodeStep:
 
     def __call__(self, embeds: mx.array, cache) -> mx.array:
         """Logits (1, 1, V) for one token's embedding (1, 1, D), advancing ``cache``."""
-        if not any(self.quantized):
+        pool = quant if any(self.quantized) else blas
+        most = pool.threads()  # the caller's setting, restored after the step
+        if most is None:  # no bound BLAS: numpy's products
             return self._run(embeds, cache)
-        most = quant.threads()  # the caller's numba setting, restored after the step
         if self.threads is None or self.threads.most != most:
             self.threads = ThreadChoice(most)
         n = self.threads.pick()
-        quant.set_threads(n)
+        if n != most:
+            pool.set_threads(n)
         start = time.perf_counter()
         try:
             logits = self._run(embeds, cache)
         finally:
-            quant.set_threads(most)
+            if n != most:
+                pool.set_threads(most)
         self.threads.record(n, time.perf_counter() - start)
         return logits
 
