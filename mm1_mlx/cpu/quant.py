@@ -186,8 +186,8 @@ def _kernel(name: str, w: np.ndarray):
 def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
     out = np.empty(a["weight"].shape[0], np.float32)
     w = a["weight"]
-    g64 = bits == 4 and w.shape[1] == a["scales"].shape[1] * 8  # 8 words: 64 values a group
-    fn = _kernel("gemv4_g64" if g64 else f"gemv{bits}", w)
+    g64 = w.shape[1] * 32 // bits == a["scales"].shape[1] * 64  # 64 values a group
+    fn = _kernel(f"gemv{bits}_g64" if g64 else f"gemv{bits}", w)
     fn(w.view(np.uint8), a["scales"], a["biases"], x, out)
     return out
 

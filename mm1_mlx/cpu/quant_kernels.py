@@ -195,6 +195,44 @@ def gemv8(w, scales, biases, x, out):
 
 
 @njit(**_OPTIONS)
+def gemv8_g64(w, scales, biases, x, out):
+    """``gemv8`` for groups of 64 values, as ``gemv4_g64`` is for 4 bits: 64 lanes of scaled
+    partial sums per row across its groups (one horizontal sum a row, not one a group), rows two
+    at a time, the rows ``AHEAD`` bytes on prefetched, blocks of ``BLOCK`` rows per thread."""
+    N, K = w.shape
+    G = K // 64
+    flat, flat_scales, flat_biases = w.reshape(-1), scales.reshape(-1), biases.reshape(-1)
+    sums = x.reshape(G, 64).sum(axis=1)
+    for blk in prange((N + BLOCK - 1) // BLOCK):
+        acc = np.zeros((2, 64), np.float32)
+        end = min(N, blk * BLOCK + BLOCK)
+        for n0 in range(blk * BLOCK, end, 2):
+            n1 = min(n0 + 1, end - 1)  # an odd last row is computed twice, written once
+            ahead = n0 * K + AHEAD
+            for c in range(0, min(2 * K, flat.size - ahead), 64):
+                _prefetch(flat, ahead + c)
+            ahead = n0 * G + AHEAD // 64
+            for c in range(0, min(2 * G, flat_scales.size - ahead), 16):
+                _prefetch(flat_scales, ahead + c)
+                _prefetch(flat_biases, ahead + c)
+            r0, r1 = w[n0], w[n1]
+            acc[:] = 0
+            t0 = t1 = np.float32(0)
+            for g in range(G):
+                lo = g * 64
+                s0, s1 = scales[n0, g], scales[n1, g]
+                for i in range(64):
+                    v = x[lo + i]
+                    acc[0, i] += s0 * (np.float32(r0[lo + i]) * v)
+                    acc[1, i] += s1 * (np.float32(r1[lo + i]) * v)
+                s = sums[g]
+                t0 += biases[n0, g] * s
+                t1 += biases[n1, g] * s
+            out[n1] = t1 + acc[1].sum()
+            out[n0] = t0 + acc[0].sum()
+
+
+@njit(**_OPTIONS)
 def dequantize4(w, scales, biases, out):
     """out (N, K) = scale * q + bias for 4-bit w (N, K / 2) bytes."""
     N, B = w.shape
@@ -267,6 +305,7 @@ _SERIAL = dict(_OPTIONS, parallel=False)
 gemv4_serial = njit(**_SERIAL)(gemv4.py_func)
 gemv4_g64_serial = njit(**_SERIAL)(gemv4_g64.py_func)
 gemv8_serial = njit(**_SERIAL)(gemv8.py_func)
+gemv8_g64_serial = njit(**_SERIAL)(gemv8_g64.py_func)
 dequantize4_serial = njit(**_SERIAL)(dequantize4.py_func)
 dequantize8_serial = njit(**_SERIAL)(dequantize8.py_func)
 attend_serial = njit(**_SERIAL)(attend.py_func)
