@@ -106,6 +106,19 @@ def gemv4(w, scales, biases, x, out):
         out[n0], out[n0 + 1], out[n0 + 2], out[n0 + 3] = t0, t1, t2, t3
 
 
+@njit(**_INLINE)
+def _prefetch_rows(flat, flat_scales, flat_biases, n0, B, G):
+    """Ask for rows ``n0`` and ``n0 + 1`` of ``AHEAD`` bytes on (``B`` bytes a row), and for their
+    scales and biases (``G`` a row) as many rows ahead."""
+    ahead = n0 * B + AHEAD
+    for c in range(0, min(2 * B, flat.size - ahead), 64):  # two rows' cache lines
+        _prefetch(flat, ahead + c)
+    ahead = n0 * G + AHEAD * G // B
+    for c in range(0, min(2 * G, flat_scales.size - ahead), 16):
+        _prefetch(flat_scales, ahead + c)
+        _prefetch(flat_biases, ahead + c)
+
+
 PER64 = 32  # bytes in a 4-bit group of 64 values (MLX's default group size)
 BLOCK = 64  # rows per parallel block of ``gemv4_g64``
 
@@ -128,13 +141,7 @@ def gemv4_g64(w, scales, biases, x, out):
         end = min(N, blk * BLOCK + BLOCK)
         for n0 in range(blk * BLOCK, end, 2):
             n1 = min(n0 + 1, end - 1)  # an odd last row is computed twice, written once
-            ahead = n0 * B + AHEAD
-            for c in range(0, min(2 * B, flat.size - ahead), 64):  # two rows' cache lines
-                _prefetch(flat, ahead + c)
-            ahead = n0 * G + AHEAD // PER64  # their scales and biases, as many rows ahead
-            for c in range(0, min(2 * G, flat_scales.size - ahead), 16):
-                _prefetch(flat_scales, ahead + c)
-                _prefetch(flat_biases, ahead + c)
+            _prefetch_rows(flat, flat_scales, flat_biases, n0, B, G)
             r0, r1 = w[n0], w[n1]
             acc[:] = 0
             t0 = t1 = np.float32(0)
@@ -208,13 +215,7 @@ def gemv8_g64(w, scales, biases, x, out):
         end = min(N, blk * BLOCK + BLOCK)
         for n0 in range(blk * BLOCK, end, 2):
             n1 = min(n0 + 1, end - 1)  # an odd last row is computed twice, written once
-            ahead = n0 * K + AHEAD
-            for c in range(0, min(2 * K, flat.size - ahead), 64):
-                _prefetch(flat, ahead + c)
-            ahead = n0 * G + AHEAD // 64
-            for c in range(0, min(2 * G, flat_scales.size - ahead), 16):
-                _prefetch(flat_scales, ahead + c)
-                _prefetch(flat_biases, ahead + c)
+            _prefetch_rows(flat, flat_scales, flat_biases, n0, K, G)
             r0, r1 = w[n0], w[n1]
             acc[:] = 0
             t0 = t1 = np.float32(0)
