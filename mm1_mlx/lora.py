@@ -81,6 +81,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="a random zoom/shift/rotation, colour, noise and JPEG variation of each "
                         "training image at every step (default on; --no-augment: off)")
+    p.add_argument("--train-vision-embeddings", action=argparse.BooleanOptionalAction,
+                   help="with --train-vision, also train the ViT's patch and position "
+                        "embeddings whole, at 0.1x the learning rate")
     p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
                    help="also train the whole connector")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,

@@ -246,6 +246,29 @@ def test_connector_training(tmp_path, tiny_checkpoint, data):
     assert any(not mx.allclose(base[k], v).item() for k, v in conn.items())
 
 
+def test_vision_embeddings_training(tmp_path, tiny_checkpoint, data):
+    """The ViT's embeddings train whole, at a tenth of the LoRA rate, are saved with the adapter,
+    load back and resume (two optimizers' state)."""
+    out = tmp_path / "ad"
+    args = small_args(tiny_checkpoint, data, out, iters=2, train_vision_embeddings=True)
+    lora.train(args, quiet=True)
+    saved = mx.load(str(out / "adapters.safetensors"))
+    embeds = {k: v for k, v in saved.items() if adapters.is_vision_embedding(k)}
+    assert "vision_tower.embeddings.patch_embedding.weight" in embeds
+    model, _ = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    plain, _ = checkpoint.load(str(tiny_checkpoint))
+    params, base = dict(tree_flatten(model.parameters())), dict(tree_flatten(plain.parameters()))
+    assert all(mx.array_equal(params[k], v) for k, v in embeds.items())
+    moved = max(mx.abs(base[k] - v).max().item() for k, v in embeds.items())
+    # 2 Adam steps (no bias correction: up to ~7 x lr) at lr/10, not at lr
+    assert 0 < moved < args.learning_rate
+    lora.train(dataclasses.replace(args, iters=3, resume=True), quiet=True)
+    assert json.loads((out / trainer.LOG_FILE).read_text())["step"] == 3
+    with pytest.raises(MM1Error, match="other LoRA settings"):
+        lora.train(dataclasses.replace(args, iters=4, resume=True, train_vision_embeddings=False),
+                   quiet=True)
+
+
 def _adapters(path):
     return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
 

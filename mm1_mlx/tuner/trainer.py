@@ -43,6 +43,9 @@ DAMAGED = "; start over with --force or use another --adapter-path"
 # chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
 DEFAULT_EPOCHS = 8.0
 MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
+# whole pretrained weights (the ViT's embeddings) move at this fraction of the LoRA learning rate:
+# Adam moves every weight ~lr a step, and 1e-3 is 2% of a patch filter's typical size
+WHOLE_WEIGHT_LR_SCALE = 0.1
 
 
 @dataclass
@@ -68,6 +71,7 @@ class TrainingArgs:
     train_vision: bool = True  # LoRA on every ViT layer of the image encoder too
     augment: bool = True  # a fresh random variation of each training image at every step
     train_connector: bool = False
+    train_vision_embeddings: bool = False  # the ViT's patch/position embeddings, trained whole
     grad_checkpoint: bool = False
     mask_prompt: bool = True
     max_length: int | None = None  # default: the decoder's max_position_embeddings
@@ -162,6 +166,8 @@ def setup_model(args: TrainingArgs):
         if any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules()):
             raise MM1Error("--train-connector needs a float connector; this one is quantized")
         model.connector.unfreeze()
+    if args.train_vision_embeddings and vision:
+        adapters.unfreeze_vision_embeddings(model)
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -177,15 +183,27 @@ def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
     return ce / ntok + aux_weight * aux
 
 
-def make_optimizer(args: TrainingArgs):
-    lr = args.learning_rate
+def lr_schedule(args: TrainingArgs, peak: float):
+    """Warm-up to ``peak``, then cosine to 10% of it or constant."""
+    lr = peak
     if args.lr_schedule == "cosine":
-        lr = optim.cosine_decay(lr, max(1, args.iters - args.warmup), end=0.1 * lr)
+        lr = optim.cosine_decay(peak, max(1, args.iters - args.warmup), end=0.1 * peak)
     if args.warmup:
-        warm = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
-        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: args.learning_rate)],
-                                  [args.warmup])
-    return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+        warm = optim.linear_schedule(0.0, peak, args.warmup)
+        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: peak)], [args.warmup])
+    return lr
+
+
+def make_optimizer(args: TrainingArgs, vision_embeddings: bool = False):
+    """AdamW; when the ViT's embeddings train (``vision_embeddings``) a second one for those
+    whole weights, at ``WHOLE_WEIGHT_LR_SCALE`` of the learning rate."""
+    opt = optim.AdamW(learning_rate=lr_schedule(args, args.learning_rate),
+                      weight_decay=args.weight_decay)
+    if not vision_embeddings:
+        return opt
+    whole = optim.AdamW(learning_rate=lr_schedule(args, WHOLE_WEIGHT_LR_SCALE * args.learning_rate),
+                        weight_decay=args.weight_decay)
+    return optim.MultiOptimizer([opt, whole], [lambda k, _: not adapters.is_vision_embedding(k)])
 
 
 # ---- batches ----
@@ -251,8 +269,9 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
         return None
     saved = adapters.read_config(path)
     adapters.check_base(model, saved, path)
-    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or \
-            saved.get("train_connector") != adapter_cfg["train_connector"]:
+    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or any(
+            saved.get(k, False) != adapter_cfg[k]
+            for k in ("train_connector", "train_vision_embeddings")):
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
     try:
@@ -396,8 +415,9 @@ def setup(args: TrainingArgs, group, quiet: bool) -> Session:
            "processes": group.size(), "step": 0, "train": [], "valid": [], "skipped": skipped,
            "trainable_parameters": sum(v.size for v in adapters.trainable_weights(model).values()),
            "train_samples": len(train_ds), "valid_samples": len(valid_ds)}
-    return Session(args, model, processor, make_optimizer(args),
-                   adapters.adapter_config(model, params, args.train_connector),
+    embeddings = args.train_vision_embeddings and params["vision_layers"] != 0
+    return Session(args, model, processor, make_optimizer(args, embeddings),
+                   adapters.adapter_config(model, params, args.train_connector, embeddings),
                    train_ds, valid_ds, group, log)
 
 
