@@ -124,6 +124,11 @@ def is_vision_embedding(name: str) -> bool:
     return name.startswith(VISION_EMBEDDINGS)
 
 
+def is_lora(name: str) -> bool:
+    """Whether a parameter path names a LoRA matrix (else a whole trained weight)."""
+    return name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+
+
 def trainable_weights(model: nn.Module) -> dict:
     return dict(tree_flatten(model.trainable_parameters()))
 
@@ -203,7 +208,7 @@ def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Modul
     apply_lora(model, config["lora_parameters"])
     params = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():
-        ok = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") or name.startswith(WHOLE_PARTS)
+        ok = is_lora(name) or name.startswith(WHOLE_PARTS)
         if not ok or name not in params:
             raise MM1Error(f"adapter {path} holds {name}, which this model does not have")
         if w.shape != params[name].shape:

@@ -43,7 +43,7 @@ DAMAGED = "; start over with --force or use another --adapter-path"
 # chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
 DEFAULT_EPOCHS = 8.0
 MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
-# whole pretrained weights (the ViT's embeddings) move at this fraction of the LoRA learning rate:
+# whole pretrained weights (connector, ViT embeddings) move at this fraction of the LoRA learning rate:
 # Adam moves every weight ~lr a step, and 1e-3 is 2% of a patch filter's typical size
 WHOLE_WEIGHT_LR_SCALE = 0.1
 
@@ -194,16 +194,16 @@ def lr_schedule(args: TrainingArgs, peak: float):
     return lr
 
 
-def make_optimizer(args: TrainingArgs, vision_embeddings: bool = False):
-    """AdamW; when the ViT's embeddings train (``vision_embeddings``) a second one for those
-    whole weights, at ``WHOLE_WEIGHT_LR_SCALE`` of the learning rate."""
+def make_optimizer(args: TrainingArgs, whole_weights: bool = False):
+    """AdamW for the LoRA matrices; when ``whole_weights`` train too (the connector, the ViT's
+    embeddings) a second AdamW for them at ``WHOLE_WEIGHT_LR_SCALE`` of the learning rate."""
     opt = optim.AdamW(learning_rate=lr_schedule(args, args.learning_rate),
                       weight_decay=args.weight_decay)
-    if not vision_embeddings:
+    if not whole_weights:
         return opt
     whole = optim.AdamW(learning_rate=lr_schedule(args, WHOLE_WEIGHT_LR_SCALE * args.learning_rate),
                         weight_decay=args.weight_decay)
-    return optim.MultiOptimizer([opt, whole], [lambda k, _: not adapters.is_vision_embedding(k)])
+    return optim.MultiOptimizer([opt, whole], [lambda k, _: adapters.is_lora(k)])
 
 
 # ---- batches ----
@@ -416,7 +416,7 @@ def setup(args: TrainingArgs, group, quiet: bool) -> Session:
            "trainable_parameters": sum(v.size for v in adapters.trainable_weights(model).values()),
            "train_samples": len(train_ds), "valid_samples": len(valid_ds)}
     embeddings = args.train_vision_embeddings and params["vision_layers"] != 0
-    return Session(args, model, processor, make_optimizer(args, embeddings),
+    return Session(args, model, processor, make_optimizer(args, embeddings or args.train_connector),
                    adapters.adapter_config(model, params, args.train_connector, embeddings),
                    train_ds, valid_ds, group, log)
 
