@@ -70,7 +70,7 @@ class TrainingArgs:
     lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
     train_vision: bool = True  # LoRA on every ViT layer of the image encoder too
     augment: bool = True  # a fresh random variation of each training image at every step
-    train_connector: bool = False
+    train_connector: bool | None = None  # the whole connector, at 0.1x; None: when it is float
     train_vision_embeddings: bool = False  # the ViT's patch/position embeddings, trained whole
     grad_checkpoint: bool = False
     mask_prompt: bool = True
@@ -148,9 +148,11 @@ def _in_range(key: str, value: int, lo: int, hi: int, extra: str = "") -> None:
 
 # ---- model, loss, optimizer ----
 def setup_model(args: TrainingArgs):
-    """(model with LoRA layers, processor, LoRA parameters); only adapters (+ connector) train."""
+    """(model with LoRA layers, processor, LoRA parameters, ``args`` with ``train_connector``
+    and ``train_vision_embeddings`` decided for this model); only adapters (+ connector, ViT
+    embeddings) train."""
     from ..checkpoint import load
-    from ..models.quantization import QUANTIZED, dequantize_model, is_quantized
+    from ..models.quantization import dequantize_model, is_quantized
 
     model, processor = load(args.model)
     if args.dequantize_base and is_quantized(model):
@@ -162,18 +164,31 @@ def setup_model(args: TrainingArgs):
     params = adapters.lora_config(args.rank, args.alpha, args.dropout, args.lora_layers,
                                   list(args.lora_keys or adapters.LORA_KEYS), vision)
     adapters.apply_lora(model, params)
-    if args.train_connector:
-        if any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules()):
-            raise MM1Error("--train-connector needs a float connector; this one is quantized")
-        model.connector.unfreeze()
-    if args.train_vision_embeddings and vision:
-        adapters.unfreeze_vision_embeddings(model)
+    args = unfreeze_whole(model, args, vision != 0)
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.language_model.layers[0])  # recompute each layer in the backward
     model.train()
-    return model, processor, params
+    return model, processor, params, args
+
+
+def unfreeze_whole(model: nn.Module, args: TrainingArgs, vit: bool) -> TrainingArgs:
+    """Unfreeze the parts trained whole; returns ``args`` with ``train_connector`` (None: when the
+    connector is float) and ``train_vision_embeddings`` (only with a ViT's LoRA) decided."""
+    from ..models.quantization import QUANTIZED
+
+    float_connector = not any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules())
+    if args.train_connector and not float_connector:
+        raise MM1Error("--train-connector needs a float connector; this one is quantized")
+    args = dataclasses.replace(
+        args, train_connector=float_connector if args.train_connector is None
+        else args.train_connector, train_vision_embeddings=args.train_vision_embeddings and vit)
+    if args.train_connector:
+        model.connector.unfreeze()
+    if args.train_vision_embeddings:
+        adapters.unfreeze_vision_embeddings(model)
+    return args
 
 
 def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
@@ -331,8 +346,19 @@ def describe_schedule(args: TrainingArgs, samples: int, size: int, vision_layers
     return (f"training {args.iters} steps of batch {args.batch_size * args.grad_accumulation} "
             f"over {samples} samples ({epochs:.1f} epochs), learning rate {lr} after "
             f"{args.warmup} warm-up steps, LoRA rank {args.rank} alpha {args.alpha:g} on {layers} "
-            f"decoder layers and {vision_layers or 'no'} image-encoder layers, image augmentation "
-            f"{'on' if args.augment else 'off'}" + (f", {size} processes" if size > 1 else ""))
+            f"decoder layers and {vision_layers or 'no'} image-encoder layers{whole_parts(args)}, "
+            f"image augmentation {'on' if args.augment else 'off'}"
+            + (f", {size} processes" if size > 1 else ""))
+
+
+def whole_parts(args: TrainingArgs) -> str:
+    """The schedule line's words for the weights trained whole (or "")."""
+    parts = [name for on, name in ((args.train_connector, "the connector"),
+                                   (args.train_vision_embeddings, "the image-encoder embeddings"))
+             if on]
+    if not parts:
+        return ""
+    return f", {' and '.join(parts)} whole at {WHOLE_WEIGHT_LR_SCALE * args.learning_rate:g}"
 
 
 def one_host(group) -> bool:
@@ -408,16 +434,17 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
 
 def setup(args: TrainingArgs, group, quiet: bool) -> Session:
     """The model with adapters, the data (bad records reported), the optimizer, a fresh log."""
-    model, processor, params = setup_model(args)
+    model, processor, params, args = setup_model(args)
     train_ds, valid_ds, skipped = load_data(args, processor, model, group.rank(), quiet)
     args = args.schedule(len(train_ds))
     log = {"base_model": model.config.name, "args": dataclasses.asdict(args),
            "processes": group.size(), "step": 0, "train": [], "valid": [], "skipped": skipped,
            "trainable_parameters": sum(v.size for v in adapters.trainable_weights(model).values()),
            "train_samples": len(train_ds), "valid_samples": len(valid_ds)}
-    embeddings = args.train_vision_embeddings and params["vision_layers"] != 0
-    return Session(args, model, processor, make_optimizer(args, embeddings or args.train_connector),
-                   adapters.adapter_config(model, params, args.train_connector, embeddings),
+    whole = args.train_vision_embeddings or args.train_connector
+    return Session(args, model, processor, make_optimizer(args, whole),
+                   adapters.adapter_config(model, params, args.train_connector,
+                                           args.train_vision_embeddings),
                    train_ds, valid_ds, group, log)
 
 
