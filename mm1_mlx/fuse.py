@@ -4,7 +4,8 @@
 
 A quantized base is de-quantized, merged and re-quantized with each layer's own settings, so the
 result is quantized exactly as the base was (``--dequantize`` writes a float checkpoint instead).
-A connector trained with ``--train-connector`` is part of the adapter and is saved as it is.
+A connector trained with the adapter (``--train-connector``, lora's default) and ViT embeddings
+trained with ``--train-vision-embeddings`` are part of the adapter and are saved as they are.
 """
 
 from __future__ import annotations

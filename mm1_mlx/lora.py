@@ -9,11 +9,13 @@ LoRA wraps the decoder's attention and MLP projections (MoE expert stacks includ
 gives QLoRA. By default LoRA also wraps every layer of a ViT image encoder (``--train-vision``;
 an encoder that never saw a new shape or colour may not tell it apart) and each training image is
 a fresh random variation at every step (``--augment``, ``mm1_mlx/tuner/augment.py``: without it an
-adapted encoder learns the training pictures' pixels). ``--train-connector`` also trains the whole
-connector. The loss falls on the assistant's tokens (``--mask-prompt``, the default);
-``--no-mask-prompt`` trains on every text token, prompts included (never on image tokens). Bad
-records are reported as FILE:LINE and left out (``--on-bad-data skip``, the default) or stop the
-run before it starts (``fail``).
+adapted encoder learns the training pictures' pixels), and the whole connector trains too, at a
+tenth of the learning rate (``--train-connector``, on when the connector is float;
+``--train-vision-embeddings`` adds the ViT's patch and position embeddings the same way). The
+loss falls on the assistant's tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains
+on every text token, prompts included (never on image tokens). Bad records are reported as
+FILE:LINE and left out (``--on-bad-data skip``, the default) or stop the run before it starts
+(``fail``).
 
 Every ``--save-every`` steps the adapter directory is rewritten atomically: adapters.safetensors,
 adapter_config.json, training_state.safetensors (optimizer state, step, losses), training_log.json
@@ -82,7 +84,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="a random zoom/shift/rotation, colour, noise and JPEG variation of each "
                         "training image at every step (default on; --no-augment: off)")
     p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
-                   help="also train the whole connector")
+                   help="also train the whole connector, at 0.1x the learning rate (default on "
+                        "unless it is quantized; --no-train-connector: LoRA layers alone)")
+    p.add_argument("--train-vision-embeddings", action=argparse.BooleanOptionalAction,
+                   help="with --train-vision, also train the ViT's patch and position "
+                        "embeddings whole, at 0.1x the learning rate (default off)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (less memory)")
     p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,

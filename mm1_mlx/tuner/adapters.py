@@ -35,6 +35,11 @@ LORA_TYPES = (LoRALinear, LoRASwitchLinear)
 # image-encoder (ViT) layer modules that get LoRA when ``vision_layers`` is not 0
 VISION_LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                     "mlp.fc1", "mlp.fc2", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+# the ViT's input side, trained whole with ``train_vision_embeddings``: patch, position and class
+# embeddings and the norm after them (what turns pixels into tokens: LoRA never reaches it)
+VISION_EMBEDDINGS = ("vision_tower.embeddings.", "vision_tower.pre_layrnorm.")
+# names an adapter file may hold besides LoRA matrices: whole trained parts of the model
+WHOLE_PARTS = ("connector.",) + VISION_EMBEDDINGS
 
 
 def base_identity(config) -> dict:
@@ -101,6 +106,29 @@ def apply_vision_lora(model: nn.Module, params: dict) -> None:
     linear_to_lora_layers(model.vision_tower.encoder, n, dict(params, keys=keys))
 
 
+def unfreeze_vision_embeddings(model: nn.Module) -> None:
+    """Train the ViT's embeddings and pre-norm whole (float ones only: a quantized position
+    embedding cannot be trained)."""
+    from ..models.quantization import QUANTIZED
+
+    vt = model.vision_tower
+    parts = [vt.embeddings] + ([vt.pre_layrnorm] if "pre_layrnorm" in vt else [])
+    if any(isinstance(m, QUANTIZED) for part in parts for _, m in part.named_modules()):
+        raise MM1Error("--train-vision-embeddings needs float image-encoder embeddings; these "
+                       "are quantized (--no-train-vision-embeddings)")
+    for part in parts:
+        part.unfreeze()
+
+
+def is_vision_embedding(name: str) -> bool:
+    return name.startswith(VISION_EMBEDDINGS)
+
+
+def is_lora(name: str) -> bool:
+    """Whether a parameter path names a LoRA matrix (else a whole trained weight)."""
+    return name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+
+
 def trainable_weights(model: nn.Module) -> dict:
     return dict(tree_flatten(model.trainable_parameters()))
 
@@ -113,9 +141,11 @@ def write_adapters(directory: Path, model: nn.Module, config: dict) -> None:
         json.dump(config, f, indent=2)
 
 
-def adapter_config(model: nn.Module, params: dict, train_connector: bool) -> dict:
+def adapter_config(model: nn.Module, params: dict, train_connector: bool,
+                   train_vision_embeddings: bool = False) -> dict:
     return {"fine_tune_type": "lora", "num_layers": params["num_layers"], "lora_parameters": params,
-            "train_connector": train_connector, "base_model": base_identity(model.config)}
+            "train_connector": train_connector, "train_vision_embeddings": train_vision_embeddings,
+            "base_model": base_identity(model.config)}
 
 
 def read_config(path: Path) -> dict:
@@ -148,8 +178,8 @@ def check_config(config, f: Path) -> None:
     need(all(isinstance(k, str) for k in params["keys"]) and params["keys"], f,
          "lora_parameters.keys", params["keys"], "a non-empty list of module names")
     need(params["num_layers"] != 0, f, "lora_parameters.num_layers", 0, "-1 (all) or >= 1")
-    need(isinstance(config.get("train_connector", False), bool), f, "train_connector",
-         config.get("train_connector"), "true or false")
+    for key in ("train_connector", "train_vision_embeddings"):
+        need(isinstance(config.get(key, False), bool), f, key, config.get(key), "true or false")
     need(isinstance(config.get("base_model") or {}, dict), f, "base_model",
          config.get("base_model"), "an object")
 
@@ -178,7 +208,7 @@ def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Modul
     apply_lora(model, config["lora_parameters"])
     params = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():
-        ok = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") or name.startswith("connector.")
+        ok = is_lora(name) or name.startswith(WHOLE_PARTS)
         if not ok or name not in params:
             raise MM1Error(f"adapter {path} holds {name}, which this model does not have")
         if w.shape != params[name].shape:

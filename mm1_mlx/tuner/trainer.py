@@ -43,6 +43,9 @@ DAMAGED = "; start over with --force or use another --adapter-path"
 # chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
 DEFAULT_EPOCHS = 8.0
 MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
+# whole pretrained weights (connector, ViT embeddings) move at this fraction of the LoRA learning rate:
+# Adam moves every weight ~lr a step, and 1e-3 is 2% of a patch filter's typical size
+WHOLE_WEIGHT_LR_SCALE = 0.1
 
 
 @dataclass
@@ -67,7 +70,8 @@ class TrainingArgs:
     lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
     train_vision: bool = True  # LoRA on every ViT layer of the image encoder too
     augment: bool = True  # a fresh random variation of each training image at every step
-    train_connector: bool = False
+    train_connector: bool | None = None  # the whole connector, at 0.1x; None: when it is float
+    train_vision_embeddings: bool = False  # the ViT's patch/position embeddings, trained whole
     grad_checkpoint: bool = False
     mask_prompt: bool = True
     max_length: int | None = None  # default: the decoder's max_position_embeddings
@@ -144,9 +148,11 @@ def _in_range(key: str, value: int, lo: int, hi: int, extra: str = "") -> None:
 
 # ---- model, loss, optimizer ----
 def setup_model(args: TrainingArgs):
-    """(model with LoRA layers, processor, LoRA parameters); only adapters (+ connector) train."""
+    """(model with LoRA layers, processor, LoRA parameters, ``args`` with ``train_connector``
+    and ``train_vision_embeddings`` decided for this model); only adapters (+ connector, ViT
+    embeddings) train."""
     from ..checkpoint import load
-    from ..models.quantization import QUANTIZED, dequantize_model, is_quantized
+    from ..models.quantization import dequantize_model, is_quantized
 
     model, processor = load(args.model)
     if args.dequantize_base and is_quantized(model):
@@ -158,16 +164,31 @@ def setup_model(args: TrainingArgs):
     params = adapters.lora_config(args.rank, args.alpha, args.dropout, args.lora_layers,
                                   list(args.lora_keys or adapters.LORA_KEYS), vision)
     adapters.apply_lora(model, params)
-    if args.train_connector:
-        if any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules()):
-            raise MM1Error("--train-connector needs a float connector; this one is quantized")
-        model.connector.unfreeze()
+    args = unfreeze_whole(model, args, vision != 0)
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.language_model.layers[0])  # recompute each layer in the backward
     model.train()
-    return model, processor, params
+    return model, processor, params, args
+
+
+def unfreeze_whole(model: nn.Module, args: TrainingArgs, vit: bool) -> TrainingArgs:
+    """Unfreeze the parts trained whole; returns ``args`` with ``train_connector`` (None: when the
+    connector is float) and ``train_vision_embeddings`` (only with a ViT's LoRA) decided."""
+    from ..models.quantization import QUANTIZED
+
+    float_connector = not any(isinstance(m, QUANTIZED) for _, m in model.connector.named_modules())
+    if args.train_connector and not float_connector:
+        raise MM1Error("--train-connector needs a float connector; this one is quantized")
+    args = dataclasses.replace(
+        args, train_connector=float_connector if args.train_connector is None
+        else args.train_connector, train_vision_embeddings=args.train_vision_embeddings and vit)
+    if args.train_connector:
+        model.connector.unfreeze()
+    if args.train_vision_embeddings:
+        adapters.unfreeze_vision_embeddings(model)
+    return args
 
 
 def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
@@ -177,15 +198,27 @@ def loss_fn(model, ids, mask, pixels, ntok: float, aux_weight: float):
     return ce / ntok + aux_weight * aux
 
 
-def make_optimizer(args: TrainingArgs):
-    lr = args.learning_rate
+def lr_schedule(args: TrainingArgs, peak: float):
+    """Warm-up to ``peak``, then cosine to 10% of it or constant."""
+    lr = peak
     if args.lr_schedule == "cosine":
-        lr = optim.cosine_decay(lr, max(1, args.iters - args.warmup), end=0.1 * lr)
+        lr = optim.cosine_decay(peak, max(1, args.iters - args.warmup), end=0.1 * peak)
     if args.warmup:
-        warm = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
-        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: args.learning_rate)],
-                                  [args.warmup])
-    return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+        warm = optim.linear_schedule(0.0, peak, args.warmup)
+        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: peak)], [args.warmup])
+    return lr
+
+
+def make_optimizer(args: TrainingArgs, whole_weights: bool = False):
+    """AdamW for the LoRA matrices; when ``whole_weights`` train too (the connector, the ViT's
+    embeddings) a second AdamW for them at ``WHOLE_WEIGHT_LR_SCALE`` of the learning rate."""
+    opt = optim.AdamW(learning_rate=lr_schedule(args, args.learning_rate),
+                      weight_decay=args.weight_decay)
+    if not whole_weights:
+        return opt
+    whole = optim.AdamW(learning_rate=lr_schedule(args, WHOLE_WEIGHT_LR_SCALE * args.learning_rate),
+                        weight_decay=args.weight_decay)
+    return optim.MultiOptimizer([opt, whole], [lambda k, _: adapters.is_lora(k)])
 
 
 # ---- batches ----
@@ -251,8 +284,9 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
         return None
     saved = adapters.read_config(path)
     adapters.check_base(model, saved, path)
-    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or \
-            saved.get("train_connector") != adapter_cfg["train_connector"]:
+    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or any(
+            saved.get(k, False) != adapter_cfg[k]
+            for k in ("train_connector", "train_vision_embeddings")):
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
     try:
@@ -312,8 +346,19 @@ def describe_schedule(args: TrainingArgs, samples: int, size: int, vision_layers
     return (f"training {args.iters} steps of batch {args.batch_size * args.grad_accumulation} "
             f"over {samples} samples ({epochs:.1f} epochs), learning rate {lr} after "
             f"{args.warmup} warm-up steps, LoRA rank {args.rank} alpha {args.alpha:g} on {layers} "
-            f"decoder layers and {vision_layers or 'no'} image-encoder layers, image augmentation "
-            f"{'on' if args.augment else 'off'}" + (f", {size} processes" if size > 1 else ""))
+            f"decoder layers and {vision_layers or 'no'} image-encoder layers{whole_parts(args)}, "
+            f"image augmentation {'on' if args.augment else 'off'}"
+            + (f", {size} processes" if size > 1 else ""))
+
+
+def whole_parts(args: TrainingArgs) -> str:
+    """The schedule line's words for the weights trained whole (or "")."""
+    parts = [name for on, name in ((args.train_connector, "the connector"),
+                                   (args.train_vision_embeddings, "the image-encoder embeddings"))
+             if on]
+    if not parts:
+        return ""
+    return f", {' and '.join(parts)} whole at {WHOLE_WEIGHT_LR_SCALE * args.learning_rate:g}"
 
 
 def one_host(group) -> bool:
@@ -389,15 +434,17 @@ def run(args: TrainingArgs, group, quiet: bool) -> dict:
 
 def setup(args: TrainingArgs, group, quiet: bool) -> Session:
     """The model with adapters, the data (bad records reported), the optimizer, a fresh log."""
-    model, processor, params = setup_model(args)
+    model, processor, params, args = setup_model(args)
     train_ds, valid_ds, skipped = load_data(args, processor, model, group.rank(), quiet)
     args = args.schedule(len(train_ds))
     log = {"base_model": model.config.name, "args": dataclasses.asdict(args),
            "processes": group.size(), "step": 0, "train": [], "valid": [], "skipped": skipped,
            "trainable_parameters": sum(v.size for v in adapters.trainable_weights(model).values()),
            "train_samples": len(train_ds), "valid_samples": len(valid_ds)}
-    return Session(args, model, processor, make_optimizer(args),
-                   adapters.adapter_config(model, params, args.train_connector),
+    whole = args.train_vision_embeddings or args.train_connector
+    return Session(args, model, processor, make_optimizer(args, whole),
+                   adapters.adapter_config(model, params, args.train_connector,
+                                           args.train_vision_embeddings),
                    train_ds, valid_ds, group, log)
 
 
