@@ -18,6 +18,8 @@ that call when a quantized model loads, for the bit widths it has.
 
 from __future__ import annotations
 
+from types import FunctionType
+
 import numpy as np
 from llvmlite import binding, ir
 from numba import njit, prange, types
@@ -303,10 +305,23 @@ def attend(q, keys, values, pos, k, v, out):
 # small weights (a tiny model, a router) run in the calling thread: waking the pool for each costs
 # more than it saves, and on a busy machine each parallel region waits for every thread's turn
 _SERIAL = dict(_OPTIONS, parallel=False)
-gemv4_serial = njit(**_SERIAL)(gemv4.py_func)
-gemv4_g64_serial = njit(**_SERIAL)(gemv4_g64.py_func)
-gemv8_serial = njit(**_SERIAL)(gemv8.py_func)
-gemv8_g64_serial = njit(**_SERIAL)(gemv8_g64.py_func)
-dequantize4_serial = njit(**_SERIAL)(dequantize4.py_func)
-dequantize8_serial = njit(**_SERIAL)(dequantize8.py_func)
-attend_serial = njit(**_SERIAL)(attend.py_func)
+
+
+def _serial(kernel):
+    """``kernel`` compiled without threads, as a copy of its Python function under its own name:
+    numba's cache keys a function by its name and bytecode, not by ``parallel``, so the two builds
+    of one function loaded each other's code (a "serial" kernel ran on every thread)."""
+    py = kernel.py_func
+    copy = FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial", py.__defaults__,
+                        py.__closure__)
+    copy.__qualname__ = copy.__name__
+    return njit(**_SERIAL)(copy)
+
+
+gemv4_serial = _serial(gemv4)
+gemv4_g64_serial = _serial(gemv4_g64)
+gemv8_serial = _serial(gemv8)
+gemv8_g64_serial = _serial(gemv8_g64)
+dequantize4_serial = _serial(dequantize4)
+dequantize8_serial = _serial(dequantize8)
+attend_serial = _serial(attend)

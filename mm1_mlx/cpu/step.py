@@ -64,8 +64,9 @@ class ThreadChoice:
     step; the other one is tried for a step after ``FIRST`` steps, then after twice as many each
     time it loses (at most ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the
     median of the last ``RECENT`` steps of the one in use (a median: the first step after a
-    prefill waits for BLAS's spinning threads, ~100 ms). The threads do not change the
-    arithmetic: each output row is summed by one thread."""
+    prefill waits for BLAS's spinning threads, ~100 ms). The threads change no result beyond
+    float32 rounding: each output row is summed by one thread, and on one thread the kernels' serial
+    build runs (another summation order: ~1e-6 relative)."""
 
     FIRST, LONGEST, MARGIN, RECENT = 8, 512, 0.85, 5
 
