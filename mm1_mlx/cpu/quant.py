@@ -34,6 +34,7 @@ PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over th
 BLOCK_BYTES = 1 << 24  # prefill: dequantized weight rows per block (a whole layer here)
 _KERNELS: list = []
 _SCRATCH = threading.local()  # per thread: the block buffer prefill reuses
+_POOL = threading.local()  # per thread: whether the kernels run on several threads (``_multi``)
 
 
 def cache_dir() -> str:
@@ -63,7 +64,6 @@ def _load_kernels():
             from . import quant_kernels
         finally:
             numba.config.CACHE_DIR = default
-        _MULTI[0] = numba.get_num_threads() > 1
     except Exception as e:  # a numba that does not fit this numpy or CPU: MLX's kernels
         warnings.warn(f"mm1_mlx: numba kernels unavailable ({type(e).__name__}: {e}); "
                       "quantized products use MLX's kernels", stacklevel=2)
@@ -76,19 +76,17 @@ def warm_up(model) -> None:
     sizes = {(m.bits, m.group_size, m["weight"][0].nbytes >= PARALLEL_BYTES
               if m["weight"].ndim == 3 else m["weight"].nbytes >= PARALLEL_BYTES)
              for _, m in model.named_modules() if handles(m)}
-    multi = _MULTI[0]
-    try:
-        for b, group, large in sorted(sizes):
-            words = group * b // 32  # one group a row
-            rows = PARALLEL_BYTES // (4 * words) if large else 5
-            layer = {"weight": np.zeros((rows, words), np.uint32), "scales": np.ones((rows, 1),
-                     np.float32), "biases": np.zeros((rows, 1), np.float32)}
-            for parallel in ((True, False) if large else (False,)):  # a step may run on one thread
-                _MULTI[0] = parallel
-                _gemv(b, layer, np.ones(group, np.float32))
-                _dequantize(b, layer)
-    finally:
-        _MULTI[0] = multi
+    k = kernels()
+    for b, group, large in sorted(sizes):
+        words = group * b // 32  # one group a row
+        rows = PARALLEL_BYTES // (4 * words) if large else 5
+        w = np.zeros((rows, words), np.uint32).view(np.uint8)
+        scales, biases = np.ones((rows, 1), np.float32), np.zeros((rows, 1), np.float32)
+        x, out, full = (np.ones(group, np.float32), np.empty(rows, np.float32),
+                        np.empty((rows, group), np.float32))
+        for suffix in ("", "_serial") if large else ("_serial",):  # a step may run on one thread
+            getattr(k, _gemv_name(b, w, scales) + suffix)(w, scales, biases, x, out)
+            getattr(k, f"dequantize{b}{suffix}")(w, scales, biases, full)
     if sizes:  # the decode step's attention, in both forms
         q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
         for fn in (kernels().attend, kernels().attend_serial):
@@ -118,32 +116,23 @@ def _view(a: mx.array) -> np.ndarray | None:
 def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     """``layer``'s weight (expert ``expert``'s of a stack) times float32 ``x`` (K,): (N,),
     without the layer's bias. ``handles(layer)`` must hold."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if expert is None:
-        parallel, serial, w, scales, biases = _plan(layer)
-        out = np.empty(w.shape[0], np.float32)
-        (parallel if _MULTI[0] else serial)(w, scales, biases, x, out)
-        return out
-    arrays = {k: np.asarray(layer[k])[expert] for k in ("weight", "scales", "biases")}
-    return _gemv(layer.bits, arrays, x)
+    views = _views(layer)
+    if expert is not None:
+        views = [a[expert] for a in views]
+    return _gemv(layer.bits, *views, np.ascontiguousarray(x, dtype=np.float32))
 
 
-def _plan(layer) -> tuple:
-    """``layer``'s kernel and the numpy views it reads (bytes, scales, biases), kept on the layer
-    while its arrays are the same objects: a decode step makes ~113 products a token, and building
-    the views each time cost ~0.6 ms of a ~20 ms 4-bit step."""
+def _views(layer) -> tuple:
+    """Numpy views of ``layer``'s weight (as bytes), scales and biases, kept on the layer while
+    its arrays are the same objects: a decode step makes ~113 products a token, and building the
+    views each time cost ~0.6 ms of a ~20 ms 4-bit step."""
     arrays = (layer["weight"], layer["scales"], layer["biases"])
-    plan = layer.__dict__.get("_cpu_gemv")
-    if (plan is None or plan[-1] != PARALLEL_BYTES
-            or any(a is not b for a, b in zip(arrays, plan[0]))):
+    kept = layer.__dict__.get("_cpu_views")
+    if kept is None or any(a is not b for a, b in zip(arrays, kept[0])):
         w, scales, biases = (np.asarray(a) for a in arrays)
-        g64 = w.shape[1] * 32 // layer.bits == scales.shape[1] * 64  # 64 values a group
-        name = f"gemv{layer.bits}_g64" if g64 else f"gemv{layer.bits}"
-        serial = getattr(kernels(), f"{name}_serial")
-        parallel = getattr(kernels(), name) if w.nbytes >= PARALLEL_BYTES else serial
-        plan = (arrays, parallel, serial, w.view(np.uint8), scales, biases, PARALLEL_BYTES)
-        layer.__dict__["_cpu_gemv"] = plan  # not a parameter: off the module tree
-    return plan[1:6]
+        kept = (arrays, w.view(np.uint8), scales, biases)
+        layer.__dict__["_cpu_views"] = kept  # not a parameter: off the module tree
+    return kept[1:]
 
 
 def threads() -> int:
@@ -159,7 +148,7 @@ def set_threads(n: int) -> None:
     import numba
 
     numba.set_num_threads(n)
-    _MULTI[0] = n > 1
+    _POOL.multi = n > 1
 
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.ndarray,
@@ -176,8 +165,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
     """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it,
     written into ``out`` if given (C-contiguous float32 of that shape)."""
-    return _dequantize(layer.bits, {k: np.asarray(layer[k])[rows]
-                                    for k in ("weight", "scales", "biases")}, out)
+    return _dequantize(layer.bits, *(a[rows] for a in _views(layer)), out)
 
 
 def matmul(layer, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -210,26 +198,40 @@ def _scratch(size: int) -> np.ndarray:
     return buffer
 
 
-_MULTI = [True]  # whether the kernels get more than one thread (numba's count at load, set_threads)
+def _multi() -> bool:
+    """Whether the kernels called from this thread get more than one thread: numba's per-thread
+    count, read once per thread and then kept by ``set_threads`` (reading it costs ~5 us, ~130
+    times a decode step)."""
+    multi = getattr(_POOL, "multi", None)
+    if multi is None:
+        multi = _POOL.multi = threads() > 1
+    return multi
 
 
 def _kernel(name: str, w: np.ndarray):
-    parallel = _MULTI[0] and w.nbytes >= PARALLEL_BYTES
+    """The parallel build of kernel ``name`` for large ``w`` with threads to spare, else the serial
+    one (on one thread ~15% faster than the parallel build)."""
+    parallel = w.nbytes >= PARALLEL_BYTES and _multi()
     return getattr(kernels(), name if parallel else f"{name}_serial")
 
 
-def _gemv(bits: int, a: dict, x: np.ndarray) -> np.ndarray:
-    out = np.empty(a["weight"].shape[0], np.float32)
-    w = a["weight"]
-    g64 = w.shape[1] * 32 // bits == a["scales"].shape[1] * 64  # 64 values a group
-    fn = _kernel(f"gemv{bits}_g64" if g64 else f"gemv{bits}", w)
-    fn(w.view(np.uint8), a["scales"], a["biases"], x, out)
+def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
+    g64 = w.shape[1] * 8 // bits == scales.shape[1] * 64  # w in bytes: 64 values a group
+    return f"gemv{bits}_g64" if g64 else f"gemv{bits}"
+
+
+def _gemv(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+          x: np.ndarray) -> np.ndarray:
+    """W x for ``w`` as bytes."""
+    out = np.empty(w.shape[0], np.float32)
+    _kernel(_gemv_name(bits, w, scales), w)(w, scales, biases, x, out)
     return out
 
 
-def _dequantize(bits: int, a: dict, out: np.ndarray | None = None) -> np.ndarray:
-    w = a["weight"]
+def _dequantize(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """scale * q + bias for ``w`` as bytes."""
     if out is None:
-        out = np.empty((w.shape[0], w.shape[1] * 32 // bits), np.float32)
-    _kernel(f"dequantize{bits}", w)(w.view(np.uint8), a["scales"], a["biases"], out)
+        out = np.empty((w.shape[0], w.shape[1] * 8 // bits), np.float32)
+    _kernel(f"dequantize{bits}", w)(w, scales, biases, out)
     return out

@@ -120,10 +120,6 @@ def unfreeze_vision_embeddings(model: nn.Module) -> None:
         part.unfreeze()
 
 
-def is_vision_embedding(name: str) -> bool:
-    return name.startswith(VISION_EMBEDDINGS)
-
-
 def is_lora(name: str) -> bool:
     """Whether a parameter path names a LoRA matrix (else a whole trained weight)."""
     return name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
