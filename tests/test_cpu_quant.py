@@ -242,6 +242,7 @@ def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
     # each output row is summed by one thread, each head attended by one: the same logits on 1 or
     # 2 threads, the kernels' (quantized) or BLAS's (float32)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
+    monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: 0.0)  # ``pick`` decides each step
     lm = _lm(bits, 64, False)
     pool = cpu_quant if bits else blas
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
@@ -255,6 +256,47 @@ def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
     # one thread runs the kernels' serial build: another float32 summation order (~1e-6)
     np.testing.assert_allclose(runs[1], runs[2], rtol=1e-5, atol=1e-5)
     assert (runs[1].argmax(-1) == runs[2].argmax(-1)).all()
+
+
+def test_a_prefill_starts_a_window_of_one_thread_steps():
+    # BLAS's threads spin ~0.1 s after a prefill: the first 4-bit step took 60-100 ms on 2 threads
+    step, window = cpu_step.DecodeStep(_lm(4, 64, False)), cpu_step.blas_settle_seconds()
+    assert 0.05 < window < 0.5
+
+    class Cache:
+        offset = 10
+
+    cache = [Cache()]
+    assert step._settling(cache, 100.0)  # a cache this step has not advanced
+    step.advanced = (id(cache[0]), 11)
+    cache[0].offset = 11
+    assert step._settling(cache, 100.0 + window / 2)
+    assert not step._settling(cache, 100.0 + window * 1.01)
+    cache[0].offset = 40  # the model prefilled more of the same cache
+    assert step._settling(cache, 200.0)
+    step.advanced = (id(cache[0]), 41)
+    cache[0].offset = 41
+    assert not step._settling(cache, 200.0 + window * 1.01)
+    assert step._settling([Cache()], 300.0)  # another cache
+
+
+@pytest.mark.parametrize("window", [10.0, 0.0])
+def test_steps_in_the_window_run_on_one_thread_untimed(window, monkeypatch):
+    monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: window)
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
+    lm = _lm(4, 64, False)
+    used, run = [], cpu_step.DecodeStep._run
+    monkeypatch.setattr(cpu_step.DecodeStep, "_run",
+                        lambda self, *a: used.append(cpu_quant.threads()) or run(self, *a))
+    most = cpu_quant.threads()
+    calls = []
+    _greedy(lm, [3, 14, 15, 92, 65], 5, calls)
+    step = cpu_step.decode_step(lm)
+    assert all(calls) and cpu_quant.threads() == most
+    if window:
+        assert used == [1] * 5 and step.threads.recent == []
+    else:
+        assert len(step.threads.recent) == 5 and used == [most] * 5
 
 
 @pytest.mark.parametrize("parallel", [True, False])

@@ -19,6 +19,7 @@ the model's own ``__call__`` never takes this path.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import fields
 
@@ -95,14 +96,34 @@ class ThreadChoice:
         self.countdown = self.wait
 
 
+def blas_settle_seconds() -> float:
+    """How long the bound OpenBLAS's idle threads spin after a product before they sleep:
+    2^``OPENBLAS_THREAD_TIMEOUT`` (4-30, default 28) cycles of the time-stamp counter, taken at a
+    low 2 GHz (0.13 s by default; the development VM's threads spun ~0.1 s)."""
+    try:
+        exponent = min(max(int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", 28)), 4), 30)
+    except ValueError:
+        exponent = 28
+    return 2.0 ** exponent / 2e9
+
+
 class DecodeStep:
-    """The CPU decode step of one ``decoder.LanguageModel``, prepared for its current layers."""
+    """The CPU decode step of one ``decoder.LanguageModel``, prepared for its current layers.
+
+    Right after a prompt's prefill the bound OpenBLAS's threads still spin (``blas_settle_seconds``)
+    and take a core from the kernels' threads: the first 4-bit step of the benchmark's decoder
+    took 60-100 ms on 2 threads against ~22 later. So in a quantized model the steps within that
+    time of the first step after a prefill (a cache this step did not advance last) run on one
+    thread, outside ``ThreadChoice``'s timing."""
 
     def __init__(self, lm):
         self.lm = lm
         self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
         self.quantized = ["scales" in layer.self_attn.o_proj for layer in lm.layers]
         self.threads: ThreadChoice | None = None  # for the kernels' pool, made at the first step
+        self.advanced: tuple | None = None  # (id of cache[0], offset) this step left last: an id,
+        # not the cache, which would keep a reply's KV buffers alive
+        self.settle_until = 0.0  # one thread until then (``perf_counter``): BLAS's threads spin
 
     def accepts(self, cache) -> bool:
         """Whether the step can advance ``cache`` (plain float32 mlx-lm ``KVCache``\\ s)."""
@@ -118,17 +139,27 @@ class DecodeStep:
             return self._run(embeds, cache)
         if self.threads is None or self.threads.most != most:
             self.threads = ThreadChoice(most)
-        n = self.threads.pick()
+        start = time.perf_counter()
+        settling = pool is quant and self._settling(cache, start)
+        n = 1 if settling else self.threads.pick()
         if n != most:
             pool.set_threads(n)
-        start = time.perf_counter()
         try:
             logits = self._run(embeds, cache)
         finally:
             if n != most:
                 pool.set_threads(most)
-        self.threads.record(n, time.perf_counter() - start)
+            self.advanced = (id(cache[0]), cache[0].offset)
+        if not settling:
+            self.threads.record(n, time.perf_counter() - start)
         return logits
+
+    def _settling(self, cache, now: float) -> bool:
+        """Whether BLAS's threads may still spin from a prefill: the first step after one (the
+        cache is not where this step left it) starts the window."""
+        if self.advanced != (id(cache[0]), cache[0].offset):
+            self.settle_until = now + blas_settle_seconds()
+        return now < self.settle_until
 
     def _run(self, embeds: mx.array, cache) -> mx.array:
         x = np.array(embeds, dtype=np.float32).reshape(-1)
