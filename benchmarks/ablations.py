@@ -472,9 +472,14 @@ README_BEGIN = (
 README_END = "<!-- ablations:end -->"
 
 
+def budget_name(stored: dict) -> str:
+    """The name of a results.json's budget ("custom" for none of ``BUDGETS``)."""
+    return next((n for n, b in BUDGETS.items() if same_budget(stored, b)), "custom")
+
+
 def run_label(summary: dict) -> str:
     """"budget standard, seeds 0, 1": what an axis's results.json pooled."""
-    name = next((n for n, b in BUDGETS.items() if same_budget(summary["budget"], b)), "custom")
+    name = budget_name(summary["budget"])
     seeds = sorted({s for c in summary["configs"].values() for s in c["seeds"]})
     return f"budget {name}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
@@ -615,9 +620,10 @@ def main(argv=None):
             print(f"{axis}: {len(by)} of {len(AXES[axis])} configurations finished; claims wait "
                   "for all of them", file=sys.stderr)
         write_json(out / axis / "results.json", summary)
+        runs = out / axis / "runs" / args.budget  # a run's name and seed repeat across budgets
         for results in by.values():  # the per-run scores the summary pooled
             for r in results:
-                write_json(out / axis / "runs" / f"{r['name']}-s{r['seed']}.json", r)
+                write_json(runs / f"{r['name']}-s{r['seed']}.json", r)
         plot_axis(summary, out / axis / f"{axis}.png")
         md = out / axis / "results.md"
         md.with_name(".results.md.tmp").write_text(markdown(summary))
