@@ -262,22 +262,10 @@ def test_a_prefill_starts_a_window_of_one_thread_steps():
     # BLAS's threads spin ~0.1 s after a prefill: the first 4-bit step took 60-100 ms on 2 threads
     step, window = cpu_step.DecodeStep(_lm(4, 64, False)), cpu_step.blas_settle_seconds()
     assert 0.05 < window < 0.5
-
-    class Cache:
-        offset = 10
-
-    cache = [Cache()]
-    assert step._settling(cache, 100.0)  # a cache this step has not advanced
-    step.advanced = (id(cache[0]), 11)
-    cache[0].offset = 11
-    assert step._settling(cache, 100.0 + window / 2)
-    assert not step._settling(cache, 100.0 + window * 1.01)
-    cache[0].offset = 40  # the model prefilled more of the same cache
-    assert step._settling(cache, 200.0)
-    step.advanced = (id(cache[0]), 41)
-    cache[0].offset = 41
-    assert not step._settling(cache, 200.0 + window * 1.01)
-    assert step._settling([Cache()], 300.0)  # another cache
+    assert step._settling(False, 100.0)  # a cache this step did not leave where it is
+    assert step._settling(True, 100.0 + window / 2)
+    assert not step._settling(True, 100.0 + window * 1.01)
+    assert step._settling(False, 200.0) and not step._settling(True, 200.0 + window * 1.01)
 
 
 @pytest.mark.parametrize("window", [10.0, 0.0])
@@ -297,6 +285,65 @@ def test_steps_in_the_window_run_on_one_thread_untimed(window, monkeypatch):
         assert used == [1] * 5 and step.threads.recent == []
     else:
         assert len(step.threads.recent) == 5 and used == [most] * 5
+
+
+def _forced(lm, cache, tokens, step=None):
+    """Logits of feeding ``tokens`` one at a time (the CPU step, or the MLX layers)."""
+    out = []
+    for t in tokens:
+        x = lm.embed(mx.array([[t]]))
+        out.append(np.array((step(x, cache) if step else lm(x, cache))[0, -1]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_kv_written_in_place_equals_mlx_updates(bits, monkeypatch):
+    # after the first step of a reply, the step writes each token's keys and values straight into
+    # the cache's buffers (no MLX op); a prompt of 254 crosses mlx-lm's 256-position growth
+    import copy
+
+    from mlx_lm.models.cache import KVCache, trim_prompt_cache
+
+    lm = _lm(bits, 64, False)
+    step = cpu_step.DecodeStep(lm)
+    prompt, tokens = [(7 * i) % 101 for i in range(254)], [5, 17, 33, 2, 71, 64]
+    updates, update = [], KVCache.update_and_fetch
+    monkeypatch.setattr(KVCache, "update_and_fetch",
+                        lambda self, k, v: updates.append(self.offset) or update(self, k, v))
+
+    def prefilled():
+        cache = make_prompt_cache(lm)
+        mx.eval(lm(lm.embed(mx.array([prompt])), cache))
+        return cache
+
+    want_cache = prefilled()
+    want = _forced(lm, want_cache, tokens)
+    cache = prefilled()
+    updates.clear()
+    got = _forced(lm, cache, tokens, step)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # through MLX: the first step (a prefilled cache) and the one that outgrows the buffer
+    assert updates == [254] * 2 + [256] * 2
+    for c, w in zip(cache, want_cache):
+        assert c.offset == w.offset == 260
+        np.testing.assert_allclose(np.array(c.keys[..., :260, :]), np.array(w.keys[..., :260, :]),
+                                   rtol=1e-5, atol=1e-5)
+    # a copy of the cache (sharing its buffers) branches off; the original's next tokens must
+    # not show in it, nor its tokens in the original
+    fork = copy.deepcopy(cache)
+    more = _forced(lm, cache, [9, 10, 11], step)
+    branch = _forced(lm, fork, [40, 41], step)
+    again = prefilled()
+    np.testing.assert_allclose(_forced(lm, again, tokens + [40, 41])[-2:], branch,
+                               rtol=1e-4, atol=1e-4)
+    tail = _forced(lm, cache, [12], step)
+    np.testing.assert_allclose(_forced(lm, prefilled(), tokens + [9, 10, 11, 12])[-4:],
+                               np.concatenate([more, tail]), rtol=1e-4, atol=1e-4)
+    # trimmed (as PromptCache.reuse does), then continued
+    trim_prompt_cache(cache, 4)
+    np.testing.assert_allclose(_forced(lm, cache, [50, 51], step),
+                               _forced(lm, prefilled(), tokens + [50, 51])[-2:],
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
