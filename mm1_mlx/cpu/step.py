@@ -4,8 +4,9 @@ MLX on the CPU spends ~15-80 us per evaluated op (each is handed to a worker thr
 step is ~50 small ops per layer around its 7 products: on the 2-core development machine 18 ms of
 a 50 ms step of the benchmark's 16-layer decoder, against 30 ms of reading the weights. Here the
 same step runs as numpy operations on zero-copy views of the MLX weights and the bound OpenBLAS's
-``sgemv``, reading each weight once. The KV caches stay mlx-lm's: the new keys and values are
-written with its ``update_and_fetch`` after the layer attended to them, and evaluated once per step.
+``sgemv``, reading each weight once. The KV caches stay mlx-lm's: after the layer attended to
+them, the new keys and values are written with its ``update_and_fetch`` (evaluated once per step)
+at the first step after a prefill, and then straight into the cache's buffers (``_store``).
 
 The contract: ``decode_step(lm)`` returns a ``DecodeStep`` prepared once for the model's current
 layers (prepared again only when they change: LoRA wrapping, quantizing, a new dtype), or None
