@@ -346,6 +346,28 @@ def test_kv_written_in_place_equals_mlx_updates(bits, monkeypatch):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_only_a_completed_step_marks_its_cache_continued(monkeypatch):
+    # a step that failed half-way left some layers' caches behind: the next goes through MLX
+    lm = _lm(4, 64, False)
+    step, cache = cpu_step.DecodeStep(lm), make_prompt_cache(lm)
+    mx.eval(lm(lm.embed(mx.array([[1, 2, 3]])), cache))
+    step(lm.embed(mx.array([[4]])), cache)
+    assert step.advanced[0]() is cache[0] and step.advanced[1] == 4
+
+    def fail(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu_step, "_store", fail)
+    with pytest.raises(KeyboardInterrupt):
+        step(lm.embed(mx.array([[5]])), cache)
+    assert step.advanced is None
+    monkeypatch.undo()
+    step(lm.embed(mx.array([[5]])), cache)
+    ref = step.advanced[0]
+    del cache
+    assert ref() is None  # the step does not keep a reply's cache alive
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("rep", [1, 3])
 def test_attend_equals_softmax_attention(rep, parallel, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import fields
 
 import mlx.core as mx
@@ -122,8 +123,8 @@ class DecodeStep:
         self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
         self.quantized = ["scales" in layer.self_attn.o_proj for layer in lm.layers]
         self.threads: ThreadChoice | None = None  # for the kernels' pool, made at the first step
-        self.advanced: tuple | None = None  # (id of cache[0], offset) this step left last: an id,
-        # not the cache, which would keep a reply's KV buffers alive
+        self.advanced: tuple | None = None  # (weak reference to cache[0], offset) this step left
+        # last: weak, as the cache would keep a reply's KV buffers alive
         self.settle_until = 0.0  # one thread until then (``perf_counter``): BLAS's threads spin
 
     def accepts(self, cache) -> bool:
@@ -134,11 +135,11 @@ class DecodeStep:
 
     def __call__(self, embeds: mx.array, cache) -> mx.array:
         """Logits (1, 1, V) for one token's embedding (1, 1, D), advancing ``cache``."""
-        continued = self.advanced == (id(cache[0]), cache[0].offset)
-        try:
-            return self._threaded(embeds, cache, continued)
-        finally:
-            self.advanced = (id(cache[0]), cache[0].offset)
+        last, self.advanced = self.advanced, None  # None until this step completes
+        continued = last is not None and last[0]() is cache[0] and last[1] == cache[0].offset
+        logits = self._threaded(embeds, cache, continued)
+        self.advanced = (weakref.ref(cache[0]), cache[0].offset)
+        return logits
 
     def _threaded(self, embeds: mx.array, cache, continued: bool) -> mx.array:
         """The step on the threads ``ThreadChoice`` (or the window after a prefill) gives it."""
