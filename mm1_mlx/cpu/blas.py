@@ -425,11 +425,8 @@ def sgemm_batch_strided():
 
 def threads() -> int | None:
     """How many threads the bound OpenBLAS gives a product (process-wide), or None without one."""
-    fn = _blas_function("openblas_get_num_threads", "")
-    if fn is None:
-        return None
-    fn.restype = ctypes.c_int
-    return fn()
+    fn = _blas_function("openblas_get_num_threads", "", returns=ctypes.c_int)
+    return None if fn is None else fn()
 
 
 def set_threads(n: int) -> None:
@@ -442,9 +439,10 @@ def set_threads(n: int) -> None:
 _CTYPES = {"i": ctypes.c_int, "f": ctypes.c_float, "p": ctypes.c_void_p}
 
 
-def _blas_function(name: str, signature: str):
+def _blas_function(name: str, signature: str, returns=None):
     """``name`` from the bound OpenBLAS as a ctypes function (arguments: i int, f float, p
-    pointer; returns nothing), looked up once; None without a bound OpenBLAS or that symbol."""
+    pointer; returning the ctypes type ``returns``, or nothing), looked up once; None without a
+    bound OpenBLAS or that symbol."""
     if _STATE["path"] is None:
         return None
     functions = _STATE.setdefault("functions", {})
@@ -452,7 +450,7 @@ def _blas_function(name: str, signature: str):
         fn = getattr(ctypes.CDLL(_STATE["path"]), name, None)
         if fn is not None:
             fn.argtypes = [_CTYPES[c] for c in signature]
-            fn.restype = None
+            fn.restype = returns
         functions[name] = fn
     return functions[name]
 

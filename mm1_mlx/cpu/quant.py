@@ -89,7 +89,7 @@ def warm_up(model) -> None:
             getattr(k, f"dequantize{b}{suffix}")(w, scales, biases, full)
     if sizes:  # the decode step's attention, in both forms
         q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
-        for fn in (kernels().attend, kernels().attend_serial):
+        for fn in (k.attend, k.attend_serial):
             fn(q, kv, kv, 1, kv[:, 0], kv[:, 0], np.empty_like(q))
 
 
