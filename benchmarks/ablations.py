@@ -7,11 +7,12 @@
 Each run is a reduced-budget MM1 recipe (``mm1_mlx.shapes.train``: stage-0 encoder training, then
 pre-training on a caption / interleaved / text mix, no SFT: MM1's ablations score pre-trained
 models), then scored on held-out scenes (drawn from ``--eval-seed``, a stream training never
-uses) 0- and 4-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
+uses) 0-, 4- and 8-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``): captioning
 (F1 of colour-shape pairs), short-answer questions (format shown only by the examples) and a
 text-only task from the corpus. Every finished run writes its own JSON under ``WORK/results``
-(atomically); a rerun skips those and resumes an interrupted one from its saved state. Then each
-axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
+(atomically); a rerun skips those and resumes an interrupted one from its saved state (a finished
+run scored at fewer shots than ``SHOTS`` is scored at the missing ones from its saved model).
+Then each axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
 claims and a verdict computed from them) and a figure under ``--out``.
 
 Sharing (fair by construction): MM1's ablations start from a pre-trained LLM; here (budget
@@ -46,9 +47,9 @@ from mm1_mlx.cli import args as cli_args
 from mm1_mlx.errors import MM1Error, cli_errors
 from mm1_mlx.models.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from mm1_mlx.shapes import fewshot, world
-from mm1_mlx.shapes.train import Recipe, train
+from mm1_mlx.shapes.train import Recipe, build, load_state, train
 
-SHOTS = (0, 4)  # MM1 reports 0/4/8; 8-shot prompts cost twice 4-shot ones here
+SHOTS = (0, 4, 8)  # as MM1 reports its ablations; an 8-shot prompt holds 9 images
 VQA_KINDS = ("color", "shape", "where")
 EVAL_KINDS = ("caption",) + VQA_KINDS
 
@@ -232,7 +233,7 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     """Train (or resume) and score one (spec, seed); cached in WORK/results."""
     out = work / "results" / f"{spec.name}-s{seed}.json"
     if out.exists():
-        return json.loads(out.read_text(encoding="utf-8"))
+        return add_shots(spec, budget, seed, work, out, quiet)
     t0 = time.perf_counter()
     decoder = text_run(budget, seed, work, quiet)
     enc = encoder_run(spec, budget, seed, work, quiet)
@@ -250,6 +251,47 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+def missing_shots(result: dict) -> list[int]:
+    return [k for k in SHOTS if str(k) not in result["per_scene"]]
+
+
+def needs_shots(stored: Path, budget: Budget) -> list[int]:
+    """The shots a stored run of this budget still lacks (none for another budget's run)."""
+    result = json.loads(stored.read_text(encoding="utf-8"))
+    return missing_shots(result) if same_budget(result["budget"], budget) else []
+
+
+def finished_model(spec: Spec, budget: Budget, seed: int, work: Path):
+    """(model, processor) of a finished run, read from its saved state; MM1Error if unfinished."""
+    run = work / "runs" / f"{spec.name}-s{seed}"
+    if not (run / "state" / "progress.json").exists():
+        raise MM1Error(f"{run}: no saved state to score more shots from (move its result out of "
+                       f"{work / 'results'} to train it again)")
+    model, processor, _ = build(recipe(spec, budget, seed, pretrain=True), run)
+    stage, step, _, _ = load_state(run, model)
+    if (stage, step) != ("pretrain", budget.pretrain_steps):
+        raise MM1Error(f"{run}: saved at {stage} step {step}, not a finished run")
+    model.eval()
+    return model, processor
+
+
+def add_shots(spec: Spec, budget: Budget, seed: int, work: Path, out: Path, quiet: bool) -> dict:
+    """A finished run's result, scored first at the shots in ``SHOTS`` it lacks (from the run's
+    saved model; the same scenes, examples and greedy decoding as its other scores)."""
+    result = json.loads(out.read_text(encoding="utf-8"))
+    todo = needs_shots(out, budget)
+    if not todo:
+        return result
+    t = time.perf_counter()
+    model, processor = finished_model(spec, budget, seed, work)
+    extra = score(model, processor, budget, result["eval_seed"], quiet, shots=todo, text=False)
+    result["per_scene"].update(extra["per_scene"])
+    result["sample_replies"].update(extra["sample_replies"])
+    result["eval_seconds"] = round(result["eval_seconds"] + time.perf_counter() - t, 1)
+    write_json(out, result)
+    return result
+
+
 # ---- scoring ----
 def text_items(n: int, seed: str) -> list[tuple[str, str]]:
     """The corpus's text-only task held out: "Imagine a red star at the top. It is a star and
@@ -263,17 +305,18 @@ def text_items(n: int, seed: str) -> list[tuple[str, str]]:
     return out
 
 
-def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict:
-    """Per-scene scores at each K: the average of the scene's caption F1 and its short-answer
-    accuracy (one question per scene, kinds in turn), as MM1 averages captioning and VQA; and
-    text-only accuracy."""
+def score(model, processor, budget: Budget, eval_seed: str, quiet: bool, shots=None,
+          text: bool = True) -> dict:
+    """Per-scene scores at each K in ``shots``: the average of the scene's caption F1 and its
+    short-answer accuracy (one question per scene, kinds in turn), as MM1 averages captioning
+    and VQA; and (``text``) text-only accuracy."""
     scenes = fewshot.items(budget.eval_n, eval_seed, EVAL_KINDS)
     per = len(EVAL_KINDS)
     captions = scenes[::per]
     vqa = [scenes[i * per + 1 + i % len(VQA_KINDS)] for i in range(budget.eval_n)]
     pool = fewshot.items(64, fewshot.POOL_SEED, EVAL_KINDS)
     per_scene, replies = {}, {}
-    for k in SHOTS:
+    for k in SHOTS if shots is None else shots:
         cap = fewshot.run_items(model, processor, captions, pool, k, chat=False,
                                 max_tokens=budget.max_tokens, progress=not quiet)
         qa = fewshot.run_items(model, processor, vqa, pool, k, chat=False,
@@ -281,12 +324,14 @@ def score(model, processor, budget: Budget, eval_seed: str, quiet: bool) -> dict
         c, q = [r["f1"] for r in cap], [r["exact"] for r in qa]
         per_scene[str(k)] = {"caption": c, "vqa": q, "average": [(a + b) / 2 for a, b in zip(c, q)]}
         replies[str(k)] = cap[:2] + qa[:3]
-    text = []
-    for prompt, answer in text_items(budget.text_n, eval_seed):
-        reply = fewshot.complete(model, processor, prompt, [], max_tokens=3)
-        words = reply.strip().lower().split()
-        text.append(float(bool(words) and words[0].strip(".") == answer))
-    return {"per_scene": per_scene, "text": text, "sample_replies": replies}
+    out = {"per_scene": per_scene, "sample_replies": replies}
+    if text:
+        out["text"] = []
+        for prompt, answer in text_items(budget.text_n, eval_seed):
+            reply = fewshot.complete(model, processor, prompt, [], max_tokens=3)
+            words = reply.strip().lower().split()
+            out["text"].append(float(bool(words) and words[0].strip(".") == answer))
+    return out
 
 
 # ---- axes ----
@@ -319,8 +364,9 @@ def pooled(results: list[dict], metric: str, k: str | None = None) -> list[float
     return out
 
 
-def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
-    """The paper's claims on this axis as paired differences (positive = as the paper says)."""
+def claims(axis: str, by: dict[str, list[dict]], shots: list[int]) -> list[dict]:
+    """The paper's claims on this axis as paired differences (positive = as the paper says), at
+    each of ``shots`` (the few-shot claims at each K > 0)."""
     def avg(label, k):
         return np.asarray(pooled(by[label], "average", k))
 
@@ -329,7 +375,7 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
 
     out = []
     if axis == "encoder":
-        for k in map(str, SHOTS):
+        for k in map(str, shots):
             hi_res = mean_over(["96px, width 64", "96px, width 128"], "average", k)
             lo_res = mean_over(["48px, width 64", "48px, width 128"], "average", k)
             wide = mean_over(["48px, width 128", "96px, width 128"], "average", k)
@@ -342,7 +388,7 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
                         **paired_diff(hi_res - lo_res, np.abs(wide - narrow))})
     elif axis == "connector":
         types = ("c-abstractor", "avg-pool", "attention-pool")
-        for k in map(str, SHOTS):
+        for k in map(str, shots):
             more = mean_over([f"{t}, 16 tokens" for t in types], "average", k)
             few = mean_over([f"{t}, 4 tokens" for t in types], "average", k)
             out.append({"claim": f"16 image tokens score higher than 4 ({k}-shot)",
@@ -354,7 +400,7 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
     elif axis == "data":
         out.append({"claim": "captions drive zero-shot: caption-only over interleaved-only, 0-shot",
                     **paired_diff(avg("caption-only", "0"), avg("interleaved-only", "0"))})
-        for k in map(str, SHOTS[1:]):
+        for k in map(str, shots[1:]):
             out.append({"claim": f"interleaved data drives few-shot: interleaved-only over "
                                  f"caption-only, {k}-shot",
                         **paired_diff(avg("interleaved-only", k), avg("caption-only", k))})
@@ -366,8 +412,8 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
                              "interleaved-only, text task", **paired_diff(text["45/45/10"],
                                                                            text["interleaved-only"])})
         for other in ("caption-only", "interleaved-only", "text-heavy"):
-            bal = np.mean([avg("45/45/10", k) for k in map(str, SHOTS)], axis=0)
-            oth = np.mean([avg(other, k) for k in map(str, SHOTS)], axis=0)
+            bal = np.mean([avg("45/45/10", k) for k in map(str, shots)], axis=0)
+            oth = np.mean([avg(other, k) for k in map(str, shots)], axis=0)
             n = min(len(bal), len(text["45/45/10"]))  # scenes and text items differ in count
             mix_all = np.concatenate([bal, text["45/45/10"][:n]])
             oth_all = np.concatenate([oth, text[other][:n]])
@@ -378,20 +424,27 @@ def claims(axis: str, by: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+def common_shots(by: dict[str, list[dict]]) -> list[int]:
+    """The shots every run of the axis was scored at (a comparison pools only those)."""
+    return [k for k in SHOTS
+            if all(str(k) in r["per_scene"] for results in by.values() for r in results)]
+
+
 def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
-    configs = {}
+    configs, shots = {}, common_shots(by)
     for label, results in by.items():
         m = {f"{metric} {k}-shot": mean_ci(pooled(results, metric, k), metric == "vqa")
-             for metric in ("average", "caption", "vqa") for k in map(str, SHOTS)}
+             for metric in ("average", "caption", "vqa") for k in map(str, shots)}
         m["text"] = mean_ci(pooled(results, "text"), True)
         m["average by seed"] = {str(r["seed"]): {k: round(100 * float(np.mean(
-            r["per_scene"][k]["average"])), 2) for k in map(str, SHOTS)} for r in results}
+            r["per_scene"][k]["average"])), 2) for k in map(str, shots)} for r in results}
         configs[label] = {"spec": results[0]["spec"], "seeds": sorted(r["seed"] for r in results),
                           "metrics": m,
                           "train_seconds": [r["train_seconds"] for r in results],
                           "eval_seconds": [r.get("eval_seconds") for r in results]}
     complete = set(by) == set(AXES[axis])
-    return {"axis": axis, "configs": configs, "claims": claims(axis, by) if complete else [],
+    return {"axis": axis, "shots": shots, "configs": configs,
+            "claims": claims(axis, by, shots) if complete else [],
             "missing": [label for label in AXES[axis] if label not in by],
             "budget": next(iter(by.values()))[0]["budget"],
             "eval_seed": next(iter(by.values()))[0]["eval_seed"],
@@ -401,7 +454,7 @@ def summarize_axis(axis: str, by: dict[str, list[dict]]) -> dict:
 
 def markdown(summary: dict) -> str:
     """The axis as README tables: scores with intervals, then each claim and its verdict."""
-    cols = [f"average {k}-shot" for k in SHOTS] + ["text"]
+    cols = [f"average {k}-shot" for k in summary.get("shots", (0, 4))] + ["text"]
     lines = [f"| {summary['axis']} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, c in summary["configs"].items():
         cells = [f"{c['metrics'][x]['mean']:.1f} [{c['metrics'][x]['ci95'][0]:.0f}, "
@@ -423,7 +476,7 @@ def plot_axis(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(summary["configs"])
-    metrics = [f"average {k}-shot" for k in SHOTS] + ["text"]
+    metrics = [f"average {k}-shot" for k in summary.get("shots", (0, 4))] + ["text"]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
@@ -590,17 +643,18 @@ def main(argv=None):
         raise MM1Error("--work and --out must differ")
     todo = plan(axes, args.seeds)
     for i, (spec, seed) in enumerate(todo):
-        done = (work / "results" / f"{spec.name}-s{seed}.json").exists()
-        if args.summarize_only or done:
-            print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: "
-                  f"{'done' if done else 'not run'}", file=sys.stderr)
+        head = f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}:"
+        stored = work / "results" / f"{spec.name}-s{seed}.json"
+        lacking = stored.exists() and needs_shots(stored, budget)
+        if args.summarize_only or (stored.exists() and not lacking):
+            print(f"{head} {'done' if stored.exists() else 'not run'}", file=sys.stderr)
             continue
         with claimed(work / "claims" / f"{spec.name}-s{seed}") as mine:
             if not mine:
-                print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: another sweep runs it",
-                      file=sys.stderr)
+                print(f"{head} another sweep runs it", file=sys.stderr)
                 continue
-            print(f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}: training", file=sys.stderr)
+            what = (f"scoring {'/'.join(map(str, lacking))}-shot" if lacking else "training")
+            print(f"{head} {what}", file=sys.stderr)
             r = run_one(spec, budget, seed, work, args.eval_seed, args.quiet)
         print(f"  {r['train_seconds']:.0f} s training, {r['eval_seconds']:.0f} s scoring",
               file=sys.stderr)

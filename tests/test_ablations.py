@@ -30,6 +30,57 @@ def test_smoke_run_is_cached_and_resumable(tmp_path, monkeypatch):
     assert ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True) == first
 
 
+def test_a_finished_run_is_scored_at_the_shots_it_lacks(tmp_path, monkeypatch):
+    budget = ab.BUDGETS["smoke"]
+    spec = ab.Spec(connector="avg-pool", tokens=4, mix=(0.5, 0.5, 0.0))
+    monkeypatch.setattr(ab, "SHOTS", (0, 4))
+    first = ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True)
+    assert set(first["per_scene"]) == {"0", "4"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ab, "train", no_training)
+    monkeypatch.setattr(ab, "SHOTS", (0, 4, 8))
+    more = ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True)
+    assert set(more["per_scene"]) == {"0", "4", "8"}
+    assert len(more["per_scene"]["8"]["average"]) == budget.eval_n
+    for k in ("0", "4"):  # the scores it had are kept as they were
+        assert more["per_scene"][k] == first["per_scene"][k]
+    assert more["text"] == first["text"] and more["eval_seconds"] >= first["eval_seconds"]
+    path = tmp_path / "results" / f"{spec.name}-s0.json"
+    assert json.loads(path.read_text()) == more
+    # the 8-shot scores are what a fresh scoring of the same saved model gives
+    model, processor = ab.finished_model(spec, budget, 0, tmp_path)
+    again = ab.score(model, processor, budget, "test-heldout", True, shots=[8], text=False)
+    assert again["per_scene"]["8"] == more["per_scene"]["8"]
+    # a result whose run is gone cannot gain shots: one clear error, the result untouched
+    monkeypatch.setattr(ab, "SHOTS", (0, 2, 4, 8))
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / f"{spec.name}-s0")
+    with pytest.raises(ab.MM1Error, match="no saved state"):
+        ab.run_one(spec, budget, 0, tmp_path, "test-heldout", quiet=True)
+    assert json.loads(path.read_text()) == more
+
+
+def test_an_axis_pools_the_shots_every_run_has(monkeypatch):
+    by = {label: [fake_result(spec, s, 0.4, 0.5) for s in (0, 1)]
+          for label, spec in ab.AXES["data"].items()}
+    del by["caption-only"][1]["per_scene"]["8"]  # one run scored before 8-shot
+    summary = ab.summarize_axis("data", by)
+    assert summary["shots"] == [0, 4]
+    assert "average 8-shot" not in summary["configs"]["45/45/10"]["metrics"]
+    assert not any("8-shot" in c["claim"] for c in summary["claims"])
+    assert "| average 0-shot | average 4-shot | text |" in ab.markdown(summary)
+    full = ab.summarize_axis("data", {label: [fake_result(spec, 0, 0.4, 0.5)]
+                                      for label, spec in ab.AXES["data"].items()})
+    assert full["shots"] == [0, 4, 8]
+    assert [c["claim"] for c in full["claims"] if "few-shot" in c["claim"]][:2] == [
+        "interleaved data drives few-shot: interleaved-only over caption-only, 4-shot",
+        "interleaved data drives few-shot: interleaved-only over caption-only, 8-shot"]
+
+
 def test_a_seeds_runs_share_one_text_stage(tmp_path, monkeypatch):
     budget = replace(ab.BUDGETS["smoke"], text_steps=2)
     seen, real_train = [], ab.train
