@@ -54,19 +54,22 @@ def focused_conversation(rng: random.Random, scene, focus: str | None, turns: in
 
 
 def write_split(folder: Path, name: str, n: int, new_fraction: float, seed: str,
-                turns: int = 4) -> Path:
+                turns: int = 4, drawing: str = "ours") -> Path:
     """n conversations (messages + images JSONL, images as PNG files beside it) of up to
-    ``turns`` questions each."""
-    rng = random.Random(seed)
+    ``turns`` questions each, on images drawn by the training renderer or (``independent``) by
+    ``mm1_mlx.shapes.redraw``, as a user's own data would be drawn by other code."""
+    from mm1_mlx.shapes.eval import DRAWINGS
+
+    rng, random_scene = random.Random(seed), DRAWINGS[drawing]
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
         if rng.random() < new_fraction:
             kind, color = NEW[rng.choice(sorted(NEW))]
-            scene = world.random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
+            scene = random_scene(rng, SHAPES, COLORS, must_include=(kind, color))
             msgs = focused_conversation(rng, scene, kind or color, turns=turns)
         else:  # ordinary scenes and questions, as in SFT
-            scene = world.random_scene(rng)
+            scene = random_scene(rng)
             msgs = world.conversation(rng, scene, rng.choice([1, 2, 3][:turns]))
         rel = f"images/{name}-{i:04d}.png"
         scene.image.save(folder / rel)
@@ -150,6 +153,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="train with mm1_mlx.lora's defaults (only --model, --data, --adapter-path)")
     p.add_argument("--drawing", default="ours", choices=["ours", "independent"],
                    help="held-out images drawn by the training renderer or by mm1_mlx.shapes.redraw")
+    p.add_argument("--train-drawing", default="ours", choices=["ours", "independent"],
+                   help="training / validation images drawn by the training renderer or by "
+                        "mm1_mlx.shapes.redraw (a user's data, drawn by other code)")
     p.add_argument("--data-seed", default="lora-demo",
                    help="seed of the generated training / validation data")
     p.add_argument("--turns", type=int, default=4, help="questions per conversation, at most")
@@ -170,13 +176,15 @@ def main(argv=None) -> dict:
     work = Path(a.work)
     folder = work / "data"
     train_path = write_split(folder, "train", a.n_train, a.new_fraction, f"{a.data_seed}:train",
-                             a.turns)
-    valid_path = write_split(folder, "valid", 40, a.new_fraction, f"{a.data_seed}:valid", a.turns)
+                             a.turns, a.train_drawing)
+    valid_path = write_split(folder, "valid", 40, a.new_fraction, f"{a.data_seed}:valid", a.turns,
+                             a.train_drawing)
     result = {"model": a.model, "data": {"train_examples": a.n_train, "valid_examples": 40,
                                          "new_concept_fraction": a.new_fraction,
                                          "format": "messages+images JSONL"},
               "turns": a.turns, "eval_images": a.eval_n, "eval_question_types": EVAL_TYPES,
-              "drawing": a.drawing, "defaults": a.defaults, "runs": {}}
+              "drawing": a.drawing, "train_drawing": a.train_drawing, "defaults": a.defaults,
+              "runs": {}}
     bases = {"lora": a.model}
     if not a.skip_qlora:
         q4 = work / f"{Path(a.model).name}-4bit"
