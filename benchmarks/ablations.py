@@ -12,8 +12,8 @@ uses) 0-, 4- and 8-shot as raw interleaved prompts (``mm1_mlx.shapes.fewshot``):
 text-only task from the corpus. Every finished run writes its own JSON under ``WORK/results``
 (atomically); a rerun skips those and resumes an interrupted one from its saved state (a finished
 run scored at fewer shots than ``SHOTS`` is scored at the missing ones from its saved model).
-Then each axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the paper's
-claims and a verdict computed from them) and a figure under ``--out``.
+Then each axis gets ``results.json`` (pooled means, 95% intervals, paired differences for the
+paper's claims and a verdict computed from them) and a figure under ``--out``.
 
 Sharing (fair by construction): MM1's ablations start from a pre-trained LLM; here (budget
 ``standard``) a text stage trains the decoder alone on the corpus's text-only samples once per
@@ -251,14 +251,11 @@ def run_one(spec: Spec, budget: Budget, seed: int, work: Path, eval_seed: str,
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def missing_shots(result: dict) -> list[int]:
+def lacking_shots(result: dict, budget: Budget) -> list[int]:
+    """The shots in ``SHOTS`` a stored run of this budget lacks (none for another budget's run)."""
+    if not same_budget(result["budget"], budget):
+        return []
     return [k for k in SHOTS if str(k) not in result["per_scene"]]
-
-
-def needs_shots(stored: Path, budget: Budget) -> list[int]:
-    """The shots a stored run of this budget still lacks (none for another budget's run)."""
-    result = json.loads(stored.read_text(encoding="utf-8"))
-    return missing_shots(result) if same_budget(result["budget"], budget) else []
 
 
 def finished_model(spec: Spec, budget: Budget, seed: int, work: Path):
@@ -279,7 +276,7 @@ def add_shots(spec: Spec, budget: Budget, seed: int, work: Path, out: Path, quie
     """A finished run's result, scored first at the shots in ``SHOTS`` it lacks (from the run's
     saved model; the same scenes, examples and greedy decoding as its other scores)."""
     result = json.loads(out.read_text(encoding="utf-8"))
-    todo = needs_shots(out, budget)
+    todo = lacking_shots(result, budget)
     if not todo:
         return result
     t = time.perf_counter()
@@ -645,7 +642,8 @@ def main(argv=None):
     for i, (spec, seed) in enumerate(todo):
         head = f"[{i + 1}/{len(todo)}] {spec.name} seed {seed}:"
         stored = work / "results" / f"{spec.name}-s{seed}.json"
-        lacking = stored.exists() and needs_shots(stored, budget)
+        lacking = stored.exists() and lacking_shots(
+            json.loads(stored.read_text(encoding="utf-8")), budget)
         if args.summarize_only or (stored.exists() and not lacking):
             print(f"{head} {'done' if stored.exists() else 'not run'}", file=sys.stderr)
             continue
