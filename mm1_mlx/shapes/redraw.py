@@ -87,6 +87,7 @@ def draw(rng: random.Random, shapes: list[world.Shape]) -> Image.Image:
         fx, fy = CENTERS[sh.position]
         cx, cy = (fx + rng.uniform(-0.06, 0.06)) * size, (fy + rng.uniform(-0.06, 0.06)) * size
         r = rng.uniform(0.08, 0.13) * size
+        sh.center, sh.radius = (cx / size, cy / size), r / size  # as world.draw_shape records them
         angle = rng.uniform(-0.3, 0.3) if sh.kind in ("square", "triangle", "diamond") else \
             rng.uniform(0, 2 * math.pi)
         cov = mask(sh.kind, cx, cy, r, angle, size, ss, rng)[..., None]
