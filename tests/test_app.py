@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -681,8 +682,10 @@ def test_cli_help():
 
 def run_in_tmux(tmp_path, image: Path, question: str, app_args: str = "") -> str:
     """Start ``python -m app`` in a real terminal, attach ``image``, ask, return the screen's reply."""
-    session = f"mm1chat{os.getpid()}"
-    tmux = ["tmux", "-L", session]  # a private server: nothing else is touched
+    # a private server, named afresh each call: nothing else is touched, and a server left by a
+    # killed earlier run (a reused pid) cannot answer "duplicate session"
+    session = f"mm1chat{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-L", session]
 
     def pane() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True,
