@@ -87,39 +87,6 @@ def test_stage0_labels_follow_the_drawing():
     assert sum(c > 0 for c in cells) < 16  # the background stays "nothing"
 
 
-def test_stage0_can_name_unnamed_shapes_that_no_text_ever_does(tmp_path):
-    import pytest
-
-    from mm1_mlx.errors import MM1Error
-    from mm1_mlx.shapes.train import build, encoder_shapes, make_encoder_batch
-
-    r = RECIPES["smoke"]()
-    assert encoder_shapes(r) == world.SHAPES  # the default: shapes world's five
-    assert RECIPES["tiny"]().encoder_shapes == ("pentagon", "heptagon", "octagon")
-    r.encoder_shapes, r.encoder_batch_size = ("pentagon", "heptagon", "octagon"), 64
-    shapes = encoder_shapes(r)
-    model, proc, head = build(r, tmp_path)
-    assert head.sizes[0] == 1 + len(shapes) == 9  # the heads name all eight kinds (0: nothing)
-    px, slots, cells = make_encoder_batch(proc, r, 0)
-    named = set(slots[..., 0].ravel()) | set(cells[..., 0].ravel())
-    assert {6, 7, 8} <= named and max(named) == 8  # the unnamed kinds are drawn and labelled
-    # a regular n-gon is drawn with n corners, fully rotated, at its slot
-    rng = random.Random(2)
-    scene = world.random_scene(rng, shapes=["octagon"], colors=["red"], n=1)
-    img = np.asarray(scene.image.convert("RGB")).astype(int)
-    x, y = scene.shapes[0].center
-    assert np.abs(img[int(y * img.shape[0]), int(x * img.shape[1])] - img[1, 1]).sum() > 60
-    assert len(world.polygon("heptagon", 0, 0, 1, 0, 0.6)) == 7
-    # shapes world's texts never name them: only stage 0's heads do
-    rng = random.Random(0)
-    for _ in range(200):
-        _, text, _ = world.pretrain_sample(rng, (0.45, 0.45, 0.1))
-        assert not any(k in text for k in world.UNNAMED_SHAPES)
-    r.encoder_shapes = ("hexagon",)  # kept for the LoRA demonstration: refused in stage 0
-    with pytest.raises(MM1Error, match="hexagon"):
-        encoder_shapes(r)
-
-
 def test_smoke_recipe_learns_and_resumes(tmp_path):
     recipe = RECIPES["smoke"]()
     recipe.pretrain_steps, recipe.sft_steps = 12, 8

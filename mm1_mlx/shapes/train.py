@@ -69,7 +69,6 @@ class Recipe:
     decoder_init: str | None = None  # decoder weights pre-training starts from (a text stage's)
     encoder_batch_size: int = 32
     encoder_learning_rate: float = 1e-3
-    encoder_shapes: tuple = ()  # kinds only stage 0 draws (``world.UNNAMED_SHAPES``), never named
     freeze_vision: bool = True  # keep the stage-0 ViT fixed afterwards (the connector trains on)
     seed: int = 0
     vocab_size: int = 640
@@ -95,7 +94,7 @@ def tiny_config(moe: bool = False) -> ModelConfig:
 
 RECIPES = {
     "tiny": lambda: Recipe("mm1-tiny", tiny_config(), encoder_steps=2000, pretrain_steps=500,
-                           sft_steps=2400, encoder_shapes=tuple(world.UNNAMED_SHAPES)),
+                           sft_steps=2400),
     "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), encoder_steps=2000,
                                pretrain_steps=400, sft_steps=2000),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,
@@ -138,9 +137,9 @@ class SlotHead(nn.Module):
     from all tokens at once, and each token's own cell (so a token carries what it covers, which
     the decoder's attention can then find by shape as well as by colour)."""
 
-    def __init__(self, num_tokens: int, dims: int, num_shapes: int = len(world.SHAPES)):
+    def __init__(self, num_tokens: int, dims: int):
         super().__init__()
-        self.sizes = (1 + num_shapes, 1 + len(world.COLORS))
+        self.sizes = (1 + len(world.SHAPES), 1 + len(world.COLORS))
         self.proj = nn.Linear(num_tokens * dims, len(world.POSITIONS) * sum(self.sizes))
         self.token_proj = nn.Linear(dims, sum(self.sizes))
 
@@ -162,25 +161,14 @@ class EncoderTrainer(nn.Module):
             m.unfreeze()
 
 
-def encoder_shapes(recipe: Recipe) -> list[str]:
-    """The shape kinds stage 0's scenes hold and its heads name: shapes world's and the recipe's."""
-    unknown = [k for k in recipe.encoder_shapes if k not in world.UNNAMED_SHAPES]
-    if unknown:
-        raise MM1Error(f"recipe {recipe.name}: encoder_shapes {unknown} are not among "
-                       f"{sorted(world.UNNAMED_SHAPES)}")
-    return world.SHAPES + list(recipe.encoder_shapes)
-
-
 def make_encoder_batch(processor: Processor, recipe: Recipe, step: int):
     """Pixels, (N, slots, 2) slot labels and (N, tokens, 2) token-cell labels (shape, colour)."""
     rng = random.Random(f"{recipe.seed}:encoder:{step}")
-    shapes = encoder_shapes(recipe)
-    scenes = [world.random_scene(rng, shapes) for _ in range(recipe.encoder_batch_size)]
+    scenes = [world.random_scene(rng) for _ in range(recipe.encoder_batch_size)]
     px = np.concatenate([processor.prepare_image(sc.image, max_tiles=1).pixels for sc in scenes])
     side = grid_side(recipe.model.num_image_tokens)
-    slots = np.array([world.slot_labels(sc, shapes) for sc in scenes], np.int32).transpose(0, 2, 1)
-    cells = np.array([world.token_labels(sc, side, shapes) for sc in scenes],
-                     np.int32).transpose(0, 2, 1)
+    slots = np.array([world.slot_labels(sc) for sc in scenes], np.int32).transpose(0, 2, 1)
+    cells = np.array([world.token_labels(sc, side) for sc in scenes], np.int32).transpose(0, 2, 1)
     return px, slots, cells
 
 
@@ -343,8 +331,7 @@ def build(recipe: Recipe, run: Path) -> tuple[Model, Processor, SlotHead]:
     cfg.image_token_id = processor.image_token_id
     cfg.text_config.vocab_size = max(cfg.text_config.vocab_size, len(processor.tokenizer))
     model = Model(cfg)
-    head = SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size, len(encoder_shapes(recipe)))
-    return model, processor, head
+    return model, processor, SlotHead(cfg.num_image_tokens, cfg.text_config.hidden_size)
 
 
 def stage_steps(recipe: Recipe) -> dict[str, int]:

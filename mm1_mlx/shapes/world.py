@@ -4,9 +4,7 @@ Four kinds of sample, as in MM1's pre-training mix plus SFT: captions, interleav
 documents, text-only sentences, and instruction conversations. Colours are drawn from several
 common palettes (CSS, matplotlib, hand-picked) with jitter in hue, saturation and brightness, so a
 clearly red shape is "red" whoever drew it. "hexagon" and "teal" never occur here: they are kept for
-the LoRA demonstration (``extra_shapes`` / ``extra_colors`` turn them on). ``UNNAMED_SHAPES`` are
-drawn only for the image encoder's pre-training (a recipe's ``encoder_shapes``): kinds its heads tell
-apart, never named in any text, so the encoder learns more of what makes shapes differ.
+the LoRA demonstration (``extra_shapes`` / ``extra_colors`` turn them on).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ SHAPES = ["circle", "square", "triangle", "star", "diamond"]
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"]
 NEW_SHAPES = ["hexagon"]
 NEW_COLORS = ["teal"]
-UNNAMED_SHAPES = {"pentagon": 5, "heptagon": 7, "octagon": 8}  # regular polygons: kind -> sides
 POSITIONS = ["left", "right", "top", "bottom", "center"]
 SLOTS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
          "center": (0.5, 0.5)}
@@ -109,10 +106,6 @@ def polygon(kind: str, cx: float, cy: float, r: float, angle: float, aspect: flo
                for k in range(10)]
     elif kind == "hexagon":
         pts = [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]
-    elif kind in UNNAMED_SHAPES:
-        n = UNNAMED_SHAPES[kind]
-        pts = [(math.cos(-math.pi / 2 + 2 * math.pi * k / n),
-                math.sin(-math.pi / 2 + 2 * math.pi * k / n)) for k in range(n)]
     else:
         raise ValueError(kind)
     ca, sa = math.cos(angle), math.sin(angle)
@@ -134,8 +127,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, rng: random.Random, shape: Shape, size
     if shape.kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
         return
-    limits = {"square": 0.35, "triangle": 0.4, "diamond": 0.25}
-    angle = rng.uniform(-limits.get(shape.kind, math.pi), limits.get(shape.kind, math.pi))
+    limits = {"square": 0.35, "triangle": 0.4, "diamond": 0.25, "star": math.pi, "hexagon": math.pi}
+    angle = rng.uniform(-limits[shape.kind], limits[shape.kind])
     aspect = rng.uniform(0.55, 0.75)
     draw.polygon(polygon(shape.kind, cx, cy, r, angle, aspect), fill=fill, outline=outline,
                  width=width if outline else 1)
