@@ -206,7 +206,7 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
     if adapter_path is not None:
         from .tuner.adapters import load_adapters
 
-        load_adapters(model, adapter_path)
+        load_adapters(model, adapter_path, processor)  # the processor: the adapter's image size
     if cpu and config.quantization:
         from .cpu.quant import warm_up
 

@@ -35,6 +35,8 @@ def fuse(model_path: str | None, adapter_path: str, out: str, dequantize: bool =
     model, processor = load(str(src), adapter_path=adapter_path, compute_dtype=None,
                             progress=progress)
     fuse_lora(model, dequantize=dequantize)
+    # the size the adapter was trained at (its position embeddings still hold the base's grid)
+    model.config.vision_config.image_size = processor.image.image_size
     if dequantize and is_quantized(model):
         dequantize_model(model, getattr(mx, dtype))
     # a new name: the base's adapters must not load (and apply twice) on the fused model

@@ -89,6 +89,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-vision-embeddings", action=argparse.BooleanOptionalAction,
                    help="with --train-vision, also train the ViT's patch and position "
                         "embeddings whole, at 0.1x the learning rate (default off)")
+    p.add_argument("--image-size", type=int,
+                   help="train (and then run, with these adapters) the image encoder at this "
+                        "many pixels (default: the model's finetune_image_size, else its own "
+                        "size; mm1-tiny: 144, it runs at 96 without adapters)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (less memory)")
     p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,

@@ -30,8 +30,10 @@ class ImageSettings(_FromDict):
     pad_color: list | None = None  # pad colour (0-255); defaults to the mean
     max_image_tiles: int = 1  # high-resolution splitting: at most this many tiles (+ overview)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    finetune_image_size: int | None = None  # the size adapters train at by default (None: image_size)
 
-    RULES: ClassVar[dict] = {"image_size": (1, 8192), "resize_mode": {"crop", "pad", "squash"},
+    RULES: ClassVar[dict] = {"image_size": (1, 8192), "finetune_image_size": (1, 8192),
+                             "resize_mode": {"crop", "pad", "squash"},
                              "max_image_tiles": (1, MAX_TILES), "max_pixels": (1, 1 << 31)}
 
     def check(self, where: str = PREPROCESSOR_FILE, prefix: str = "") -> None:

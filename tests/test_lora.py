@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_config, make_model
+from conftest import make_config, make_model, make_processor
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from PIL import Image
@@ -547,7 +547,8 @@ def test_default_training_adapts_the_image_encoder(tmp_path, tiny_checkpoint, da
     lora.main(["--model", str(tiny_checkpoint), "--data", str(data), "--adapter-path", str(out),
                "--iters", "4", "--batch-size", "4", "--learning-rate", "3e-3", "--quiet"])
     assert "LoRA rank 16 alpha 32 on all decoder layers and 2 image-encoder layers, the " \
-           "connector whole at 0.0003, image augmentation on" in capsys.readouterr().err
+           "connector whole at 0.0003, images at 32 px, image augmentation on" in \
+        capsys.readouterr().err
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["lora_parameters"]["vision_layers"] == -1
     vit_b = {k: v for k, v in mx.load(str(out / "adapters.safetensors")).items()
@@ -564,3 +565,74 @@ def test_default_training_adapts_the_image_encoder(tmp_path, tiny_checkpoint, da
     assert not any(k.startswith("vision_tower.") for k in mx.load(str(off / "adapters.safetensors")))
     model, _ = checkpoint.load(str(tiny_checkpoint), adapter_path=str(off))
     assert mx.array_equal(model.vision_tower(px), plain.vision_tower(px))
+
+
+def test_adapters_train_and_run_at_their_image_size(tmp_path, capsys, tiny_checkpoint, data):
+    """--image-size: the encoder trains at another resolution (the ViT's position embeddings
+    interpolated; the C-Abstractor still makes the same tokens), the adapter records it, and
+    everything that loads the adapter (generate, eval, server, fuse) then runs at that size."""
+    out = tmp_path / "ad"
+    lora.main(["--model", str(tiny_checkpoint), "--data", str(data), "--adapter-path", str(out),
+               "--iters", "4", "--batch-size", "4", "--image-size", "48", "--quiet"])
+    assert "images at 48 px" in capsys.readouterr().err
+    assert json.loads((out / "adapter_config.json").read_text())["image_size"] == 48
+    model, proc = checkpoint.load(str(tiny_checkpoint), adapter_path=str(out))
+    plain, plain_proc = checkpoint.load(str(tiny_checkpoint))
+    assert (proc.image.image_size, plain_proc.image.image_size) == (48, 32)
+    image = Image.open(data.parent / "img" / "0.png")
+    _, px, _ = proc("what color is the square ?", [image])
+    assert px.shape[1:3] == (48, 48)
+    # fused: the same model at the same size, the position embeddings still the base's 4x4 grid
+    fused_dir = tmp_path / "fused"
+    from mm1_mlx.fuse import fuse
+
+    fuse(str(tiny_checkpoint), str(out), str(fused_dir), dtype="float32")
+    fused, fused_proc = checkpoint.load(str(fused_dir))
+    vc = fused.config.vision_config
+    assert (fused_proc.image.image_size, vc.image_size, vc.pretrain_image_size) == (48, 48, 32)
+    a, b = logits_of(model, proc, image), logits_of(fused, fused_proc, image)
+    assert mx.abs(a - b).max().item() < 1e-3 * mx.abs(a).max().item()
+    assert not mx.allclose(a, logits_of(plain, plain_proc, image), atol=1e-3).item()
+    # --resume at another size is refused: the saved steps saw other pixels
+    with pytest.raises(MM1Error, match="trained on images of 48 px, not 40"):
+        lora.train(small_args(tiny_checkpoint, data, out, iters=6, image_size=40, resume=True))
+
+
+def test_default_image_size_is_the_models_finetune_size(tmp_path, tiny_checkpoint, data):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    pre = ckpt / "preprocessor_config.json"
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), "finetune_image_size": 40}))
+    log = lora.train(small_args(ckpt, data, tmp_path / "ad", iters=1), quiet=True)
+    assert log["args"]["image_size"] == 40
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["image_size"] == 40
+    _, proc = checkpoint.load(str(ckpt))
+    assert proc.image.image_size == 32  # the model alone still runs at its own size
+    log = lora.train(small_args(tiny_checkpoint, data, tmp_path / "plain", iters=1), quiet=True)
+    assert log["args"]["image_size"] == 32  # no finetune size: its own
+
+
+def test_image_size_that_cannot_work_is_one_clear_error(tmp_path, capsys, tiny_checkpoint, data,
+                                                        processor):
+    with pytest.raises(SystemExit) as e:
+        lora.main(["--model", str(tiny_checkpoint), "--data", str(data), "--adapter-path",
+                   str(tmp_path / "a"), "--image-size", "44"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "multiple of the encoder's patch size 8, got 44" in err
+    assert "Traceback" not in err and not (tmp_path / "a").exists()
+    mlp = tmp_path / "mlp"  # one image token per patch: another size changes the prompt
+    per_patch = make_processor(num_image_tokens=16)  # 32 px / patch 8: a 4x4 grid
+    checkpoint.save(make_model(make_config(per_patch, connector="mlp")), per_patch, mlp)
+    with pytest.raises(MM1Error, match="one image token per patch"):
+        lora.train(small_args(mlp, data, tmp_path / "b", image_size=48))
+    ad = tmp_path / "c"  # a damaged adapter_config.json image_size
+    lora.train(small_args(tiny_checkpoint, data, ad, iters=1), quiet=True)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "image_size": "big"}))
+    with pytest.raises(MM1Error, match="image_size"):
+        checkpoint.load(str(tiny_checkpoint), adapter_path=str(ad))
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "image_size": 44}))
+    with pytest.raises(MM1Error, match="multiple of the encoder's patch size"):
+        checkpoint.load(str(tiny_checkpoint), adapter_path=str(ad))

@@ -61,9 +61,7 @@ class Recipe:
     warmup: int = 100
     weight_decay: float = 0.01
     mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only
-    image: ImageSettings = field(default_factory=lambda: ImageSettings(
-        image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resize_mode="pad",
-        pad_color=[255, 255, 255]))
+    image: ImageSettings = field(default_factory=lambda: shapes_images())
     encoder_steps: int = 0  # stage 0: supervised image-encoder pre-training (0: skip)
     text_steps: int = 0  # the decoder alone on text-only samples: a stand-in for a pre-trained LLM
     decoder_init: str | None = None  # decoder weights pre-training starts from (a text stage's)
@@ -73,6 +71,13 @@ class Recipe:
     seed: int = 0
     vocab_size: int = 640
     tokenizer_corpus: int = 1500  # samples of each kind the tokenizer is trained on
+
+
+def shapes_images(finetune_image_size: int | None = None) -> ImageSettings:
+    """96-px images padded white; ``finetune_image_size``: the size LoRA trains at by default."""
+    return ImageSettings(image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                         resize_mode="pad", pad_color=[255, 255, 255],
+                         finetune_image_size=finetune_image_size)
 
 
 def tiny_config(moe: bool = False) -> ModelConfig:
@@ -93,8 +98,9 @@ def tiny_config(moe: bool = False) -> ModelConfig:
 
 
 RECIPES = {
+    # LoRA at 144 px: a 96-px patch grid hardly tells a hexagon's corners from a circle (README)
     "tiny": lambda: Recipe("mm1-tiny", tiny_config(), encoder_steps=2000, pretrain_steps=500,
-                           sft_steps=2400),
+                           sft_steps=2400, image=shapes_images(finetune_image_size=144)),
     "tiny-moe": lambda: Recipe("mm1-tiny-moe", tiny_config(True), encoder_steps=2000,
                                pretrain_steps=400, sft_steps=2000),
     "smoke": lambda: Recipe("mm1-smoke", tiny_config(), pretrain_steps=24, sft_steps=16,

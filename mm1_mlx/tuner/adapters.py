@@ -2,9 +2,10 @@
 a small directory.
 
 An adapter directory holds ``adapters.safetensors`` (the LoRA matrices, plus the whole connector when
-it was trained) and ``adapter_config.json``, which records the LoRA settings and the base model's
-identity: its name and a hash of its architecture (every config field except the name and the
-quantization, so an adapter trained on a 4-bit base also loads on its float original and back).
+it was trained) and ``adapter_config.json``, which records the LoRA settings, the image size it was
+trained at (the model then runs at that size with it) and the base model's identity: its name and a
+hash of its architecture (every config field except the name and the quantization, so an adapter
+trained on a 4-bit base also loads on its float original and back).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ VISION_LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", 
 VISION_EMBEDDINGS = ("vision_tower.embeddings.", "vision_tower.pre_layrnorm.")
 # names an adapter file may hold besides LoRA matrices: whole trained parts of the model
 WHOLE_PARTS = ("connector.",) + VISION_EMBEDDINGS
+# connectors whose number of image tokens does not depend on the encoder's patch grid
+FIXED_TOKEN_CONNECTORS = ("c-abstractor", "avg-pool", "attention-pool")
 
 
 def base_identity(config) -> dict:
@@ -138,10 +141,41 @@ def write_adapters(directory: Path, model: nn.Module, config: dict) -> None:
 
 
 def adapter_config(model: nn.Module, params: dict, train_connector: bool,
-                   train_vision_embeddings: bool = False) -> dict:
-    return {"fine_tune_type": "lora", "num_layers": params["num_layers"], "lora_parameters": params,
-            "train_connector": train_connector, "train_vision_embeddings": train_vision_embeddings,
-            "base_model": base_identity(model.config)}
+                   train_vision_embeddings: bool = False, image_size: int | None = None) -> dict:
+    config = {"fine_tune_type": "lora", "num_layers": params["num_layers"],
+              "lora_parameters": params, "train_connector": train_connector,
+              "train_vision_embeddings": train_vision_embeddings,
+              "base_model": base_identity(model.config)}
+    if image_size is not None:
+        config["image_size"] = image_size
+    return config
+
+
+def finetune_image_size(processor) -> int:
+    """The size adapters train at by default: the model's ``finetune_image_size`` (a checkpoint
+    whose native size is too coarse for new details can name a larger one), else its own."""
+    return processor.image.finetune_image_size or processor.image.image_size
+
+
+def set_image_size(model: nn.Module, processor, size: int, what: str = "--image-size") -> None:
+    """Run the image encoder at ``size`` px from now on (the processor's size). Another size than
+    the model's own needs a ViT (its position embeddings are interpolated to the new patch grid)
+    and a connector with a fixed number of image tokens (C-Abstractor, average or attention
+    pooling): with one token per patch the prompt's image tokens would change."""
+    vc, own = model.config.vision_config, processor.image.image_size
+    patch = vc.patch_size
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 8192:
+        raise MM1Error(f"{what} must be a whole number of pixels 1-8192, got {size!r}")
+    if size == own:
+        return
+    if not vision_layers(model) or not isinstance(patch, int):
+        raise MM1Error(f"{what} {size}: this model's image encoder runs only at {own} px")
+    if model.config.connector_config.type not in FIXED_TOKEN_CONNECTORS:
+        raise MM1Error(f"{what} {size}: the {model.config.connector_config.type} connector makes "
+                       f"one image token per patch; this model runs only at {own} px")
+    if size % patch:
+        raise MM1Error(f"{what} must be a multiple of the encoder's patch size {patch}, got {size}")
+    processor.image.image_size = size
 
 
 def read_config(path: Path) -> dict:
@@ -176,6 +210,8 @@ def check_config(config, f: Path) -> None:
     need(params["num_layers"] != 0, f, "lora_parameters.num_layers", 0, "-1 (all) or >= 1")
     for key in ("train_connector", "train_vision_embeddings"):
         need(isinstance(config.get(key, False), bool), f, key, config.get(key), "true or false")
+    if "image_size" in config:
+        check_fields(config, f, "", {"image_size": (int, 1, 8192)})
     need(isinstance(config.get("base_model") or {}, dict), f, "base_model",
          config.get("base_model"), "an object")
 
@@ -188,8 +224,9 @@ def check_base(model: nn.Module, config: dict, path: Path) -> None:
                        f"(config {have['config_hash']})")
 
 
-def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module:
-    """Add the adapter's LoRA layers to ``model`` (unfused) and load its weights."""
+def load_adapters(model: nn.Module, adapter_path: str | os.PathLike, processor=None) -> nn.Module:
+    """Add the adapter's LoRA layers to ``model`` (unfused) and load its weights; ``processor``
+    then prepares images at the size the adapter was trained at."""
     path = Path(adapter_path).expanduser()
     if not path.is_dir():
         raise MM1Error(f"adapter directory not found: {path}")
@@ -211,6 +248,8 @@ def load_adapters(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Modul
             raise MM1Error(f"adapter {path}: {name} has shape {tuple(w.shape)}, the model "
                            f"{tuple(params[name].shape)}")
     model.load_weights(list(weights.items()), strict=False)
+    if processor is not None and "image_size" in config:
+        set_image_size(model, processor, config["image_size"], f"{path / CONFIG_FILE} image_size")
     return model
 
 

@@ -72,6 +72,7 @@ class TrainingArgs:
     augment: bool = True  # a fresh random variation of each training image at every step
     train_connector: bool | None = None  # the whole connector, at 0.1x; None: when it is float
     train_vision_embeddings: bool = False  # the ViT's patch/position embeddings, trained whole
+    image_size: int | None = None  # px; None: the model's finetune_image_size, else its own
     grad_checkpoint: bool = False
     mask_prompt: bool = True
     max_length: int | None = None  # default: the decoder's max_position_embeddings
@@ -92,7 +93,7 @@ class TrainingArgs:
     def check(self) -> None:
         """Every setting's range, one line naming the flag / YAML key and what is allowed."""
         self.data_files()
-        for k, lo, hi in (("iters", 1, 10**9), ("batch_size", 1, 10**6),
+        for k, lo, hi in (("iters", 1, 10**9), ("batch_size", 1, 10**6), ("image_size", 1, 8192),
                           ("grad_accumulation", 1, 10**6), ("rank", 1, 4096),
                           ("save_every", 1, 10**9), ("steps_per_eval", 1, 10**9),
                           ("warmup", 0, 10**9), ("seed", 0, 2**32 - 1)):
@@ -148,13 +149,16 @@ def _in_range(key: str, value: int, lo: int, hi: int, extra: str = "") -> None:
 
 # ---- model, loss, optimizer ----
 def setup_model(args: TrainingArgs):
-    """(model with LoRA layers, processor, LoRA parameters, ``args`` with ``train_connector``
-    and ``train_vision_embeddings`` decided for this model); only adapters (+ connector, ViT
-    embeddings) train."""
+    """(model with LoRA layers, processor, LoRA parameters, ``args`` with ``image_size``,
+    ``train_connector`` and ``train_vision_embeddings`` decided for this model); only adapters (+
+    connector, ViT embeddings) train."""
     from ..checkpoint import load
     from ..models.quantization import dequantize_model, is_quantized
 
     model, processor = load(args.model)
+    size = args.image_size or adapters.finetune_image_size(processor)
+    adapters.set_image_size(model, processor, size)
+    args = dataclasses.replace(args, image_size=size)
     if args.dequantize_base and is_quantized(model):
         dequantize_model(model)  # same values as the 4-bit weights; adapters still fit the base
     model.set_dtype(getattr(mx, args.dtype))  # float params; quantized weights stay packed
@@ -289,6 +293,11 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
             for k in ("train_connector", "train_vision_embeddings")):
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
+    trained_at = saved.get("image_size", model.config.vision_config.image_size)
+    if trained_at != adapter_cfg.get("image_size", trained_at):
+        raise MM1Error(f"--resume: {path} was trained on images of {trained_at} px, not "
+                       f"{adapter_cfg['image_size']}; pass --image-size {trained_at} or use a "
+                       "new --adapter-path")
     try:
         weights = mx.load(str(path / adapters.ADAPTERS_FILE))
         model.load_weights(list(weights.items()), strict=False)
@@ -347,7 +356,7 @@ def describe_schedule(args: TrainingArgs, samples: int, size: int, vision_layers
             f"over {samples} samples ({epochs:.1f} epochs), learning rate {lr} after "
             f"{args.warmup} warm-up steps, LoRA rank {args.rank} alpha {args.alpha:g} on {layers} "
             f"decoder layers and {vision_layers or 'no'} image-encoder layers{whole_parts(args)}, "
-            f"image augmentation {'on' if args.augment else 'off'}"
+            f"images at {args.image_size} px, image augmentation {'on' if args.augment else 'off'}"
             + (f", {size} processes" if size > 1 else ""))
 
 
@@ -444,7 +453,7 @@ def setup(args: TrainingArgs, group, quiet: bool) -> Session:
     whole = args.train_vision_embeddings or args.train_connector
     return Session(args, model, processor, make_optimizer(args, whole),
                    adapters.adapter_config(model, params, args.train_connector,
-                                           args.train_vision_embeddings),
+                                           args.train_vision_embeddings, args.image_size),
                    train_ds, valid_ds, group, log)
 
 
