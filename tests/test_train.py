@@ -241,3 +241,16 @@ def test_prefetched_batches_equal_the_unprefetched_ones(tmp_path):
             assert (g is None) == (w is None)
             if w is not None:
                 assert np.array_equal(g, w)
+
+
+def test_recipes_write_the_bundled_models_settings():
+    """``--recipe tiny --install`` reproduces the bundled mm1-tiny's files: its image settings,
+    the fine-tuning size (144 px, README "Fine-tuning") included."""
+    from mm1_mlx.checkpoint import WEIGHTS_DIR
+    from mm1_mlx.processor import ImageSettings
+
+    for name, recipe in (("mm1-tiny", "tiny"), ("mm1-tiny-moe", "tiny-moe")):
+        saved = json.loads((WEIGHTS_DIR / name / "preprocessor_config.json").read_text())
+        assert ImageSettings.from_dict(saved) == RECIPES[recipe]().image, name
+    assert RECIPES["tiny"]().image.finetune_image_size == 144
+    assert RECIPES["tiny-moe"]().image.finetune_image_size is None  # measured on mm1-tiny only
