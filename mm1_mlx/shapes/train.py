@@ -49,6 +49,13 @@ from . import world
 from .tokenizer import train_tokenizer
 
 
+def shapes_images(finetune_image_size: int | None = None) -> ImageSettings:
+    """96-px images padded white; ``finetune_image_size``: the size LoRA trains at by default."""
+    return ImageSettings(image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                         resize_mode="pad", pad_color=[255, 255, 255],
+                         finetune_image_size=finetune_image_size)
+
+
 @dataclass
 class Recipe:
     name: str
@@ -61,7 +68,7 @@ class Recipe:
     warmup: int = 100
     weight_decay: float = 0.01
     mix: tuple = (0.45, 0.45, 0.10)  # interleaved, captions, text-only
-    image: ImageSettings = field(default_factory=lambda: shapes_images())
+    image: ImageSettings = field(default_factory=shapes_images)
     encoder_steps: int = 0  # stage 0: supervised image-encoder pre-training (0: skip)
     text_steps: int = 0  # the decoder alone on text-only samples: a stand-in for a pre-trained LLM
     decoder_init: str | None = None  # decoder weights pre-training starts from (a text stage's)
@@ -71,13 +78,6 @@ class Recipe:
     seed: int = 0
     vocab_size: int = 640
     tokenizer_corpus: int = 1500  # samples of each kind the tokenizer is trained on
-
-
-def shapes_images(finetune_image_size: int | None = None) -> ImageSettings:
-    """96-px images padded white; ``finetune_image_size``: the size LoRA trains at by default."""
-    return ImageSettings(image_size=96, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                         resize_mode="pad", pad_color=[255, 255, 255],
-                         finetune_image_size=finetune_image_size)
 
 
 def tiny_config(moe: bool = False) -> ModelConfig:

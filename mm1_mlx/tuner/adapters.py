@@ -161,11 +161,10 @@ def set_image_size(model: nn.Module, processor, size: int, what: str = "--image-
     """Run the image encoder at ``size`` px from now on (the processor's size). Another size than
     the model's own needs a ViT (its position embeddings are interpolated to the new patch grid)
     and a connector with a fixed number of image tokens (C-Abstractor, average or attention
-    pooling): with one token per patch the prompt's image tokens would change."""
+    pooling): with one token per patch the prompt's image tokens would change. ``size`` comes
+    checked (1-8192) from ``TrainingArgs.check`` or ``check_config``."""
     vc, own = model.config.vision_config, processor.image.image_size
     patch = vc.patch_size
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 8192:
-        raise MM1Error(f"{what} must be a whole number of pixels 1-8192, got {size!r}")
     if size == own:
         return
     if not vision_layers(model) or not isinstance(patch, int):

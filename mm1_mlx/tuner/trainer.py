@@ -293,8 +293,8 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
             for k in ("train_connector", "train_vision_embeddings")):
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
-    trained_at = saved.get("image_size", model.config.vision_config.image_size)
-    if trained_at != adapter_cfg.get("image_size", trained_at):
+    trained_at = saved.get("image_size", model.config.vision_config.image_size)  # older saves
+    if trained_at != adapter_cfg["image_size"]:
         raise MM1Error(f"--resume: {path} was trained on images of {trained_at} px, not "
                        f"{adapter_cfg['image_size']}; pass --image-size {trained_at} or use a "
                        "new --adapter-path")
