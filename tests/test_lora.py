@@ -257,7 +257,7 @@ def test_connector_training(tmp_path, tiny_checkpoint, data):
 
 def test_vision_embeddings_training(tmp_path, tiny_checkpoint, data):
     """The ViT's embeddings train whole, at a tenth of the LoRA rate, are saved with the adapter,
-    load back and resume (two optimizers' state)."""
+    load back and resume (two optimizers' state); a resume without them names the flag."""
     out = tmp_path / "ad"
     args = small_args(tiny_checkpoint, data, out, iters=2, train_vision_embeddings=True)
     lora.train(args, quiet=True)
@@ -273,7 +273,7 @@ def test_vision_embeddings_training(tmp_path, tiny_checkpoint, data):
     assert 0 < moved < args.learning_rate
     lora.train(dataclasses.replace(args, iters=3, resume=True), quiet=True)
     assert json.loads((out / trainer.LOG_FILE).read_text())["step"] == 3
-    with pytest.raises(MM1Error, match="other LoRA settings"):
+    with pytest.raises(MM1Error, match="trained with --train-vision-embeddings; pass it"):
         lora.train(dataclasses.replace(args, iters=4, resume=True, train_vision_embeddings=False),
                    quiet=True)
 

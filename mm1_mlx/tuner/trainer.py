@@ -288,11 +288,14 @@ def load_state(args: TrainingArgs, model, opt, adapter_cfg: dict) -> dict | None
         return None
     saved = adapters.read_config(path)
     adapters.check_base(model, saved, path)
-    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"] or any(
-            saved.get(k, False) != adapter_cfg[k]
-            for k in ("train_connector", "train_vision_embeddings")):
+    if saved.get("lora_parameters") != adapter_cfg["lora_parameters"]:
         raise MM1Error(f"--resume: {path} was trained with other LoRA settings "
                        f"({saved.get('lora_parameters')}); use the same ones or a new --adapter-path")
+    for key in ("train_connector", "train_vision_embeddings"):
+        if saved.get(key, False) != adapter_cfg[key]:  # e.g. saved before a default changed
+            flag = f"--{'' if saved.get(key, False) else 'no-'}{_flag(key)}"
+            raise MM1Error(f"--resume: {path} was trained with {flag}; pass it or use a new "
+                           "--adapter-path")
     trained_at = saved.get("image_size", model.config.vision_config.image_size)  # older saves
     if trained_at != adapter_cfg["image_size"]:
         raise MM1Error(f"--resume: {path} was trained on images of {trained_at} px, not "
