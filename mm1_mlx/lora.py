@@ -9,8 +9,8 @@ LoRA wraps the decoder's attention and MLP projections (MoE expert stacks includ
 gives QLoRA. By default LoRA also wraps every layer of a ViT image encoder (``--train-vision``;
 an encoder that never saw a new shape or colour may not tell it apart) and each training image is
 a fresh random variation at every step (``--augment``, ``mm1_mlx/tuner/augment.py``: without it an
-adapted encoder learns the training pictures' pixels), and the whole connector trains too, at a
-tenth of the learning rate (``--train-connector``, on when the connector is float;
+adapted encoder learns the training pictures' pixels), and the whole connector trains too, at 0.3x
+the learning rate (``--train-connector``, on when the connector is float; ``--whole-lr-scale``;
 ``--train-vision-embeddings`` adds the ViT's patch and position embeddings the same way). The
 loss falls on the assistant's tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains
 on every text token, prompts included (never on image tokens). Bad records are reported as
@@ -84,11 +84,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="a random zoom/shift/rotation, colour, noise and JPEG variation of each "
                         "training image at every step (default on; --no-augment: off)")
     p.add_argument("--train-connector", action=argparse.BooleanOptionalAction,
-                   help="also train the whole connector, at 0.1x the learning rate (default on "
-                        "unless it is quantized; --no-train-connector: LoRA layers alone)")
+                   help="also train the whole connector, at --whole-lr-scale times the learning "
+                        "rate (default on unless it is quantized; --no-train-connector: LoRA "
+                        "layers alone)")
     p.add_argument("--train-vision-embeddings", action=argparse.BooleanOptionalAction,
                    help="with --train-vision, also train the ViT's patch and position "
-                        "embeddings whole, at 0.1x the learning rate (default off)")
+                        "embeddings whole, as the connector (default off)")
+    p.add_argument("--whole-lr-scale", type=float,
+                   help="learning rate of the weights trained whole (connector, ViT embeddings) "
+                        "as a fraction of --learning-rate (default 0.3)")
     p.add_argument("--image-size", type=int,
                    help="train (and then run, with these adapters) the image encoder at this "
                         "many pixels (default: the model's finetune_image_size, else its own "

@@ -386,7 +386,8 @@ def test_lora_hostile_yaml_data_and_resume(tmp_path):
     cases.append(case("data_fail_mode", "mm1_mlx.lora", "--data", d / "mixed.jsonl",
                       "--adapter-path", tmp_path / "n", "--on-bad-data", "fail", "--quiet"))
     for flags in (["--iters", "0"], ["--learning-rate", "nan"], ["--dropout", "1.5"],
-                  ["--seed", "-3"], ["--rank", "0"], ["--lora-layers", "0"]):
+                  ["--seed", "-3"], ["--rank", "0"], ["--lora-layers", "0"],
+                  ["--whole-lr-scale", "0"]):
         cases.append(case(f"flag{'_'.join(flags)}", "mm1_mlx.lora", "--data", d / "mixed.jsonl",
                           "--adapter-path", tmp_path / "n", *flags))
     # documented success: YAML 1.1 reads 1e-3 as a string; the bad records are skipped

@@ -43,9 +43,6 @@ DAMAGED = "; start over with --force or use another --adapter-path"
 # chosen by measurement (README, "Fine-tuning"): 300 examples teaching a new shape and colour
 DEFAULT_EPOCHS = 8.0
 MAX_DEFAULT_ITERS = 1000  # mlx-lm's default: a large data set is not run for epochs by default
-# whole pretrained weights (connector, ViT embeddings) move at this fraction of the LoRA learning rate:
-# Adam moves every weight ~lr a step, and 1e-3 is 2% of a patch filter's typical size
-WHOLE_WEIGHT_LR_SCALE = 0.1
 
 
 @dataclass
@@ -70,8 +67,11 @@ class TrainingArgs:
     lora_keys: list | None = None  # decoder-layer modules to wrap (default adapters.LORA_KEYS)
     train_vision: bool = True  # LoRA on every ViT layer of the image encoder too
     augment: bool = True  # a fresh random variation of each training image at every step
-    train_connector: bool | None = None  # the whole connector, at 0.1x; None: when it is float
+    train_connector: bool | None = None  # the whole connector; None: when it is float
     train_vision_embeddings: bool = False  # the ViT's patch/position embeddings, trained whole
+    # weights trained whole (connector, ViT embeddings) move at this fraction of the learning rate:
+    # Adam moves every weight ~lr a step, and 1e-3 is 1-2% of a typical connector weight here
+    whole_lr_scale: float = 0.3
     image_size: int | None = None  # px; None: the model's finetune_image_size, else its own
     grad_checkpoint: bool = False
     mask_prompt: bool = True
@@ -99,7 +99,7 @@ class TrainingArgs:
                           ("warmup", 0, 10**9), ("seed", 0, 2**32 - 1)):
             if getattr(self, k) is not None:  # iters, warmup: None means derived
                 _in_range(k, getattr(self, k), lo, hi)
-        for k in ("learning_rate", "alpha", "epochs"):
+        for k in ("learning_rate", "alpha", "epochs", "whole_lr_scale"):
             if not 0 < getattr(self, k) < math.inf:
                 raise MM1Error(f"--{_flag(k)} must be a positive number, got {getattr(self, k)}")
         for k in ("weight_decay", "max_grad_norm"):
@@ -215,12 +215,12 @@ def lr_schedule(args: TrainingArgs, peak: float):
 
 def make_optimizer(args: TrainingArgs, whole_weights: bool = False):
     """AdamW for the LoRA matrices; when ``whole_weights`` train too (the connector, the ViT's
-    embeddings) a second AdamW for them at ``WHOLE_WEIGHT_LR_SCALE`` of the learning rate."""
+    embeddings) a second AdamW for them at ``whole_lr_scale`` times the learning rate."""
     opt = optim.AdamW(learning_rate=lr_schedule(args, args.learning_rate),
                       weight_decay=args.weight_decay)
     if not whole_weights:
         return opt
-    whole = optim.AdamW(learning_rate=lr_schedule(args, WHOLE_WEIGHT_LR_SCALE * args.learning_rate),
+    whole = optim.AdamW(learning_rate=lr_schedule(args, args.whole_lr_scale * args.learning_rate),
                         weight_decay=args.weight_decay)
     return optim.MultiOptimizer([opt, whole], [lambda k, _: adapters.is_lora(k)])
 
@@ -370,7 +370,7 @@ def whole_parts(args: TrainingArgs) -> str:
              if on]
     if not parts:
         return ""
-    return f", {' and '.join(parts)} whole at {WHOLE_WEIGHT_LR_SCALE * args.learning_rate:g}"
+    return f", {' and '.join(parts)} whole at {args.whole_lr_scale * args.learning_rate:g}"
 
 
 def one_host(group) -> bool:
