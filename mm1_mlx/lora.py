@@ -10,8 +10,9 @@ gives QLoRA. By default LoRA also wraps every layer of a ViT image encoder (``--
 an encoder that never saw a new shape or colour may not tell it apart) and each training image is
 a fresh random variation at every step (``--augment``, ``mm1_mlx/tuner/augment.py``: without it an
 adapted encoder learns the training pictures' pixels), and the whole connector trains too, at 0.3x
-the learning rate (``--train-connector``, on when the connector is float; ``--whole-lr-scale``;
-``--train-vision-embeddings`` adds the ViT's patch and position embeddings the same way). The
+the learning rate (``--train-connector``, on when the connector is float; ``--whole-lr-scale``
+sets the 0.3; ``--train-vision-embeddings`` adds the ViT's patch and position embeddings the same
+way). The
 loss falls on the assistant's tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains
 on every text token, prompts included (never on image tokens). Bad records are reported as
 FILE:LINE and left out (``--on-bad-data skip``, the default) or stop the run before it starts
