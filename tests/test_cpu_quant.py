@@ -25,6 +25,11 @@ from mm1_mlx.models.decoder import LanguageModel
 pytestmark = pytest.mark.skipif(not on_cpu() or cpu_quant.kernels() is None,
                                 reason="needs the CPU and numba (cpu_quant's kernels)")
 SETTINGS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
+# the kernels' two ways with 4-bit groups of 64: int16 pieces of the activations (x86 with AVX2)
+# and float activations (every other CPU, and MM1_MLX_QUANT_KERNELS=float)
+ACTIVATIONS = [pytest.param(True, id="int16", marks=pytest.mark.skipif(
+    cpu_quant.kernels() is None or not cpu_quant.kernels().INT16, reason="needs AVX2")),
+    pytest.param(False, id="float")]
 
 
 def _quantized_linear(n, k, bits, group, seed=0, bias=False):
@@ -36,10 +41,12 @@ def _quantized_linear(n, k, bits, group, seed=0, bias=False):
     return q
 
 
+@pytest.mark.parametrize("int16", ACTIVATIONS)
 @pytest.mark.parametrize("rows", [70, 67])
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("bits,group", SETTINGS)
-def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, rows, monkeypatch):
+def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, rows, int16, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "INT16", int16)
     # both kernels: split over the cores (large weights) and in the calling thread (small ones);
     # 70 rows: 17 blocks of four and 2 left over, or a block of 64 and 6; 67: an odd last row
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 0 if parallel else 1 << 40)
@@ -56,8 +63,40 @@ def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, rows, monkeypatch)
     np.testing.assert_allclose(np.array(q._dequantized()), np.array(w), rtol=1e-6, atol=1e-6)
 
 
+def test_int16_pieces_rebuild_the_activations():
+    # x = a * hi + b * lo per group of 64, to within max|x_g| * 2^-29 (below float32 rounding of
+    # the sums); groups of zeros, tiny values and a dynamic range of 2^40 included
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(64 * 6) * 2.0 ** rng.integers(-20, 20, 64 * 6)).astype(np.float32)
+    x[64:128] = 0
+    x[128:192] *= np.float32(1e-38)
+    pieces, a, b, sums = cpu_quant.kernels().split16(x)
+    assert pieces.dtype == np.int16 and pieces.shape == (6, 4, 32)
+    hi, lo = np.empty((6, 64)), np.empty((6, 64))
+    hi[:, 0::2], hi[:, 1::2], lo[:, 0::2], lo[:, 1::2] = (pieces[:, i] for i in range(4))
+    rebuilt = a[:, None].astype(np.float64) * hi + b[:, None].astype(np.float64) * lo
+    top = np.abs(x.reshape(6, 64)).max(1, keepdims=True).astype(np.float64)
+    assert (np.abs(rebuilt - x.reshape(6, 64)) <= top * 2.0 ** -29).all()
+    assert (rebuilt[1] == 0).all()
+    assert (np.abs(pieces[:, :2]) <= 32767).all() and (np.abs(pieces[:, 2:]) <= 16384).all()
+    np.testing.assert_allclose(sums, x.reshape(6, 64).sum(1), rtol=1e-5)
+
+
+@pytest.mark.skipif(cpu_quant.kernels() is None or not cpu_quant.kernels().INT16,
+                    reason="needs AVX2")
+def test_int16_kernel_passes_inf_and_nan_on_as_float_does():
+    q = _quantized_linear(8, 256, 4, 64)
+    x = np.ones(256, np.float32)
+    x[70] = np.nan
+    assert np.isnan(cpu_quant.gemv(q, x)).all()
+    x[70] = np.inf
+    assert not np.isfinite(cpu_quant.gemv(q, x)).any()
+
+
+@pytest.mark.parametrize("int16", ACTIVATIONS)
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
-def test_expert_gemv_equals_mlx(bits, group):
+def test_expert_gemv_equals_mlx(bits, group, int16, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "INT16", int16)
     mx.random.seed(2)
     sw = SwitchLinear(128, 36, num_experts=3)
     sw.weight = sw.weight + 0.02
@@ -139,12 +178,14 @@ def test_one_thread_runs_the_serial_builds(monkeypatch):
         cpu_quant.set_threads(1)
         w, scales, _ = cpu_quant._views(q)
         name = cpu_quant._gemv_name(4, w, scales)
-        assert cpu_quant._kernel(name, w) is cpu_quant.kernels().gemv4_g64_serial
-        assert cpu_quant._kernel("attend", np.zeros(1)) is cpu_quant.kernels().attend_serial
+        k = cpu_quant.kernels()
+        assert name == ("gemv4_g64_i16" if k.INT16 else "gemv4_g64")
+        assert cpu_quant._kernel(name, w) is getattr(k, name + "_serial")
+        assert cpu_quant._kernel("attend", np.zeros(1)) is k.attend_serial
         if most > 1:  # numba launched several threads
             cpu_quant.set_threads(2)
-            assert cpu_quant._kernel("attend", np.zeros(1)) is cpu_quant.kernels().attend
-            assert cpu_quant._kernel(name, w) is cpu_quant.kernels().gemv4_g64
+            assert cpu_quant._kernel("attend", np.zeros(1)) is k.attend
+            assert cpu_quant._kernel(name, w) is getattr(k, name)
     finally:
         cpu_quant.set_threads(most)
     np.testing.assert_allclose(cpu_quant.gemv(q, x), np.array(q(mx.array(x)[None])[0]) -
@@ -186,9 +227,11 @@ def _greedy(lm, prompt, steps, calls=None):
     return np.stack(out)
 
 
+@pytest.mark.parametrize("int16", ACTIVATIONS)
 @pytest.mark.parametrize("bits,group,moe", [(4, 64, False), (8, 32, False), (4, 128, True),
-                                            (8, 64, True)])
-def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, monkeypatch):
+                                            (8, 64, True), (4, 64, True)])
+def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, int16, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "INT16", int16)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)  # some layers split, some not
     lm = _lm(bits, group, moe)
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
