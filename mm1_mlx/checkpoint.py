@@ -207,7 +207,7 @@ def load(path_or_repo: str | None = None, adapter_path: str | None = None,
         from .tuner.adapters import load_adapters
 
         load_adapters(model, adapter_path, processor)  # the processor: the adapter's image size
-    if cpu and config.quantization:
+    if cpu:
         from .cpu.quant import warm_up
 
         warm_up(model)  # compiled (first run on a machine) or read from the cache now, not at token 1

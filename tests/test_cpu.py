@@ -297,18 +297,33 @@ def counted(step, calls: list):
     return lambda *a: calls.append(1) or step(*a)
 
 
-@pytest.mark.parametrize("batched", [True, False])
+def _choose_path(path, monkeypatch):
+    """Where a float decode step computes: in ``cpu.quant``'s kernels' threads (``kernels``: what
+    a large float decoder does), or BLAS products with the cache read by OpenBLAS's batched GEMM
+    (``batched``, where it has one) or numpy (``numpy``)."""
+    from mm1_mlx.cpu import blas as backend
+    from mm1_mlx.cpu import quant
+
+    if path == "kernels":
+        if quant.kernels() is None:
+            pytest.skip("needs numba (cpu.quant's kernels)")
+        monkeypatch.setattr(quant, "FLOAT_BYTES", 0)
+    elif path == "batched" and backend.sgemm_batch_strided() is None:
+        pytest.skip("the bound BLAS has no cblas_sgemm_batch_strided (OpenBLAS < 0.3.28)")
+    elif path == "numpy":
+        monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
+
+
+PATHS = ["kernels", "batched", "numpy"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied", "traditional", "partial",
                                      "llama3", "moe-bias", "moe-shared-every-2"])
-def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
-    from mm1_mlx.cpu import blas as backend
+def test_numpy_decode_step_equals_the_mlx_layers(variant, path, monkeypatch):
     from mm1_mlx.models.decoder import LanguageModel
 
-    if batched:  # the cache is read by OpenBLAS's batched GEMM (where it has one), else numpy
-        if backend.sgemm_batch_strided() is None:
-            pytest.skip("the bound BLAS has no cblas_sgemm_batch_strided (OpenBLAS < 0.3.28)")
-    else:
-        monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
+    _choose_path(path, monkeypatch)
 
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -334,6 +349,7 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
     want, want_cache = _decode_logits(lm, prompt, 12)
     step, calls = cpu_step.decode_step(lm), []
     assert step is not None and step.accepts(make_prompt_cache(lm))
+    assert step.pooled == (path == "kernels")
     got, got_cache = _decode_logits(lm, prompt, 12, counted(step, calls))
     assert len(calls) == 12  # every decode step ran in numpy
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -344,14 +360,12 @@ def test_numpy_decode_step_equals_the_mlx_layers(variant, batched, monkeypatch):
             np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_numpy_decode_step_from_an_empty_cache(batched, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_numpy_decode_step_from_an_empty_cache(path, monkeypatch):
     # a one-token prompt is "prefilled" by the decode step itself, with nothing cached yet
-    from mm1_mlx.cpu import blas as backend
     from mm1_mlx.models.decoder import LanguageModel
 
-    if not batched:
-        monkeypatch.setattr(backend, "sgemm_batch_strided", lambda: None)
+    _choose_path(path, monkeypatch)
     mx.random.seed(8)
     lm = LanguageModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
                                   num_hidden_layers=2, num_attention_heads=4))

@@ -70,22 +70,27 @@ def test_int16_pieces_rebuild_the_activations():
     x = (rng.standard_normal(64 * 6) * 2.0 ** rng.integers(-20, 20, 64 * 6)).astype(np.float32)
     x[64:128] = 0
     x[128:192] *= np.float32(1e-38)
-    pieces, a, b, sums = cpu_quant.kernels().split16(x)
-    assert pieces.dtype == np.int16 and pieces.shape == (6, 4, 32)
-    hi, lo = np.empty((6, 64)), np.empty((6, 64))
-    hi[:, 0::2], hi[:, 1::2], lo[:, 0::2], lo[:, 1::2] = (pieces[:, i] for i in range(4))
-    rebuilt = a[:, None].astype(np.float64) * hi + b[:, None].astype(np.float64) * lo
-    top = np.abs(x.reshape(6, 64)).max(1, keepdims=True).astype(np.float64)
-    assert (np.abs(rebuilt - x.reshape(6, 64)) <= top * 2.0 ** -29).all()
-    assert (rebuilt[1] == 0).all()
-    assert (np.abs(pieces[:, :2]) <= 32767).all() and (np.abs(pieces[:, 2:]) <= 16384).all()
-    np.testing.assert_allclose(sums, x.reshape(6, 64).sum(1), rtol=1e-5)
+    for nibbles in (True, False):
+        pieces, a, b, sums = cpu_quant.kernels().split16(x, nibbles)
+        assert pieces.dtype == np.int16 and pieces.shape == (6, 128)
+        hi, lo = np.empty((6, 64)), np.empty((6, 64))
+        if nibbles:  # even positions, then odd
+            hi[:, 0::2], hi[:, 1::2], lo[:, 0::2], lo[:, 1::2] = np.split(pieces, 4, axis=1)
+        else:
+            hi, lo = np.split(pieces, 2, axis=1)
+        rebuilt = a[:, None].astype(np.float64) * hi + b[:, None].astype(np.float64) * lo
+        top = np.abs(x.reshape(6, 64)).max(1, keepdims=True).astype(np.float64)
+        assert (np.abs(rebuilt - x.reshape(6, 64)) <= top * 2.0 ** -29).all()
+        assert (rebuilt[1] == 0).all()
+        assert (np.abs(pieces[:, :64]) <= 32767).all() and (np.abs(pieces[:, 64:]) <= 16384).all()
+        np.testing.assert_allclose(sums, x.reshape(6, 64).sum(1), rtol=1e-5)
 
 
 @pytest.mark.skipif(cpu_quant.kernels() is None or not cpu_quant.kernels().INT16,
                     reason="needs AVX2")
-def test_int16_kernel_passes_inf_and_nan_on_as_float_does():
-    q = _quantized_linear(8, 256, 4, 64)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int16_kernel_passes_inf_and_nan_on_as_float_does(bits):
+    q = _quantized_linear(8, 256, bits, 64)
     x = np.ones(256, np.float32)
     x[70] = np.nan
     assert np.isnan(cpu_quant.gemv(q, x)).all()
@@ -153,6 +158,25 @@ def test_kernels_are_cached_under_the_user_cache(monkeypatch):
     path = cpu_quant.kernels().gemv4._cache._cache_path
     assert path.startswith(numba.config.CACHE_DIR or cpu_quant.cache_dir())
     assert "site-packages" not in path
+
+
+def test_steps_run_in_the_kernels_for_quantized_layers_and_large_float_decoders(monkeypatch):
+    float_lm, quantized_lm = _lm(None, 64, False), _lm(4, 64, False)
+    assert not cpu_quant.pooled(float_lm)  # a small float decoder keeps BLAS
+    assert cpu_quant.pooled(quantized_lm)
+    monkeypatch.setattr(cpu_quant, "FLOAT_BYTES", 0)
+    assert cpu_quant.pooled(float_lm)
+    monkeypatch.setattr(cpu_quant, "_KERNELS", [None])  # no numba: BLAS (and MLX's kernels)
+    assert not cpu_quant.pooled(float_lm) and not cpu_quant.pooled(quantized_lm)
+
+
+def test_loading_the_bundled_float_model_does_not_import_numba():
+    # its decode step keeps BLAS (under FLOAT_BYTES): load pays no numba import or kernel loads
+    code = ("import sys, mm1_mlx; mm1_mlx.load('mm1-tiny'); "
+            "print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_serial_kernels_are_cached_apart_from_parallel_ones():

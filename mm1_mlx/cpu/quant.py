@@ -26,15 +26,17 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import blas
 
 BITS = (4, 8)
-# 4-bit groups of 64 on an x86 CPU with AVX2 multiply int16 pieces of the activations
-# (``quant_kernels.gemv4_g64_i16``: the same sums to float32 rounding, ~1.6x faster);
+# groups of 64 on an x86 CPU with AVX2 multiply int16 pieces of the activations
+# (``quant_kernels.gemv{4,8}_g64_i16``: the same sums to float32 rounding, ~1.6x faster at 4 bits);
 # ``MM1_MLX_QUANT_KERNELS=float`` keeps the float kernels everywhere
 INT16 = os.environ.get("MM1_MLX_QUANT_KERNELS", "").lower() != "float"
 PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
+FLOAT_BYTES = 1 << 28  # a float decoder at least this large decodes in the kernels' threads
 BLOCK_BYTES = 1 << 24  # prefill: dequantized weight rows per block (a whole layer here)
 _KERNELS: list = []
 _SCRATCH = threading.local()  # per thread: the block buffer prefill reuses
@@ -76,7 +78,11 @@ def _load_kernels():
 
 
 def warm_up(model) -> None:
-    """Compile (or load from the cache) the kernels ``model``'s quantized layers use."""
+    """Compile (or load from the cache) the kernels ``model``'s decode step uses: its quantized
+    layers', and the float products' and attention's where the step runs here (``pooled``).
+    Nothing (not even numba's import) for a model whose step keeps BLAS."""
+    if not pooled(getattr(model, "language_model", model)):
+        return
     sizes = {(m.bits, m.group_size, m["weight"][0].nbytes >= PARALLEL_BYTES
               if m["weight"].ndim == 3 else m["weight"].nbytes >= PARALLEL_BYTES)
              for _, m in model.named_modules() if handles(m)}
@@ -91,10 +97,24 @@ def warm_up(model) -> None:
         for suffix in ("", "_serial") if large else ("_serial",):  # a step may run on one thread
             getattr(k, _gemv_name(b, w, scales) + suffix)(w, scales, biases, x, out)
             getattr(k, f"dequantize{b}{suffix}")(w, scales, biases, full)
-    if sizes:  # the decode step's attention, in both forms
-        q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
-        for fn in (k.attend, k.attend_serial):
-            fn(q, kv, kv, 1, kv[:, 0], kv[:, 0], np.empty_like(q))
+    q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
+    for fn in (k.attend, k.attend_serial):  # the attention, in both forms
+        fn(q, kv, kv, 1, kv[:, 0], kv[:, 0], np.empty_like(q))
+    w = np.zeros((2, 4), np.float32)
+    for fn in (k.gemv_f32, k.gemv_f32_serial):  # float products (a head, a router, a model)
+        fn(w, np.ones(4, np.float32), np.empty(2, np.float32))
+
+
+def pooled(lm) -> bool:
+    """Whether ``lm``'s CPU decode step runs in these kernels' threads (products, attention): where
+    the kernels run, for quantized layers (which only they read) and for float decoders of at
+    least ``FLOAT_BYTES`` (``gemv_f32`` reads weights ~1.2-1.5x faster than OpenBLAS's ``sgemv``
+    on the development VM; a smaller one keeps BLAS rather than pay numba's import and kernel
+    loads, ~0.5-1 s, when it loads). Decided once per prepared step (``cpu.step``)."""
+    arrays = [a for _, a in tree_flatten(lm.parameters())]
+    wants = any(a.dtype == mx.uint32 for a in arrays) or \
+        sum(a.nbytes for a in arrays if a.dtype == mx.float32) >= FLOAT_BYTES
+    return wants and kernels() is not None  # numba is imported only where it would be used
 
 
 def handles(layer) -> bool:
@@ -124,6 +144,14 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     if expert is not None:
         views = [a[expert] for a in views]
     return _gemv(layer.bits, *views, np.ascontiguousarray(x, dtype=np.float32))
+
+
+def gemv_float(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Float32 ``w`` (N, K), C-contiguous, times float32 ``x`` (K,) in the kernels' threads
+    (``quant_kernels.gemv_f32``): (N,). ``kernels()`` must give the kernels."""
+    out = np.empty(w.shape[0], np.float32)
+    _kernel("gemv_f32", w)(w, np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
 
 
 def _views(layer) -> tuple:
@@ -221,9 +249,9 @@ def _kernel(name: str, w: np.ndarray):
 
 def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
     g64 = w.shape[1] * 8 // bits == scales.shape[1] * 64  # w in bytes: 64 values a group
-    if g64 and bits == 4 and INT16 and kernels().INT16:
-        return "gemv4_g64_i16"
-    return f"gemv{bits}_g64" if g64 else f"gemv{bits}"
+    if not g64:
+        return f"gemv{bits}"
+    return f"gemv{bits}_g64_i16" if INT16 and kernels().INT16 else f"gemv{bits}_g64"
 
 
 def _gemv(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,

@@ -165,16 +165,18 @@ def gemv4_g64(w, scales, biases, x, out):
             out[n0] = t0 + acc[0].sum()
 
 
-# --- 4-bit, groups of 64, with the activations split into two int16 pieces (AVX2) ------------
+# --- groups of 64 with the activations split into two int16 pieces (x86 with AVX2) ------------
 #
 # On a CPU without AVX-512 ``gemv4_g64`` spends ~20 instructions on 32 weights: widening bytes to
 # 32-bit lanes, converting to float and multiplying, 8 lanes at a time. Here each group's 64
 # activations are split exactly enough into two int16 pieces, x = a_g * hi + b_g * lo (a_g, b_g
 # powers of two, |hi| <= 32767, |lo| <= 16384, residual <= max|x_g| * 2^-29: below float32's
-# rounding of the sums), and the nibbles widen only to 16 bits and multiply-add in pairs
-# (``vpmaddwd``, 16 per instruction) into exact int32 sums: ~14 instructions per 32 weights,
-# ~1.6-1.7x the float kernel's rate. Only the group's two sums meet floats:
-# ``scale * (a_g * sum_hi + b_g * sum_lo)``; the bias term is the float kernel's.
+# rounding of the sums), and the weights widen only to 16 bits and multiply-add in pairs
+# (``vpmaddwd``, 16 per instruction) into exact int32 sums (at most 8 products of 255 * 32767 a
+# lane): ~14 instructions per 32 4-bit weights, ~1.6-1.7x the float kernel's rate. Only the
+# group's two sums meet floats, ``scale * (a_g * sum_hi + b_g * sum_lo)``; the bias term is the
+# float kernels'.
+
 
 def _avx2() -> bool:
     """Whether numba compiles for an x86 CPU with AVX2 (``NUMBA_CPU_FEATURES``, else the host)."""
@@ -185,7 +187,8 @@ def _avx2() -> bool:
     return "+avx2" in (config.CPU_FEATURES or binding.get_host_cpu_features().flatten()).split(",")
 
 
-INT16 = _avx2()  # whether ``gemv4_g64_i16`` can run here (``cpu.quant`` chooses it then)
+INT16 = _avx2()  # whether the ``_i16`` kernels can run here (``cpu.quant`` chooses them then)
+PIECES = 128  # int16 pieces of a group of 64 activations
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 _BYTES16, _SHORTS16 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(_I16, 16)
 _INTS8, _FLOATS8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
@@ -202,15 +205,28 @@ def _pointer(context, builder, aryty, ary):
     return context.make_array(aryty)(context, builder, ary).data
 
 
-@intrinsic
-def _row4_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
-    """One row's ``sum_g scales[sstart + g] * (a[g] * (q_g . hi_g) + b[g] * (q_g . lo_g))`` over
-    its ``groups`` groups of 32 packed bytes from ``w[start]``; ``pieces`` (groups, 4, 32) int16:
-    the group's even-position hi, odd hi, even lo, odd lo pieces (byte t's low nibble is value
-    2t). All arrays 1-D, C-contiguous; needs AVX2 (``INT16``)."""
+def _weights16(builder, row, bits, i64):
+    """A group's 64 weights as four vectors of 16 int16, in the order of its pieces (``split16``):
+    8-bit, the bytes in order; 4-bit, the low nibbles (even values) of its 32 bytes, then the
+    high ones (odd values)."""
+    def load(k):
+        ptr = builder.bitcast(builder.gep(row, [i64(16 * k)]), _BYTES16.as_pointer())
+        return builder.zext(builder.load(ptr, align=1), _SHORTS16)
+
+    if bits == 8:
+        return [load(k) for k in range(4)]
+    halves = [load(0), load(1)]
+    low, four = ir.Constant(_SHORTS16, [15] * 16), ir.Constant(_SHORTS16, [4] * 16)
+    return [builder.and_(v, low) for v in halves] + [builder.lshr(v, four) for v in halves]
+
+
+def _row_i16(bits):
+    """Code of ``_row{bits}_i16``: a row's ``sum_g scales[sstart + g] * (a[g] * (q_g . hi_g)
+    + b[g] * (q_g . lo_g))`` over its ``groups`` groups of ``8 * bits`` bytes from ``w[start]``,
+    ``pieces`` from ``split16`` flattened. All arrays 1-D, C-contiguous."""
 
     def codegen(context, builder, signature, args):
-        wa, start, xa, aa, ba, sa, sstart, groups = args
+        _, start, _, _, _, _, sstart, groups = args
         wp, xp, ap, bp, sp = (_pointer(context, builder, signature.args[i], args[i])
                               for i in (0, 2, 3, 4, 5))
         madd = cgutils.get_or_insert_function(
@@ -219,28 +235,20 @@ def _row4_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_FLOATS8, [_FLOATS8] * 3), "llvm.fma.v8f32")
         acc = cgutils.alloca_once_value(builder, ir.Constant(_FLOATS8, [0.0] * 8))
-        low, four = ir.Constant(_SHORTS16, [15] * 16), ir.Constant(_SHORTS16, [4] * 16)
         i64 = groups.type
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
-            row = builder.gep(wp, [builder.add(start, builder.mul(g, i64(PER64)))])
-            xs = builder.gep(xp, [builder.mul(g, i64(4 * PER64))])
+            q = _weights16(builder, builder.gep(wp, [builder.add(start, builder.mul(g, i64(8 * bits)))]),
+                           bits, i64)
+            xs = builder.gep(xp, [builder.mul(g, i64(PIECES))])
 
-            def nibbles(half):  # 16 bytes -> their low and high nibbles as int16
-                ptr = builder.bitcast(builder.gep(row, [i64(16 * half)]), _BYTES16.as_pointer())
-                v = builder.zext(builder.load(ptr, align=1), _SHORTS16)
-                return builder.and_(v, low), builder.lshr(v, four)
-
-            def piece(k):  # 16 int16 of the group's pieces, from the k-th 16
-                ptr = builder.bitcast(builder.gep(xs, [i64(16 * k)]), _SHORTS16.as_pointer())
-                return builder.load(ptr, align=2)
-
-            (lo0, hi0), (lo1, hi1) = nibbles(0), nibbles(1)
-
-            def dot(first):  # q_g . (hi or lo piece): 8 int32 lanes, exact
-                total = builder.call(madd, [lo0, piece(first)])
-                for q, k in ((lo1, first + 1), (hi0, first + 2), (hi1, first + 3)):
-                    total = builder.add(total, builder.call(madd, [q, piece(k)]))
+            def dot(first):  # q_g . (the hi or lo piece): 8 int32 lanes, exact
+                total = None
+                for k in range(4):
+                    ptr = builder.bitcast(builder.gep(xs, [i64(16 * (first + k))]),
+                                          _SHORTS16.as_pointer())
+                    part = builder.call(madd, [q[k], builder.load(ptr, align=2)])
+                    total = part if total is None else builder.add(total, part)
                 return builder.sitofp(total, _FLOATS8)
 
             scale = builder.load(builder.gep(sp, [builder.add(sstart, g)]))
@@ -254,18 +262,28 @@ def _row4_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
             total = builder.fadd(total, builder.extract_element(lanes, _I32(j)))
         return total
 
-    sig = types.float32(w, start, pieces, a, b, scales, sstart, groups)
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _row4_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
+    return types.float32(w, start, pieces, a, b, scales, sstart, groups), _row_i16(4)
+
+
+@intrinsic
+def _row8_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
+    return types.float32(w, start, pieces, a, b, scales, sstart, groups), _row_i16(8)
 
 
 @njit(**_INLINE)
-def split16(x):
-    """``x`` (K,) as two int16 pieces per group of 64 (see above): pieces (K / 64, 4, 32), the
-    powers of two ``a`` and ``b`` (K / 64,), and each group's float32 sum (the bias term's). A
-    group with an inf or nan gets nan factors (its rows' products are nan, as in float); one
-    under 2^-134 throughout, zero pieces."""
+def split16(x, nibbles):
+    """``x`` (K,) as two int16 pieces per group of 64 (see above): pieces (K / 64, 128), the
+    group's hi then lo piece, each in the order ``_weights16`` gives the weights (``nibbles``:
+    even positions, then odd); the powers of two ``a`` and ``b`` (K / 64,), and each group's
+    float32 sum (the bias term's). A group with an inf or nan gets nan factors (its rows' products
+    are nan, as in float); one under 2^-134 throughout, zero pieces."""
     G = x.size // 64
-    pieces = np.zeros((G, 4, PER64), np.int16)
+    pieces = np.zeros((G, PIECES), np.int16)
     a, b, sums = np.zeros(G, np.float32), np.zeros(G, np.float32), np.empty(G, np.float32)
     for g in range(G):
         top, total = np.float32(0), np.float32(0)
@@ -285,8 +303,9 @@ def split16(x):
         for i in range(64):
             v = x[64 * g + i]
             hi = min(max(np.rint(v / a[g]), np.float32(-32767)), np.float32(32767))
-            pieces[g, i & 1, i >> 1] = np.int16(hi)
-            pieces[g, 2 + (i & 1), i >> 1] = np.int16(np.rint((v - hi * a[g]) / b[g]))
+            at = (i & 1) * 32 + (i >> 1) if nibbles else i
+            pieces[g, at] = np.int16(hi)
+            pieces[g, 64 + at] = np.int16(np.rint((v - hi * a[g]) / b[g]))
     return pieces, a, b, sums
 
 
@@ -296,7 +315,7 @@ def gemv4_g64_i16(w, scales, biases, x, out):
     ``BLOCK`` rows per thread. (The prefetching that helps the float kernel slowed this one.)"""
     N, B = w.shape
     G = B // PER64
-    pieces, a, b, sums = split16(x)
+    pieces, a, b, sums = split16(x, True)
     flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
     for blk in prange((N + BLOCK - 1) // BLOCK):
         for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
@@ -304,6 +323,21 @@ def gemv4_g64_i16(w, scales, biases, x, out):
             for g in range(G):
                 t += biases[n, g] * sums[g]
             out[n] = t + _row4_i16(flat, n * B, flat_pieces, a, b, flat_scales, n * G, G)
+
+
+@njit(**_OPTIONS)
+def gemv8_g64_i16(w, scales, biases, x, out):
+    """``gemv8_g64`` with int16 activations, as ``gemv4_g64_i16``."""
+    N, K = w.shape
+    G = K // 64
+    pieces, a, b, sums = split16(x, False)
+    flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
+    for blk in prange((N + BLOCK - 1) // BLOCK):
+        for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
+            t = np.float32(0)
+            for g in range(G):
+                t += biases[n, g] * sums[g]
+            out[n] = t + _row8_i16(flat, n * K, flat_pieces, a, b, flat_scales, n * G, G)
 
 
 @njit(**_OPTIONS)
@@ -376,6 +410,22 @@ def gemv8_g64(w, scales, biases, x, out):
                 t1 += biases[n1, g] * s
             out[n1] = t1 + acc[1].sum()
             out[n0] = t0 + acc[0].sum()
+
+
+@njit(**_OPTIONS)
+def gemv_f32(w, x, out):
+    """out = W x for float32 W (N, K), C-contiguous: one row an iteration (LLVM vectorizes its
+    sum), the rows split over the threads. The float decode step's products, on the same threads
+    as the quantized kernels and the attention: ~31 GB/s at 2 threads and ~24 at one on the
+    development VM (AVX2 code), against ~23-26 and ~16 for OpenBLAS's ``sgemv``, whose own
+    thread pool wakes and syncs for each of a step's ~113 products."""
+    N, K = w.shape
+    for n in prange(N):
+        row = w[n]
+        total = np.float32(0)
+        for k in range(K):
+            total += row[k] * x[k]
+        out[n] = total
 
 
 @njit(**_OPTIONS)
@@ -463,8 +513,10 @@ def _serial(kernel):
 gemv4_serial = _serial(gemv4)
 gemv4_g64_serial = _serial(gemv4_g64)
 gemv4_g64_i16_serial = _serial(gemv4_g64_i16)
+gemv8_g64_i16_serial = _serial(gemv8_g64_i16)
 gemv8_serial = _serial(gemv8)
 gemv8_g64_serial = _serial(gemv8_g64)
+gemv_f32_serial = _serial(gemv_f32)
 dequantize4_serial = _serial(dequantize4)
 dequantize8_serial = _serial(dequantize8)
 attend_serial = _serial(attend)

@@ -1,10 +1,12 @@
-"""One decode step of the decoder on the CPU, in numpy and BLAS ``sgemv``.
+"""One decode step of the decoder on the CPU, in numpy and compiled products.
 
 MLX on the CPU spends ~15-80 us per evaluated op (each is handed to a worker thread), and a decode
 step is ~50 small ops per layer around its 7 products: on the 2-core development machine 18 ms of
 a 50 ms step of the benchmark's 16-layer decoder, against 30 ms of reading the weights. Here the
-same step runs as numpy operations on zero-copy views of the MLX weights and the bound OpenBLAS's
-``sgemv``, reading each weight once. The KV caches stay mlx-lm's: after the layer attended to
+same step runs as numpy operations on zero-copy views of the MLX weights, reading each weight
+once with ``cpu.quant``'s numba kernels (quantized layers, and the products and attention of a
+float decoder of at least ``quant.FLOAT_BYTES``: ``quant.pooled``) or else the bound OpenBLAS's
+``sgemv``. The KV caches stay mlx-lm's: after the layer attended to
 them, the new keys and values are written with its ``update_and_fetch`` (evaluated once per step)
 at the first step after a prefill, and then straight into the cache's buffers (``_store``).
 
@@ -56,8 +58,8 @@ FIELDS = {
 
 class ThreadChoice:
     """How many threads a decode step gives its products: all (``most``) or one, chosen by timing
-    the steps. The threads are ``cpu.quant``'s kernels' where the model has quantized layers, else
-    the bound BLAS's.
+    the steps. The threads are ``cpu.quant``'s kernels' where the step runs in them
+    (``quant.pooled``: quantized layers, or a large float decoder), else the bound BLAS's.
 
     On the quiet 2-core development VM two threads decode the benchmark's 4-bit decoder in ~19-23
     ms a token against ~31 on one, and its float32 one in ~47 against ~71. But both pools spin
@@ -114,14 +116,14 @@ class DecodeStep:
 
     Right after a prompt's prefill the bound OpenBLAS's threads still spin (``blas_settle_seconds``)
     and take a core from the kernels' threads: the first 4-bit step of the benchmark's decoder
-    took 60-100 ms on 2 threads against ~22 later. So in a quantized model the steps within that
-    time of the first step after a prefill (a cache this step did not advance last) run on one
-    thread, outside ``ThreadChoice``'s timing."""
+    took 60-100 ms on 2 threads against ~22 later. So where the step runs in the kernels' threads,
+    the steps within that time of the first step after a prefill (a cache this step did not
+    advance last) run on one thread, outside ``ThreadChoice``'s timing."""
 
     def __init__(self, lm):
         self.lm = lm
         self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
-        self.quantized = ["scales" in layer.self_attn.o_proj for layer in lm.layers]
+        self.pooled = quant.pooled(lm)  # products and attention in the kernels' threads
         self.threads: ThreadChoice | None = None  # for the kernels' pool, made at the first step
         self.advanced: tuple | None = None  # (weak reference to cache[0], offset) this step left
         # last: weak, as the cache would keep a reply's KV buffers alive
@@ -143,7 +145,7 @@ class DecodeStep:
 
     def _threaded(self, embeds: mx.array, cache, continued: bool) -> mx.array:
         """The step on the threads ``ThreadChoice`` (or the window after a prefill) gives it."""
-        pool = quant if any(self.quantized) else blas
+        pool = quant if self.pooled else blas
         most = pool.threads()  # the caller's setting, restored after the step
         if most is None:  # no bound BLAS: numpy's products
             return self._run(embeds, cache, continued)
@@ -173,9 +175,10 @@ class DecodeStep:
     def _run(self, embeds: mx.array, cache, continued: bool = False) -> mx.array:
         x = np.array(embeds, dtype=np.float32).reshape(-1)
         for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
-            x = _layer(x, c, layer, self._tables(i, c.offset + 1), self.quantized[i], continued)
+            x = _layer(x, c, layer, self._tables(i, c.offset + 1), self.pooled, continued)
         mx.eval([(c.keys, c.values) for c in cache])
-        return mx.array(_linear(_head(self.lm), _rms_norm(x, self.lm.model.norm)))[None, None]
+        head = _linear(_head(self.lm), _rms_norm(x, self.lm.model.norm), self.pooled)
+        return mx.array(head)[None, None]
 
     def _tables(self, i: int, positions: int):
         t = self.tables[i]
@@ -200,11 +203,11 @@ def decode_step(lm) -> DecodeStep | None:
 
 def signature(lm) -> tuple:
     """What a prepared step depends on: every layer object, its weights' dtypes, and whether
-    ``cpu.quant``'s kernels can read quantized ones."""
+    it runs in ``cpu.quant``'s kernels' threads."""
     modules = [m for _, m in tree_flatten(lm.leaf_modules(), is_leaf=nn.Module.is_module)]
     layers = tuple((id(m), type(m), getattr(m, "weight", None) is not None and m.weight.dtype)
                    for m in modules)
-    return layers, any("scales" in m for m in modules) and quant.kernels() is not None
+    return layers, quant.pooled(lm)
 
 
 def prepare(lm) -> DecodeStep | None:
@@ -272,12 +275,12 @@ def _ffn_ok(mlp) -> bool:
                  or (_ffn_ok(mlp.shared_expert) and _projection(mlp.shared_expert_gate))))
 
 
-def _ffn(mlp, h: np.ndarray) -> np.ndarray:
+def _ffn(mlp, h: np.ndarray, pooled: bool) -> np.ndarray:
     """The layer's feed-forward: SwiGLU, or the routed mix of the top-k experts' SwiGLUs."""
     if "switch_mlp" not in mlp:
-        g = _linear(mlp.gate_proj, h)
-        return _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h))
-    logits = _linear(mlp.gate, h)
+        g = _linear(mlp.gate_proj, h, pooled)
+        return _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h, pooled), pooled)
+    logits = _linear(mlp.gate, h, pooled)
     experts = np.argpartition(-logits, mlp.top_k - 1)[: mlp.top_k]
     probs = np.exp(logits - logits.max())
     scores = probs[experts] / probs.sum()
@@ -285,19 +288,20 @@ def _ffn(mlp, h: np.ndarray) -> np.ndarray:
         scores /= scores.sum()
     sw, y = mlp.switch_mlp, np.zeros_like(h)
     for e, score in zip(experts, scores):
-        g = _expert(sw.gate_proj, e, h)
-        y += score * _expert(sw.down_proj, e, np_silu(g, g) * _expert(sw.up_proj, e, h))
+        g = _expert(sw.gate_proj, e, h, pooled)
+        y += score * _expert(sw.down_proj, e, np_silu(g, g) * _expert(sw.up_proj, e, h, pooled),
+                             pooled)
     if "shared_expert" in mlp:
-        gate = np_silu(np.float32(1), _linear(mlp.shared_expert_gate, h))  # sigmoid
-        y += gate * _ffn(mlp.shared_expert, h)
+        gate = np_silu(np.float32(1), _linear(mlp.shared_expert_gate, h, pooled))  # sigmoid
+        y += gate * _ffn(mlp.shared_expert, h, pooled)
     return y
 
 
-def _expert(layer, e: int, x: np.ndarray) -> np.ndarray:
+def _expert(layer, e: int, x: np.ndarray, pooled: bool) -> np.ndarray:
     if "scales" in layer:
         y = quant.gemv(layer, x, expert=e)
     else:
-        y = gemv_numpy(np.asarray(layer.weight)[e], x)
+        y = _gemv(np.asarray(layer.weight)[e], x, pooled)
     return y + np.asarray(layer.bias)[e] if "bias" in layer else y
 
 
@@ -323,17 +327,17 @@ def _layer(x: np.ndarray, cache, layer, tables, pooled: bool = False,
            continued: bool = False) -> np.ndarray:
     at = layer.self_attn
     h = _rms_norm(x, layer.input_layernorm)
-    q = _linear(at.q_proj, h).reshape(at.n_heads, -1)
-    k = _linear(at.k_proj, h).reshape(at.n_kv_heads, -1)
-    v = _linear(at.v_proj, h).reshape(at.n_kv_heads, -1)
+    q = _linear(at.q_proj, h, pooled).reshape(at.n_heads, -1)
+    k = _linear(at.k_proj, h, pooled).reshape(at.n_kv_heads, -1)
+    v = _linear(at.v_proj, h, pooled).reshape(at.n_kv_heads, -1)
     a, b, swap = tables
     pos = cache.offset
     a, b = np.asarray(a)[pos], np.asarray(b)[pos]  # views of evaluated tables: no MLX op
     q, k = q * a + swap(q) * b, k * a + swap(k) * b
     o = _attend(q, k, v, cache, at.scale, pooled)
     _store(cache, k, v, continued)
-    x = x + _linear(at.o_proj, o.reshape(-1))
-    return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
+    x = x + _linear(at.o_proj, o.reshape(-1), pooled)
+    return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm), pooled)
 
 
 def _store(cache, k: np.ndarray, v: np.ndarray, continued: bool) -> None:
@@ -396,9 +400,14 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
     return (o / s.sum(axis=-1, keepdims=True)).reshape(-1, D)
 
 
-def _linear(layer: Linear, x: np.ndarray) -> np.ndarray:
-    y = quant.gemv(layer, x) if "scales" in layer else gemv_numpy(np.asarray(layer.weight), x)
+def _linear(layer: Linear, x: np.ndarray, pooled: bool) -> np.ndarray:
+    y = quant.gemv(layer, x) if "scales" in layer else _gemv(np.asarray(layer.weight), x, pooled)
     return y + np.asarray(layer.bias) if "bias" in layer else y
+
+
+def _gemv(w: np.ndarray, x: np.ndarray, pooled: bool) -> np.ndarray:
+    """A float weight's product: in the kernels' threads (``pooled``), else BLAS ``sgemv``."""
+    return quant.gemv_float(w, x) if pooled else gemv_numpy(w, x)
 
 
 def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
