@@ -19,6 +19,12 @@ from .cpu.blas import backend_info, bind_blas
 # spinning threads lose to it: the decode step then times one thread against all (cpu/step.py).
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "5000")
+# The bound OpenBLAS's idle threads spin 2^24 time-stamp cycles (~6-8 ms) after a product, not
+# its default 2^28 (~0.1 s): after a prompt's prefill they took a core from the decode step's
+# kernels for ~0.1 s (its first 6-8 tokens ran on one thread, ~50 ms a reply on the benchmark's
+# 4-bit decoder); the gaps between the BLAS products of a step or a prefill are far shorter, so
+# those keep their awake threads. Read when OpenBLAS loads (``bind_blas``); a user's setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "24")
 bind_blas()
 
 __version__ = "0.1.0"

@@ -282,6 +282,18 @@ def test_openmp_pools_spin_briefly_unless_the_user_says(user, want):
     assert out.stdout.strip() == want, out.stderr
 
 
+@pytest.mark.parametrize("user,want", [({}, "24"), ({"OPENBLAS_THREAD_TIMEOUT": "28"}, "28")])
+def test_openblas_threads_spin_briefly_unless_the_user_says(user, want):
+    # 2^28 cycles of spinning after a prefill took a core from the first decode steps
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env.update(user)
+    code = ("import mm1_mlx, os; from mm1_mlx.cpu import step; "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], step.blas_settle_seconds())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    value, seconds = out.stdout.split()
+    assert value == want and float(seconds) == 2.0 ** int(want) / 2e9, out.stderr
+
+
 def test_thread_choice_follows_the_faster_one():
     choice = cpu_step.ThreadChoice(2)
     steps = []

@@ -1,15 +1,17 @@
-"""Quantized products on the CPU: fused unpack-scale-dot over MLX's packed weights (numba).
+"""Products on the CPU in numba kernels: fused unpack-scale-dot over MLX's packed weights, and
+float32 products and the attention of a decode step that runs in the same threads.
 
 MLX's ``quantized_matmul`` reads ~1 GB/s per thread on the development machine's CPU: a 4-bit
 model decoded 3x slower than the float one and ~10x slower than llama.cpp's Q4_0 on the same
 weights. The kernels in ``quant_kernels`` read the packed bytes once, unpack, scale and
 accumulate in registers, on every core, with no float copy of the weights (decode), and
 dequantize a layer's rows into a reused buffer that BLAS ``sgemm`` multiplies (prefill, ``matmul``).
+A large float decoder's step runs its products here too (``gemv_float``, ``pooled``).
 
 They cover what ``mx.quantize`` makes by default: affine mode, 4 or 8 bits, any group size, float32
 scales and biases (what ``load`` gives a quantized model on the CPU), C-contiguous. Anything else,
-Metal, or no numba (an optional Linux dependency: ``pip install "mm1-mlx[cpu]"``), keeps MLX's
-kernels; ``MM1_MLX_QUANT_KERNELS=mlx`` chooses them too. Compiled kernels are cached under the user
+Metal, or no numba (a Linux-only dependency), keeps MLX's kernels (and BLAS for float products);
+``MM1_MLX_QUANT_KERNELS=mlx`` chooses them too. Compiled kernels are cached under the user
 cache directory (``~/.cache/mm1_mlx/numba``; ``NUMBA_CACHE_DIR`` wins), so only the first process
 on a machine compiles them: ~7 s of CPU per bit width on the development machine, then ~1.2 s to
 import numba and load them from the cache; ``load`` does this (``warm_up``), not the first token.

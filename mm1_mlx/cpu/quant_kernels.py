@@ -1,6 +1,7 @@
-"""numba kernels over MLX's affine-quantized weights, and the attention of a decode step that
-uses them (imported only by ``cpu.quant``, which checks numba is there and chooses where compiled
-kernels are cached).
+"""numba kernels for the CPU decode step: products over MLX's affine-quantized weights (and over
+float32 weights, ``gemv_f32``), the dequantization prefill uses, and the step's attention
+(imported only by ``cpu.quant``, which checks numba is there and chooses where compiled kernels
+are cached).
 
 The layout is ``mx.quantize``'s: each row's values packed low bits first into uint32 words, read
 here as bytes (little-endian: 8-bit values are the bytes themselves, a 4-bit byte holds value 2t in
@@ -8,12 +9,17 @@ its low nibble and 2t + 1 in its high one), and per group of ``K / G`` values a 
 ``w = scale * q + bias``. A row's product is ``sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)``,
 the same dequantized values as MLX's, summed in another order (float32 rounding).
 
-Rows go four at a time (they share each load of ``x``; LLVM vectorizes the group loop), split
-over the threads by ``prange``. Nibbles are cut with ``np.bitwise_and`` / ``np.right_shift`` on the
-bytes: numba types Python's ``&`` and ``>>`` on small integers as int64, which LLVM vectorizes four
-or eight lanes wide (``vpmovzxbq`` + ``vcvtqq2ps``) instead of eight or sixteen: 1.3-1.4x slower.
-Each kernel compiles (or loads from the cache) at its first call: ``cpu.quant.warm_up`` makes
-that call when a quantized model loads, for the bit widths it has.
+Three ways, by CPU and group size: on x86 with AVX2, groups of 64 (MLX's default) multiply int16
+pieces of the activations by the widened weights (``gemv{4,8}_g64_i16``, ``vpmaddwd``: fewest
+instructions per weight); elsewhere (ARM, older x86, ``MM1_MLX_QUANT_KERNELS=float``) groups of 64
+keep float activations (``gemv{4,8}_g64``); other group sizes take the general ``gemv4`` /
+``gemv8``. In the general kernels rows go four at a time (they share each load of ``x``; LLVM
+vectorizes the group loop), split over the threads by ``prange``. Nibbles are cut with
+``np.bitwise_and`` / ``np.right_shift`` on the bytes: numba types Python's ``&`` and ``>>`` on
+small integers as int64, which LLVM vectorizes four or eight lanes wide (``vpmovzxbq`` +
+``vcvtqq2ps``) instead of eight or sixteen: 1.3-1.4x slower. Each kernel compiles (or loads from
+the cache) at its first call: ``cpu.quant.warm_up`` makes that call when a model whose step runs
+here loads.
 """
 
 from __future__ import annotations

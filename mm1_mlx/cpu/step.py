@@ -102,8 +102,9 @@ class ThreadChoice:
 
 def blas_settle_seconds() -> float:
     """How long the bound OpenBLAS's idle threads spin after a product before they sleep:
-    2^``OPENBLAS_THREAD_TIMEOUT`` (4-30, default 28) cycles of the time-stamp counter, taken at a
-    low 2 GHz (0.13 s by default; the development VM's threads spun ~0.1 s)."""
+    2^``OPENBLAS_THREAD_TIMEOUT`` (4-30; OpenBLAS's default 28, ``import mm1_mlx`` sets 24 unless
+    the user did) cycles of the time-stamp counter, taken at a low 2 GHz (8 ms at 24, 0.13 s at
+    28; the development VM's threads spun ~0.1 s at 28)."""
     try:
         exponent = min(max(int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", 28)), 4), 30)
     except ValueError:
