@@ -301,7 +301,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "(default: all cores; 1 on a shared machine, where threads wait their turn)")
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp text-decoder peer in the generate suite (auto: if installed)")
+    p.add_argument("--cpu", choices=["native", "avx2"], default="native",
+                   help="avx2: our children compile and pick kernels as on a CPU without AVX-512 "
+                        "(numba: Haswell's features; OpenBLAS: its Haswell kernels); build the "
+                        "llama.cpp peer without AVX-512 to match")
     return p
+
+
+# what numba compiles for with --cpu avx2: Haswell's features only (NUMBA_CPU_NAME alone keeps the
+# host's features, AVX-512 included)
+HASWELL = {"NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell", "NUMBA_CPU_FEATURES": (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,"
+    "+popcnt,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")}
 
 
 def main(argv=None) -> dict:
@@ -320,6 +331,9 @@ def main(argv=None) -> dict:
         opts["threads"] = args.threads
         for var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # the children's
+    opts["cpu"] = args.cpu
+    if args.cpu == "avx2":
+        os.environ.update(HASWELL)  # the children's
     if args.cache:
         cache = Path(args.cache)
     else:

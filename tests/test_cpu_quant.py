@@ -25,11 +25,14 @@ from mm1_mlx.models.decoder import LanguageModel
 pytestmark = pytest.mark.skipif(not on_cpu() or cpu_quant.kernels() is None,
                                 reason="needs the CPU and numba (cpu_quant's kernels)")
 SETTINGS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
-# the kernels' two ways with 4-bit groups of 64: int16 pieces of the activations (x86 with AVX2)
-# and float activations (every other CPU, and MM1_MLX_QUANT_KERNELS=float)
-ACTIVATIONS = [pytest.param(True, id="int16", marks=pytest.mark.skipif(
-    cpu_quant.kernels() is None or not cpu_quant.kernels().INT16, reason="needs AVX2")),
-    pytest.param(False, id="float")]
+# the kernels' two ways with groups of 64: int16 pieces of the activations (x86 with AVX2) and
+# float activations (every other CPU, and MM1_MLX_QUANT_KERNELS=float); other groups: float
+NEEDS_AVX2 = pytest.mark.skipif(cpu_quant.kernels() is None or not cpu_quant.kernels().INT16,
+                                reason="needs x86 with AVX2")
+ACTIVATIONS = [pytest.param(True, id="int16", marks=NEEDS_AVX2), pytest.param(False, id="float")]
+KERNELS = [pytest.param(bits, group, int16, id=f"{bits}-{group}-{'int16' if int16 else 'float'}",
+                        marks=NEEDS_AVX2 if int16 else ())
+           for bits, group in SETTINGS for int16 in ((True, False) if group == 64 else (False,))]
 
 
 def _quantized_linear(n, k, bits, group, seed=0, bias=False):
@@ -41,11 +44,10 @@ def _quantized_linear(n, k, bits, group, seed=0, bias=False):
     return q
 
 
-@pytest.mark.parametrize("int16", ACTIVATIONS)
 @pytest.mark.parametrize("rows", [70, 67])
 @pytest.mark.parametrize("parallel", [True, False])
-@pytest.mark.parametrize("bits,group", SETTINGS)
-def test_gemv_and_dequantize_equal_mlx(bits, group, parallel, rows, int16, monkeypatch):
+@pytest.mark.parametrize("bits,group,int16", KERNELS)
+def test_gemv_and_dequantize_equal_mlx(bits, group, int16, parallel, rows, monkeypatch):
     monkeypatch.setattr(cpu_quant, "INT16", int16)
     # both kernels: split over the cores (large weights) and in the calling thread (small ones);
     # 70 rows: 17 blocks of four and 2 left over, or a block of 64 and 6; 67: an odd last row
@@ -86,8 +88,7 @@ def test_int16_pieces_rebuild_the_activations():
         np.testing.assert_allclose(sums, x.reshape(6, 64).sum(1), rtol=1e-5)
 
 
-@pytest.mark.skipif(cpu_quant.kernels() is None or not cpu_quant.kernels().INT16,
-                    reason="needs AVX2")
+@NEEDS_AVX2
 @pytest.mark.parametrize("bits", [4, 8])
 def test_int16_kernel_passes_inf_and_nan_on_as_float_does(bits):
     q = _quantized_linear(8, 256, bits, 64)
@@ -98,8 +99,8 @@ def test_int16_kernel_passes_inf_and_nan_on_as_float_does(bits):
     assert not np.isfinite(cpu_quant.gemv(q, x)).any()
 
 
-@pytest.mark.parametrize("int16", ACTIVATIONS)
-@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
+@pytest.mark.parametrize("bits,group,int16", [k for k in KERNELS if k.values[:2] in
+                                               ((4, 64), (8, 64), (8, 32))])
 def test_expert_gemv_equals_mlx(bits, group, int16, monkeypatch):
     monkeypatch.setattr(cpu_quant, "INT16", int16)
     mx.random.seed(2)
@@ -252,8 +253,8 @@ def _greedy(lm, prompt, steps, calls=None):
 
 
 @pytest.mark.parametrize("int16", ACTIVATIONS)
-@pytest.mark.parametrize("bits,group,moe", [(4, 64, False), (8, 32, False), (4, 128, True),
-                                            (8, 64, True), (4, 64, True)])
+@pytest.mark.parametrize("bits,group,moe", [(4, 64, False), (8, 64, False), (8, 32, False),
+                                            (4, 128, True), (8, 64, True), (4, 64, True)])
 def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, int16, monkeypatch):
     monkeypatch.setattr(cpu_quant, "INT16", int16)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)  # some layers split, some not
