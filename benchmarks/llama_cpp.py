@@ -23,6 +23,7 @@ LLAMA = {"llama.cpp-F32": "f32", "llama.cpp-Q8_0": "q8_0", "llama.cpp-Q4_0": "q4
 OURS = {"mm1-mlx-text": "mm1-mlx", "mm1-mlx-q8-text": "mm1-mlx-q8", "mm1-mlx-q4-text": "mm1-mlx-q4"}
 PAIRS = [("mm1-mlx-text", "llama.cpp-F32"), ("mm1-mlx-q8-text", "llama.cpp-Q8_0"),
          ("mm1-mlx-q4-text", "llama.cpp-Q4_0")]
+QUANTIZED = ("mm1-mlx-q8-text", "mm1-mlx-q4-text")  # rerun once on MLX's kernels: same tokens?
 PROMPT_TOKENS = 632  # the issue's measurement: image + question of the generate suite
 LLAMA_FTYPE_MOSTLY_Q4_0 = 2
 # The converter hashes the tokenizer's pre-tokenizer output against the models it knows; the
@@ -228,8 +229,9 @@ def weight_bytes(gguf: Path, llama: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors if t.name != "token_embd.weight")
 
 
-def targets(summary: dict) -> dict:
-    """The issue's targets for the text-only decoders."""
+def targets(summary: dict, same_as_mlx: dict | None = None) -> dict:
+    """The issue's targets for the text-only decoders; answers unchanged: every greedy token of
+    each quantized decoder equal to the same model's on MLX's own kernels (``same_as_mlx_kernels``)."""
     def ratio(a, b):
         x, y = summary.get(a, {}).get("decode_tps"), summary.get(b, {}).get("decode_tps")
         return x / y if x and y else None
@@ -243,16 +245,45 @@ def targets(summary: dict) -> dict:
     }.items():
         v = ratio(a, b)
         out[name] = {"value": v, "met": None if v is None or least is None else v >= least}
+    if same_as_mlx:
+        equal = [_fraction(v) for v in same_as_mlx.values()]
+        out["answers unchanged (greedy tokens = MLX's own quantized kernels)"] = {
+            "value": min(equal), "met": min(equal) == 1.0}
     return out
+
+
+def _leading(a: list, b: list) -> str:
+    """How many leading tokens two greedy runs share, of the shorter: ``"n/m"``."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"{n}/{min(len(a), len(b))}"
+
+
+def _fraction(text: str) -> float:
+    n, m = text.split("/")
+    return int(n) / int(m) if int(m) else 0.0
+
+
+def _tokens(runs: list) -> list | None:
+    return next((r["tokens"] for r in runs if "tokens" in r), None)
 
 
 def same_tokens(runs: dict) -> dict:
     """Leading greedy tokens each of our decoders shares with its llama.cpp peer (first runs)."""
     out = {}
     for ours, theirs in PAIRS:
-        a = next((r["tokens"] for r in runs.get(ours, []) if "tokens" in r), None)
-        b = next((r["tokens"] for r in runs.get(theirs, []) if "tokens" in r), None)
+        a, b = _tokens(runs.get(ours, [])), _tokens(runs.get(theirs, []))
         if a and b:
-            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            out[f"{ours} vs {theirs}"] = f"{n}/{min(len(a), len(b))}"
+            out[f"{ours} vs {theirs}"] = _leading(a, b)
+    return out
+
+
+def same_as_mlx_kernels(runs: dict, reference: dict) -> dict:
+    """Leading greedy tokens each quantized decoder (every run) shares with the same model on
+    MLX's own quantized kernels (``reference``: one run each): the fewest over the runs."""
+    out = {}
+    for name, ref in reference.items():
+        want = ref.get("tokens")
+        got = [r["tokens"] for r in runs.get(name, []) if "tokens" in r]
+        if want and got:
+            out[name] = min((_leading(g, want) for g in got), key=_fraction)
     return out

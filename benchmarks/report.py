@@ -75,6 +75,8 @@ def llama_table(text: dict) -> list[str]:
         rows.append(f"| {k} | {_f(t['value'])} | {met} |")
     rows.append("")
     rows += [f"- same leading greedy tokens: {k}: {v}" for k, v in text.get("same_tokens", {}).items()]
+    rows += [f"- same leading greedy tokens as on MLX's own quantized kernels: {k}: {v}"
+             for k, v in text.get("same_as_mlx_kernels", {}).items()]
     rows += [f"- harness workaround: {w}" for w in text.get("workarounds", [])]
     return rows + [""]
 

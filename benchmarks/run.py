@@ -212,6 +212,12 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
                 f"  prefill {r['first']['prefill_tps']:.0f} tok/s, decode "
                 f"{r['first']['decode_tps'] or 0:.1f} tok/s, read {r['read_gbps']:.1f} GB/s")
             runs[s].append(r)
+    reference = {}  # each quantized decoder once more on MLX's own kernels: the tokens to keep
+    for s in llama_cpp.QUANTIZED:
+        if isinstance(sources.get(s), Path):
+            log(f"{s} on MLX's own quantized kernels (MM1_MLX_QUANT_KERNELS=mlx)")
+            reference[s] = child(["benchmarks.worker", s, json.dumps(dict(
+                spec, mlx_path=str(sources[s])))], timeout, env={"MM1_MLX_QUANT_KERNELS": "mlx"})
     summary = {s: summarize(r) for s, r in runs.items()}
     for s, r in summary.items():
         src = sources.get(s)
@@ -223,8 +229,10 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
         if r["read_gbps"] and r.get("decode_tps"):
             r["decode_bound_tps"] = r["read_gbps"] * 1e9 / r["decode_weight_bytes"]
             r["decode_fraction_of_bound"] = r["decode_tps"] / r["decode_bound_tps"]
-    return {"runs": runs, "summary": summary, "targets": llama_cpp.targets(summary),
-            "same_tokens": llama_cpp.same_tokens(runs), "workarounds": notes,
+    same_as_mlx = llama_cpp.same_as_mlx_kernels(runs, reference)
+    return {"runs": runs, "summary": summary, "targets": llama_cpp.targets(summary, same_as_mlx),
+            "same_tokens": llama_cpp.same_tokens(runs), "same_as_mlx_kernels": same_as_mlx,
+            "mlx_kernels_runs": reference, "workarounds": notes,
             "prompt_tokens": len(spec["token_ids"])}
 
 

@@ -166,9 +166,18 @@ def test_llama_peer_text_checkpoint_targets_and_report(tmp_path):
     runs = {k: [{"tokens": v["tokens"]}] for k, v in summary.items()}
     same = llama_cpp.same_tokens(runs)
     assert same == {"mm1-mlx-text vs llama.cpp-F32": "2/3", "mm1-mlx-q4-text vs llama.cpp-Q4_0": "1/1"}
+    # answers unchanged: every run of each quantized decoder against MLX's own kernels' tokens
+    runs["mm1-mlx-q4-text"] = [{"tokens": [5, 6, 7]}, {"tokens": [5, 6, 8]}]
+    same_mlx = llama_cpp.same_as_mlx_kernels(runs, {"mm1-mlx-q4-text": {"tokens": [5, 6, 7]}})
+    assert same_mlx == {"mm1-mlx-q4-text": "2/3"}  # the worse run
+    unchanged = "answers unchanged (greedy tokens = MLX's own quantized kernels)"
+    assert llama_cpp.targets(summary, same_mlx)[unchanged] == {"value": 2 / 3, "met": False}
+    assert llama_cpp.targets(summary, {"mm1-mlx-q4-text": "3/3"})[unchanged]["met"] is True
+    assert unchanged not in targets  # no reference runs: no verdict
     res = {"summary": summary, "targets": targets, "same_tokens": same, "workarounds": ["w"],
-           "prompt_tokens": 632}
+           "prompt_tokens": 632, "same_as_mlx_kernels": same_mlx}
     table = "\n".join(report.llama_table(res))
     assert "| llama.cpp-Q4_0 | 100 | 40.0 | 0.150 |" in table and "harness workaround: w" in table
+    assert "as on MLX's own quantized kernels: mm1-mlx-q4-text: 2/3" in table
     report.bandwidth_chart(res, tmp_path / "bw.png")
     assert (tmp_path / "bw.png").stat().st_size > 1000
