@@ -4,7 +4,10 @@ tokens, and everything falls back to MLX's kernels without them."""
 
 import mm1_mlx  # noqa: F401, I001  (binds BLAS before mlx.core)
 
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +100,43 @@ def test_int16_kernel_passes_inf_and_nan_on_as_float_does(bits):
     assert np.isnan(cpu_quant.gemv(q, x)).all()
     x[70] = np.inf
     assert not np.isfinite(cpu_quant.gemv(q, x)).any()
+
+
+QEMU = shutil.which("qemu-x86_64")
+EMULATED = """
+import json, mm1_mlx, numpy as np, mlx.core as mx
+from mm1_mlx.cpu import quant
+from mm1_mlx.cpu.ops import Linear
+out = {"int16": bool(quant.kernels().INT16)}
+mx.random.seed(0)
+x = mx.random.normal((256,))
+for bits in (4, 8):
+    q = Linear(256, 40).to_quantized(64, bits)
+    w, s, b = quant._views(q)
+    want = mx.quantized_matmul(x[None], q.weight, q.scales, q.biases, transpose=True,
+                               group_size=64, bits=bits)[0]
+    got = quant.gemv(q, np.array(x))
+    out[bits] = [quant._gemv_name(bits, w, s), float(np.abs(got - np.array(want)).max())]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None,
+                    reason="needs Debian's qemu-user (qemu-x86_64) on x86_64; .ci/run installs it")
+@pytest.mark.slow
+def test_int16_kernels_on_an_emulated_cpu_without_avx512(tmp_path):
+    # numba compiles for the CPU it runs on: on a Haswell (AVX2, no AVX-512) the int16 kernels
+    # are chosen, compile and give MLX's products, whatever CPU runs the tests
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    env.pop("NUMBA_CPU_NAME", None), env.pop("NUMBA_CPU_FEATURES", None)
+    run = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", EMULATED], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["int16"] is True
+    for bits in ("4", "8"):
+        name, err = found[bits]
+        assert name == f"gemv{bits}_g64_i16" and err < 2e-5, found
 
 
 @pytest.mark.parametrize("bits,group,int16", [k for k in KERNELS if k.values[:2] in
