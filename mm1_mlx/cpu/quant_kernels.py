@@ -195,6 +195,7 @@ def _avx2() -> bool:
 
 INT16 = _avx2()  # whether the ``_i16`` kernels can run here (``cpu.quant`` chooses them then)
 PIECES = 128  # int16 pieces of a group of 64 activations
+LO = 2.0 ** -14  # b_g / a_g: the lo piece's weight against the hi piece's
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 _BYTES16, _SHORTS16 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(_I16, 16)
 _INTS8, _FLOATS8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
@@ -227,14 +228,14 @@ def _weights16(builder, row, bits, i64):
 
 
 def _row_i16(bits):
-    """Code of ``_row{bits}_i16``: a row's ``sum_g scales[sstart + g] * (a[g] * (q_g . hi_g)
-    + b[g] * (q_g . lo_g))`` over its ``groups`` groups of ``8 * bits`` bytes from ``w[start]``,
-    ``pieces`` from ``split16`` flattened. All arrays 1-D, C-contiguous."""
+    """Code of ``_row{bits}_i16``: a row's ``sum_g scales[sstart + g] * a[g] * (q_g . hi_g
+    + LO * q_g . lo_g)`` over its ``groups`` groups of ``8 * bits`` bytes from ``w[start]``,
+    ``pieces`` from ``split16`` flattened (``b = LO * a``). All arrays 1-D, C-contiguous."""
 
     def codegen(context, builder, signature, args):
-        _, start, _, _, _, _, sstart, groups = args
-        wp, xp, ap, bp, sp = (_pointer(context, builder, signature.args[i], args[i])
-                              for i in (0, 2, 3, 4, 5))
+        _, start, _, _, _, sstart, groups = args
+        wp, xp, ap, sp = (_pointer(context, builder, signature.args[i], args[i])
+                          for i in (0, 2, 3, 4))
         madd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_INTS8, [_SHORTS16, _SHORTS16]),
             "llvm.x86.avx2.pmadd.wd")
@@ -258,10 +259,9 @@ def _row_i16(bits):
                 return builder.sitofp(total, _FLOATS8)
 
             scale = builder.load(builder.gep(sp, [builder.add(sstart, g)]))
-            ca = builder.fmul(scale, builder.load(builder.gep(ap, [g])))
-            cb = builder.fmul(scale, builder.load(builder.gep(bp, [g])))
-            total = builder.call(fma, [dot(0), _splat(builder, ca), builder.load(acc)])
-            builder.store(builder.call(fma, [dot(4), _splat(builder, cb), total]), acc)
+            factor = builder.fmul(scale, builder.load(builder.gep(ap, [g])))
+            both = builder.call(fma, [dot(4), ir.Constant(_FLOATS8, [LO] * 8), dot(0)])
+            builder.store(builder.call(fma, [both, _splat(builder, factor), builder.load(acc)]), acc)
         lanes = builder.load(acc)
         total = builder.extract_element(lanes, _I32(0))
         for j in range(1, 8):
@@ -272,13 +272,13 @@ def _row_i16(bits):
 
 
 @intrinsic
-def _row4_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
-    return types.float32(w, start, pieces, a, b, scales, sstart, groups), _row_i16(4)
+def _row4_i16(typingctx, w, start, pieces, a, scales, sstart, groups):
+    return types.float32(w, start, pieces, a, scales, sstart, groups), _row_i16(4)
 
 
 @intrinsic
-def _row8_i16(typingctx, w, start, pieces, a, b, scales, sstart, groups):
-    return types.float32(w, start, pieces, a, b, scales, sstart, groups), _row_i16(8)
+def _row8_i16(typingctx, w, start, pieces, a, scales, sstart, groups):
+    return types.float32(w, start, pieces, a, scales, sstart, groups), _row_i16(8)
 
 
 @njit(**_INLINE)
@@ -302,7 +302,7 @@ def split16(x, nibbles):
             a[g] = b[g] = np.float32(np.nan)
             continue
         _, e = math.frexp(top)  # top < 2^e
-        a[g], b[g] = np.float32(math.ldexp(1.0, e - 15)), np.float32(math.ldexp(1.0, e - 29))
+        a[g], b[g] = np.float32(math.ldexp(1.0, e - 15)), np.float32(math.ldexp(1.0, e - 15) * LO)
         if b[g] == 0:
             a[g] = np.float32(0)
             continue
@@ -321,14 +321,14 @@ def gemv4_g64_i16(w, scales, biases, x, out):
     ``BLOCK`` rows per thread. (The prefetching that helps the float kernel slowed this one.)"""
     N, B = w.shape
     G = B // PER64
-    pieces, a, b, sums = split16(x, True)
+    pieces, a, _, sums = split16(x, True)
     flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
     for blk in prange((N + BLOCK - 1) // BLOCK):
         for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
             t = np.float32(0)
             for g in range(G):
                 t += biases[n, g] * sums[g]
-            out[n] = t + _row4_i16(flat, n * B, flat_pieces, a, b, flat_scales, n * G, G)
+            out[n] = t + _row4_i16(flat, n * B, flat_pieces, a, flat_scales, n * G, G)
 
 
 @njit(**_OPTIONS)
@@ -336,14 +336,14 @@ def gemv8_g64_i16(w, scales, biases, x, out):
     """``gemv8_g64`` with int16 activations, as ``gemv4_g64_i16``."""
     N, K = w.shape
     G = K // 64
-    pieces, a, b, sums = split16(x, False)
+    pieces, a, _, sums = split16(x, False)
     flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
     for blk in prange((N + BLOCK - 1) // BLOCK):
         for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
             t = np.float32(0)
             for g in range(G):
                 t += biases[n, g] * sums[g]
-            out[n] = t + _row8_i16(flat, n * K, flat_pieces, a, b, flat_scales, n * G, G)
+            out[n] = t + _row8_i16(flat, n * K, flat_pieces, a, flat_scales, n * G, G)
 
 
 @njit(**_OPTIONS)
