@@ -34,7 +34,7 @@ from . import blas
 
 BITS = (4, 8)
 # groups of 64 on an x86 CPU with AVX2 multiply int16 pieces of the activations
-# (``quant_kernels.gemv_g64_i16``: the same sums to float32 rounding, ~1.6x faster at 4 bits);
+# (``quant_kernels.gemv{4,8}_g64_i16``: the same sums to float32 rounding, ~1.6x faster at 4 bits);
 # ``MM1_MLX_QUANT_KERNELS=float`` keeps the float kernels everywhere
 INT16 = os.environ.get("MM1_MLX_QUANT_KERNELS", "").lower() != "float"
 PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
@@ -253,7 +253,7 @@ def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
     g64 = w.shape[1] * 8 // bits == scales.shape[1] * 64  # w in bytes: 64 values a group
     if not g64:
         return f"gemv{bits}"
-    return "gemv_g64_i16" if INT16 and kernels().INT16 else f"gemv{bits}_g64"
+    return f"gemv{bits}_g64_i16" if INT16 and kernels().INT16 else f"gemv{bits}_g64"
 
 
 def _gemv(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
