@@ -12,8 +12,7 @@ a fresh random variation at every step (``--augment``, ``mm1_mlx/tuner/augment.p
 adapted encoder learns the training pictures' pixels), and the whole connector trains too, at 0.3x
 the learning rate (``--train-connector``, on when the connector is float; ``--whole-lr-scale``
 sets the 0.3; ``--train-vision-embeddings`` adds the ViT's patch and position embeddings the same
-way). The
-loss falls on the assistant's tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains
+way). The loss falls on the assistant's tokens (``--mask-prompt``, the default); ``--no-mask-prompt`` trains
 on every text token, prompts included (never on image tokens). Bad records are reported as
 FILE:LINE and left out (``--on-bad-data skip``, the default) or stop the run before it starts
 (``fail``).

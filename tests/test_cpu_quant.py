@@ -76,7 +76,8 @@ def test_int16_pieces_rebuild_the_activations():
     x[64:128] = 0
     x[128:192] *= np.float32(1e-38)
     for nibbles in (True, False):
-        pieces, a, b, sums = cpu_quant.kernels().split16(x, nibbles)
+        pieces, a, sums = cpu_quant.kernels().split16(x, nibbles)
+        b = a * np.float32(cpu_quant.kernels().LO)
         assert pieces.dtype == np.int16 and pieces.shape == (6, 128)
         hi, lo = np.empty((6, 64)), np.empty((6, 64))
         if nibbles:  # even positions, then odd
@@ -89,6 +90,9 @@ def test_int16_pieces_rebuild_the_activations():
         assert (rebuilt[1] == 0).all()
         assert (np.abs(pieces[:, :64]) <= 32767).all() and (np.abs(pieces[:, 64:]) <= 16384).all()
         np.testing.assert_allclose(sums, x.reshape(6, 64).sum(1), rtol=1e-5)
+    # under 2^-112 throughout: zero pieces (their steps' reciprocals would overflow float32)
+    pieces, a, _ = cpu_quant.kernels().split16(np.full(64, 1e-36, np.float32), True)
+    assert not pieces.any() and a[0] == 0
 
 
 @NEEDS_AVX2

@@ -175,8 +175,8 @@ def gemv4_g64(w, scales, biases, x, out):
 #
 # On a CPU without AVX-512 ``gemv4_g64`` spends ~20 instructions on 32 weights: widening bytes to
 # 32-bit lanes, converting to float and multiplying, 8 lanes at a time. Here each group's 64
-# activations are split exactly enough into two int16 pieces, x = a_g * hi + b_g * lo (a_g, b_g
-# powers of two, |hi| <= 32767, |lo| <= 16384, residual <= max|x_g| * 2^-29: below float32's
+# activations are split exactly enough into two int16 pieces, x = a_g * (hi + LO * lo) (a_g a
+# power of two, |hi| <= 32767, |lo| <= 16384, residual <= max|x_g| * 2^-29: below float32's
 # rounding of the sums), and the weights widen only to 16 bits and multiply-add in pairs
 # (``vpmaddwd``, 16 per instruction) into exact int32 sums (at most 8 products of 255 * 32767 a
 # lane): ~14 instructions per 32 4-bit weights, ~1.6-1.7x the float kernel's rate. Only the
@@ -195,7 +195,7 @@ def _avx2() -> bool:
 
 INT16 = _avx2()  # whether the ``_i16`` kernels can run here (``cpu.quant`` chooses them then)
 PIECES = 128  # int16 pieces of a group of 64 activations
-LO = 2.0 ** -14  # b_g / a_g: the lo piece's weight against the hi piece's
+LO = 2.0 ** -14  # the lo piece's step against the hi piece's (2^(e-29) / 2^(e-15))
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 _BYTES16, _SHORTS16 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(_I16, 16)
 _INTS8, _FLOATS8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
@@ -230,7 +230,7 @@ def _weights16(builder, row, bits, i64):
 def _row_i16(bits):
     """Code of ``_row{bits}_i16``: a row's ``sum_g scales[sstart + g] * a[g] * (q_g . hi_g
     + LO * q_g . lo_g)`` over its ``groups`` groups of ``8 * bits`` bytes from ``w[start]``,
-    ``pieces`` from ``split16`` flattened (``b = LO * a``). All arrays 1-D, C-contiguous."""
+    ``pieces`` from ``split16`` flattened. All arrays 1-D, C-contiguous."""
 
     def codegen(context, builder, signature, args):
         _, start, _, _, _, sstart, groups = args
@@ -285,12 +285,12 @@ def _row8_i16(typingctx, w, start, pieces, a, scales, sstart, groups):
 def split16(x, nibbles):
     """``x`` (K,) as two int16 pieces per group of 64 (see above): pieces (K / 64, 128), the
     group's hi then lo piece, each in the order ``_weights16`` gives the weights (``nibbles``:
-    even positions, then odd); the powers of two ``a`` and ``b`` (K / 64,), and each group's
-    float32 sum (the bias term's). A group with an inf or nan gets nan factors (its rows' products
-    are nan, as in float); one under 2^-134 throughout, zero pieces."""
+    even positions, then odd); the powers of two ``a`` (K / 64,; the lo piece's are ``LO * a``),
+    and each group's float32 sum (the bias term's). A group with an inf or nan gets a nan factor
+    (its rows' products are nan, as in float); one under 2^-112 throughout, zero pieces."""
     G = x.size // 64
     pieces = np.zeros((G, PIECES), np.int16)
-    a, b, sums = np.zeros(G, np.float32), np.zeros(G, np.float32), np.empty(G, np.float32)
+    a, sums = np.zeros(G, np.float32), np.empty(G, np.float32)
     for g in range(G):
         top, total = np.float32(0), np.float32(0)
         for i in range(64):
@@ -299,20 +299,20 @@ def split16(x, nibbles):
             total += v
         sums[g] = total
         if not np.isfinite(top) or not np.isfinite(total):
-            a[g] = b[g] = np.float32(np.nan)
+            a[g] = np.float32(np.nan)
             continue
         _, e = math.frexp(top)  # top < 2^e
-        a[g], b[g] = np.float32(math.ldexp(1.0, e - 15)), np.float32(math.ldexp(1.0, e - 15) * LO)
-        if b[g] == 0:
-            a[g] = np.float32(0)
+        if e < -111:  # 2^(15 - e) would overflow float32; a group this small adds nothing
             continue
+        a[g] = np.float32(math.ldexp(1.0, e - 15))
+        up = np.float32(math.ldexp(1.0, 15 - e))  # 1 / a[g]: scalings by powers of two are exact
         for i in range(64):
-            v = x[64 * g + i]
-            hi = min(max(np.rint(v / a[g]), np.float32(-32767)), np.float32(32767))
+            v = x[64 * g + i] * up  # |v| < 2^15
+            hi = min(max(np.rint(v), np.float32(-32767)), np.float32(32767))
             at = (i & 1) * 32 + (i >> 1) if nibbles else i
             pieces[g, at] = np.int16(hi)
-            pieces[g, 64 + at] = np.int16(np.rint((v - hi * a[g]) / b[g]))
-    return pieces, a, b, sums
+            pieces[g, 64 + at] = np.int16(np.rint((v - hi) * np.float32(1 / LO)))
+    return pieces, a, sums
 
 
 @njit(**_OPTIONS)
@@ -321,7 +321,7 @@ def gemv4_g64_i16(w, scales, biases, x, out):
     ``BLOCK`` rows per thread. (The prefetching that helps the float kernel slowed this one.)"""
     N, B = w.shape
     G = B // PER64
-    pieces, a, _, sums = split16(x, True)
+    pieces, a, sums = split16(x, True)
     flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
     for blk in prange((N + BLOCK - 1) // BLOCK):
         for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
@@ -338,7 +338,7 @@ def gemv8_g64_i16(w, scales, biases, x, out):
     an inline helper, interleaved.)"""
     N, K = w.shape
     G = K // 64
-    pieces, a, _, sums = split16(x, False)
+    pieces, a, sums = split16(x, False)
     flat, flat_pieces, flat_scales = w.reshape(-1), pieces.reshape(-1), scales.reshape(-1)
     for blk in prange((N + BLOCK - 1) // BLOCK):
         for n in range(blk * BLOCK, min(N, blk * BLOCK + BLOCK)):
