@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -116,7 +117,7 @@ mx.random.seed(0)
 x = mx.random.normal((256,))
 for bits in (4, 8):
     q = Linear(256, 40).to_quantized(64, bits)
-    w, s, b = quant._views(q)
+    w, s, b = quant.views(q)
     want = mx.quantized_matmul(x[None], q.weight, q.scales, q.biases, transpose=True,
                                group_size=64, bits=bits)[0]
     got = quant.gemv(q, np.array(x))
@@ -245,7 +246,7 @@ def test_one_thread_runs_the_serial_builds(monkeypatch):
     most = cpu_quant.threads()
     try:
         cpu_quant.set_threads(1)
-        w, scales, _ = cpu_quant._views(q)
+        w, scales, _ = cpu_quant.views(q)
         name = cpu_quant._gemv_name(4, w, scales)
         k = cpu_quant.kernels()
         assert name == ("gemv4_g64_i16" if k.INT16 else "gemv4_g64")
@@ -261,7 +262,7 @@ def test_one_thread_runs_the_serial_builds(monkeypatch):
                                (np.array(q.bias) if "bias" in q else 0), rtol=1e-4, atol=1e-3)
 
 
-def _lm(bits, group, moe):
+def _lm(bits, group, moe, packed=False):
     kw = dict(vocab_size=101, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=not moe)
     if moe:
@@ -274,6 +275,9 @@ def _lm(bits, group, moe):
         nn.quantize(lm, group_size=group, bits=bits,
                     class_predicate=lambda _, m: hasattr(m, "to_quantized"))
     lm.set_dtype(mx.float32)  # what load gives a quantized model on the CPU
+    if packed:  # as ``load`` leaves it
+        for layer in lm.layers:
+            cpu_step.pack_layer(layer)
     mx.eval(lm.parameters())
     lm.eval()
     return lm
@@ -313,6 +317,32 @@ def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, int16, monkeyp
     assert len(calls) == 10 and not any(calls)  # without the kernels the MLX layers run
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8, None])
+def test_packed_layers_multiply_q_k_v_and_gate_up_in_one_call(bits, monkeypatch):
+    monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
+    lm = _lm(bits, 64, False, packed=True)
+    monkeypatch.setattr(cpu_quant, "FLOAT_BYTES", 0)  # the float model in the kernels' threads too
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    products = []  # the rows of each product call
+    for name, at in (("gemv_views", 1), ("gemv_float", 0)):
+        fn = getattr(cpu_quant, name)
+        monkeypatch.setattr(cpu_quant, name, lambda *a, fn=fn, at=at: products.append(
+            a[at].shape[0]) or fn(*a))
+    calls = []
+    got = _greedy(lm, prompt, 4, calls)
+    assert all(calls) and len(calls) == 4
+    D, kv, inter = 128, 2 * 32, 192  # hidden; k and v rows; gate and up rows
+    layer = [D + 2 * kv, D, 2 * inter, D]  # q|k|v, o, gate|up, down: four calls a layer
+    assert products == [*layer * 2, 101] * 4
+    lm.update(nn.utils.tree_map(lambda p: p * 0.5 if p.dtype == mx.float32 and p.ndim >= 2
+                                else p, lm.parameters()))
+    mx.eval(lm.parameters())  # new arrays (no longer packed): the step follows them
+    got = _greedy(lm, prompt, 4)
+    monkeypatch.setattr(cpu_step, "ENABLED", False)
+    want = _greedy(lm, prompt, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("user,want", [({}, "5000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"),
@@ -366,50 +396,87 @@ def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
     # each output row is summed by one thread, each head attended by one: the same logits on 1 or
     # 2 threads, the kernels' (quantized) or BLAS's (float32)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
-    monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: 0.0)  # ``pick`` decides each step
+    monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: 0.0)  # the choice decides
     lm = _lm(bits, 64, False)
     pool = cpu_quant if bits else blas
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     most = pool.threads()
-    runs = {}
+    runs, init, layer = {}, cpu_step.ThreadChoice.__init__, cpu_step._layer
     for n in (1, 2):
-        monkeypatch.setattr(cpu_step.ThreadChoice, "pick", lambda self, n=n: min(n, self.most))
+        def forced(self, most, n=n):  # every layer on n threads
+            init(self, most)
+            self.current = min(n, most)
+        monkeypatch.setattr(cpu_step.ThreadChoice, "__init__", forced)
+        monkeypatch.setattr(cpu_step.ThreadChoice, "pick", lambda self: self.current)  # probe
+        used = []
+        monkeypatch.setattr(cpu_step, "_layer", lambda *a, used=used, **k:
+                            used.append(pool.threads()) or layer(*a, **k))
         calls = []
         runs[n] = _greedy(lm, prompt, 6, calls)
         assert all(calls) and pool.threads() == most  # the step ran; the setting is restored
+        assert set(used) == {min(n, most)}
+        cpu_step.decode_step(lm).threads = None  # the next run makes its own choice
     # one thread runs the kernels' serial build: another float32 summation order (~1e-6)
     np.testing.assert_allclose(runs[1], runs[2], rtol=1e-5, atol=1e-5)
     assert (runs[1].argmax(-1) == runs[2].argmax(-1)).all()
 
 
-def test_a_prefill_starts_a_window_of_one_thread_steps():
-    # BLAS's threads spin after a prefill (~0.1 s at OpenBLAS's default timeout: the first 4-bit
-    # step took 60-100 ms on 2 threads; ~8 ms at the one ``import mm1_mlx`` sets)
-    step, window = cpu_step.DecodeStep(_lm(4, 64, False)), cpu_step.blas_settle_seconds()
-    assert 0.005 < window < 0.5
-    assert step._settling(False, 100.0)  # a cache this step did not leave where it is
-    assert step._settling(True, 100.0 + window / 2)
-    assert not step._settling(True, 100.0 + window * 1.01)
-    assert step._settling(False, 200.0) and not step._settling(True, 200.0 + window * 1.01)
+class _Pool:
+    """A thread pool that records what it was set to."""
+
+    def __init__(self):
+        self.sets = []
+
+    def set_threads(self, n):
+        self.sets.append(n)
+
+
+def test_layer_threads_one_thread_in_the_window_then_the_choice_with_a_timed_probe():
+    pool, choice = _Pool(), cpu_step.ThreadChoice(2)
+    layers = cpu_step.LayerThreads(pool, choice, probe=3, until=time.perf_counter() + 10)
+    for i in range(5):  # BLAS's threads may spin: one thread, the probe untimed
+        layers.enter(i)
+    layers.close()
+    assert pool.sets == [1, 2] and choice.recent == []
+    choice.countdown = 1  # the next step tries one thread, on the probe layer only
+    pool.sets.clear()
+    layers = cpu_step.LayerThreads(pool, choice, probe=3, until=0.0)
+    for i in range(5):
+        layers.enter(i)
+        if i == 3:
+            time.sleep(0.002)  # slower than the recent two-thread probes below
+        assert pool.sets[-1:] == ([1] if i == 3 else [] if i < 3 else [2])
+    layers.close()
+    assert pool.sets == [1, 2] and choice.current == 2 and choice.wait == 16  # the try lost
+    choice.recent = [0.0001] * 5
+    layers = cpu_step.LayerThreads(pool, choice, probe=0, until=0.0)
+    layers.enter(0)
+    layers.enter(1)
+    layers.close()
+    assert choice.recent[:4] == [0.0001] * 4 and choice.recent[4] != 0.0001  # the probe timed
+    assert pool.sets == [1, 2]  # nothing more set: all on two
 
 
 @pytest.mark.parametrize("window", [10.0, 0.0])
-def test_steps_in_the_window_run_on_one_thread_untimed(window, monkeypatch):
+def test_layers_in_the_window_after_a_prefill_run_on_one_thread_untimed(window, monkeypatch):
+    # BLAS's threads spin after a prefill (~0.1 s at OpenBLAS's default timeout: the first 4-bit
+    # step took 60-100 ms on 2 threads; ~8 ms at the one ``import mm1_mlx`` sets)
+    assert 0.005 < cpu_step.blas_settle_seconds() < 0.5
     monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: window)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
     lm = _lm(4, 64, False)
-    used, run = [], cpu_step.DecodeStep._run
-    monkeypatch.setattr(cpu_step.DecodeStep, "_run",
-                        lambda self, *a: used.append(cpu_quant.threads()) or run(self, *a))
+    used, layer = [], cpu_step._layer
+    monkeypatch.setattr(cpu_step, "_layer",
+                        lambda *a, **k: used.append(cpu_quant.threads()) or layer(*a, **k))
     most = cpu_quant.threads()
     calls = []
     _greedy(lm, [3, 14, 15, 92, 65], 5, calls)
     step = cpu_step.decode_step(lm)
-    assert all(calls) and cpu_quant.threads() == most
-    if window:
-        assert used == [1] * 5 and step.threads.recent == []
-    else:
-        assert len(step.threads.recent) == 5 and used == [most] * 5
+    assert all(calls) and cpu_quant.threads() == most and len(used) == 5 * len(lm.layers)
+    if window:  # the first step after the prefill started it
+        assert set(used) == {1} and step.threads.recent == []
+    else:  # each step's probe layer timed
+        assert len(step.threads.recent) == 5 and set(used) == {most}
 
 
 def _forced(lm, cache, tokens, step=None):

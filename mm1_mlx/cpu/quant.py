@@ -142,10 +142,10 @@ def _view(a: mx.array) -> np.ndarray | None:
 def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     """``layer``'s weight (expert ``expert``'s of a stack) times float32 ``x`` (K,): (N,),
     without the layer's bias. ``handles(layer)`` must hold."""
-    views = _views(layer)
+    arrays = views(layer)
     if expert is not None:
-        views = [a[expert] for a in views]
-    return _gemv(layer.bits, *views, np.ascontiguousarray(x, dtype=np.float32))
+        arrays = [a[expert] for a in arrays]
+    return gemv_views(layer.bits, *arrays, np.ascontiguousarray(x, dtype=np.float32))
 
 
 def gemv_float(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -156,7 +156,7 @@ def gemv_float(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _views(layer) -> tuple:
+def views(layer) -> tuple:
     """Numpy views of ``layer``'s weight (as bytes), scales and biases, kept on the layer while
     its arrays are the same objects: a decode step makes ~113 products a token, and building the
     views each time cost ~0.6 ms of a ~20 ms 4-bit step."""
@@ -199,7 +199,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
     """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it,
     written into ``out`` if given (C-contiguous float32 of that shape)."""
-    return _dequantize(layer.bits, *(a[rows] for a in _views(layer)), out)
+    return _dequantize(layer.bits, *(a[rows] for a in views(layer)), out)
 
 
 def matmul(layer, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -256,9 +256,9 @@ def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
     return f"gemv{bits}_g64_i16" if INT16 and kernels().INT16 else f"gemv{bits}_g64"
 
 
-def _gemv(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
-          x: np.ndarray) -> np.ndarray:
-    """W x for ``w`` as bytes."""
+def gemv_views(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+               x: np.ndarray) -> np.ndarray:
+    """W x for ``w`` as bytes (``views``), float32 ``x`` C-contiguous, without a bias."""
     out = np.empty(w.shape[0], np.float32)
     _kernel(_gemv_name(bits, w, scales), w)(w, scales, biases, x, out)
     return out

@@ -58,30 +58,31 @@ FIELDS = {
 
 class ThreadChoice:
     """How many threads a decode step gives its products: all (``most``) or one, chosen by timing
-    the steps. The threads are ``cpu.quant``'s kernels' where the step runs in them
-    (``quant.pooled``: quantized layers, or a large float decoder), else the bound BLAS's.
+    one layer of every step (the probe: ``DecodeStep`` times its last layer). The threads are
+    ``cpu.quant``'s kernels' where the step runs in them (``quant.pooled``: quantized layers, or
+    a large float decoder), else the bound BLAS's.
 
     On the quiet 2-core development VM two threads decode the benchmark's 4-bit decoder in ~19-23
     ms a token against ~31 on one, and its float32 one in ~47 against ~71. But both pools spin
-    between products (the kernels' briefly, see ``mm1_mlx/__init__.py``; OpenBLAS's for ~0.1 s),
-    and with one other busy process on the machine a 2-thread step took 70-190 ms (4-bit) and
-    140-220 ms (float32), against ~31 and ~73 on one thread. The choice in use is timed at every
-    step; the other one is tried for a step after ``FIRST`` steps, then after twice as many each
-    time it loses (at most ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the
-    median of the last ``RECENT`` steps of the one in use (a median: the first step after a
-    prefill waits for BLAS's spinning threads, ~100 ms). The threads change no result beyond
-    float32 rounding: each output row is summed by one thread, and on one thread the kernels' serial
-    build runs (another summation order: ~1e-6 relative)."""
+    between products (the kernels' briefly, see ``mm1_mlx/__init__.py``; OpenBLAS's ~8 ms), and
+    with one other busy process on the machine a 2-thread step took 70-190 ms (4-bit) and 140-220
+    ms (float32), against ~31 and ~73 on one thread. The choice in use is timed at every step; the
+    other one is tried on the probe layer after ``FIRST`` steps, then after twice as many each time
+    it loses (at most ``LONGEST``), and takes over when it is faster than ``MARGIN`` x the median
+    of the last ``RECENT`` probes of the one in use. A try costs one layer's time, not a step's
+    (a whole one-thread step cost ~20 ms of a 32-token float32 reply, twice). The threads change
+    no result beyond float32 rounding: each output row is summed by one thread, and on one thread
+    the kernels' serial build runs (another summation order: ~1e-6 relative)."""
 
-    FIRST, LONGEST, MARGIN, RECENT = 8, 512, 0.85, 5
+    FIRST, LONGEST, MARGIN, RECENT = 8, 64, 0.85, 5
 
     def __init__(self, most: int):
         self.most, self.current = most, most
-        self.recent: list[float] = []  # seconds of the last steps with ``current``
+        self.recent: list[float] = []  # seconds of the last probes with ``current``
         self.wait = self.countdown = self.FIRST
 
     def pick(self) -> int:
-        """The thread count for the next step."""
+        """The thread count for the next step's probe layer (the others run on ``current``)."""
         if self.most == 1:
             return 1
         self.countdown -= 1
@@ -89,7 +90,7 @@ class ThreadChoice:
             else self.current
 
     def record(self, used: int, seconds: float) -> None:
-        """The time of a step run with ``used`` threads (the last ``pick``)."""
+        """The time of a probe layer run with ``used`` threads (the last ``pick``)."""
         if used == self.current:
             self.recent = (self.recent + [seconds])[-self.RECENT:]
             return
@@ -112,14 +113,53 @@ def blas_settle_seconds() -> float:
     return 2.0 ** exponent / 2e9
 
 
+class LayerThreads:
+    """The thread count of each layer of one step (``enter`` before each, then ``close``): one
+    thread until ``until`` (``perf_counter``: BLAS's threads may still spin from a prefill), the
+    probe layer on ``choice.pick()``'s count, timed for ``choice``, and the rest on
+    ``choice.current``; ``close`` gives the pool back its setting, ``choice.most``."""
+
+    def __init__(self, pool, choice: ThreadChoice, probe: int, until: float):
+        self.pool, self.choice, self.probe, self.until = pool, choice, probe, until
+        self.trial, self.used = choice.pick(), choice.most
+        self.timing: tuple | None = None  # (threads, start) of the probe layer while it runs
+
+    def enter(self, i: int) -> None:
+        now = self._stop_timing()
+        if now < self.until:
+            n = 1
+        elif i == self.probe:
+            n, self.timing = self.trial, (self.trial, now)
+        else:
+            n = self.choice.current
+        self._use(n)
+
+    def close(self) -> None:
+        self._stop_timing()
+        self._use(self.choice.most)
+
+    def _stop_timing(self) -> float:
+        now = time.perf_counter()
+        if self.timing is not None:
+            self.choice.record(self.timing[0], now - self.timing[1])
+            self.timing = None
+        return now
+
+    def _use(self, n: int) -> None:
+        if n != self.used:
+            self.pool.set_threads(n)
+            self.used = n
+
+
 class DecodeStep:
     """The CPU decode step of one ``decoder.LanguageModel``, prepared for its current layers.
 
     Right after a prompt's prefill the bound OpenBLAS's threads still spin (``blas_settle_seconds``)
     and take a core from the kernels' threads: the first 4-bit step of the benchmark's decoder
     took 60-100 ms on 2 threads against ~22 later. So where the step runs in the kernels' threads,
-    the steps within that time of the first step after a prefill (a cache this step did not
-    advance last) run on one thread, outside ``ThreadChoice``'s timing."""
+    the layers within that time of the first step after a prefill (a cache this step did not
+    advance last) run on one thread, outside ``ThreadChoice``'s timing (a whole first step on one
+    thread, as before, took ~1.6x a steady one: ~30 ms of a 32-token float32 reply)."""
 
     def __init__(self, lm):
         self.lm = lm
@@ -145,38 +185,30 @@ class DecodeStep:
         return logits
 
     def _threaded(self, embeds: mx.array, cache, continued: bool) -> mx.array:
-        """The step on the threads ``ThreadChoice`` (or the window after a prefill) gives it."""
+        """The step, each layer on the threads ``LayerThreads`` gives it."""
         pool = quant if self.pooled else blas
         most = pool.threads()  # the caller's setting, restored after the step
         if most is None:  # no bound BLAS: numpy's products
             return self._run(embeds, cache, continued)
         if self.threads is None or self.threads.most != most:
             self.threads = ThreadChoice(most)
-        start = time.perf_counter()
-        settling = pool is quant and self._settling(continued, start)
-        n = 1 if settling else self.threads.pick()
-        if n != most:
-            pool.set_threads(n)
+        if pool is quant and not continued:  # a prefill (or another caller) ran last
+            self.settle_until = time.perf_counter() + blas_settle_seconds()
+        layers = LayerThreads(pool, self.threads, len(self.lm.layers) - 1,
+                              self.settle_until if pool is quant else 0.0)
         try:
-            logits = self._run(embeds, cache, continued)
+            return self._run(embeds, cache, continued, layers.enter)
         finally:
-            if n != most:
-                pool.set_threads(most)
-        if not settling:
-            self.threads.record(n, time.perf_counter() - start)
-        return logits
+            layers.close()
 
-    def _settling(self, continued: bool, now: float) -> bool:
-        """Whether BLAS's threads may still spin from a prefill: the first step after one (on a
-        cache this step did not leave where it is) starts the window."""
-        if not continued:
-            self.settle_until = now + blas_settle_seconds()
-        return now < self.settle_until
-
-    def _run(self, embeds: mx.array, cache, continued: bool = False) -> mx.array:
+    def _run(self, embeds: mx.array, cache, continued: bool = False, enter=None) -> mx.array:
         x = np.array(embeds, dtype=np.float32).reshape(-1)
         for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
+            if enter is not None:
+                enter(i)
             x = _layer(x, c, layer, self._tables(i, c.offset + 1), self.pooled, continued)
+        if enter is not None:
+            enter(len(self.lm.layers))  # the head
         mx.eval([(c.keys, c.values) for c in cache])
         head = _linear(_head(self.lm), _rms_norm(x, self.lm.model.norm), self.pooled)
         return mx.array(head)[None, None]
@@ -240,25 +272,30 @@ def _layer_ok(layer) -> bool:
 
 
 def pack_layer(layer) -> None:
-    """Give the weights a decode step streams (the layer's ``Linear`` and ``SwitchLinear``
-    weights: q, k, v, o, gate, up, down, in that order) one buffer per dtype, each weight a zero-copy
-    view into it; evaluates the layer (``io.materialize`` runs it layer by layer as a model loads).
+    """Give the weights a decode step streams (the layer's ``Linear`` and ``SwitchLinear`` weights,
+    or their quantized forms' weights, scales and biases: q, k, v, o, gate, up, down, in that
+    order) one buffer per kind of array and dtype, each array a zero-copy view into it;
+    evaluates the layer (``io.materialize`` runs it layer by layer as a model loads).
 
     On the development VM ``sgemv`` read the per-tensor buffers ``mx.load`` makes at ~27 GB/s, one
     buffer per layer (58 MB in the benchmark decoder) at ~31 (the numpy read probe: ~32-34): its
-    decode step went 40 -> 35 ms. Packing the lazily loaded tensors makes them temporaries, so
-    memory grows by one layer at most. Views save, load and train like any array. Only weights
-    share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
+    decode step went 40 -> 35 ms. And q, k, v (gate, up) lying end to end, the step multiplies
+    them as one matrix (``Product``). Packing the lazily loaded tensors makes them temporaries, so
+    memory grows by one layer at most. Views save, load and train like any array. Only these
+    arrays share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
     projection of a layer frees its float buffer."""
     groups: dict = {}
     for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
-        if isinstance(m, (nn.Linear, SwitchLinear)):
-            groups.setdefault(m.weight.dtype, []).append(m)
-    for modules in groups.values():
-        buffer, start = mx.concatenate([m.weight.reshape(-1) for m in modules]), 0
+        if isinstance(m, (nn.Linear, SwitchLinear, nn.QuantizedLinear, QuantizedSwitchLinear)):
+            for name in ("weight", "scales", "biases"):
+                if name in m:
+                    groups.setdefault((name, m[name].dtype), []).append(m)
+    for (name, _), modules in groups.items():
+        buffer, start = mx.concatenate([m[name].reshape(-1) for m in modules]), 0
         for m in modules:
-            m.weight = buffer[start:start + m.weight.size].reshape(m.weight.shape)
-            start += m.weight.size
+            a = m[name]
+            m[name] = buffer[start:start + a.size].reshape(a.shape)
+            start += a.size
     mx.eval(layer.parameters())
 
 
@@ -279,8 +316,8 @@ def _ffn_ok(mlp) -> bool:
 def _ffn(mlp, h: np.ndarray, pooled: bool) -> np.ndarray:
     """The layer's feed-forward: SwiGLU, or the routed mix of the top-k experts' SwiGLUs."""
     if "switch_mlp" not in mlp:
-        g = _linear(mlp.gate_proj, h, pooled)
-        return _linear(mlp.down_proj, np_silu(g, g) * _linear(mlp.up_proj, h, pooled), pooled)
+        g, u = product(pooled, mlp.gate_proj, mlp.up_proj)(h)
+        return _linear(mlp.down_proj, np_silu(g, g) * u, pooled)
     logits = _linear(mlp.gate, h, pooled)
     experts = np.argpartition(-logits, mlp.top_k - 1)[: mlp.top_k]
     probs = np.exp(logits - logits.max())
@@ -324,13 +361,73 @@ def _plain(layer, experts: bool = False) -> bool:
             and layer.weight.dtype == mx.float32 and np.asarray(layer.weight).flags.c_contiguous)
 
 
+class Product:
+    """The products of ``layers`` that share their input (q, k, v; gate, up; or one layer): one
+    kernel call over all their rows where those lie end to end in one buffer (``pack_layer``),
+    else one call each. One call is one dispatch, one split of the input (``quant``'s int16
+    kernels) and one parallel region instead of three: ~35 us of a ~1.1 ms 4-bit layer. Called
+    with the input (K,), it returns each layer's output, plus its bias. Made by ``product``."""
+
+    def __init__(self, layers, pooled: bool):
+        self.pooled = pooled
+        self.bits = layers[0].bits if "scales" in layers[0] else None
+        self.parts = [quant.views(m) if self.bits else (np.asarray(m.weight),) for m in layers]
+        self.splits = np.cumsum([a[0].shape[0] for a in self.parts])[:-1].tolist()
+        self.biases = [np.asarray(m.bias) if "bias" in m else None for m in layers]
+        same = all(getattr(m, "bits", None) == self.bits for m in layers)
+        joined = [_end_to_end([p[i] for p in self.parts]) for i in range(len(self.parts[0]))]
+        self.joined = tuple(joined) if same and len(layers) > 1 and all(
+            j is not None for j in joined) else None
+
+    def __call__(self, x: np.ndarray) -> list:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.joined is not None:
+            ys = np.split(self._one(self.joined, x), self.splits)
+        else:
+            ys = [self._one(arrays, x) for arrays in self.parts]
+        return [y if b is None else y + b for y, b in zip(ys, self.biases)]
+
+    def _one(self, arrays: tuple, x: np.ndarray) -> np.ndarray:
+        if self.bits:
+            return quant.gemv_views(self.bits, *arrays, x)
+        return _gemv(arrays[0], x, self.pooled)
+
+
+_ARRAYS = ("weight", "scales", "biases", "bias")
+
+
+def product(pooled: bool, *layers) -> Product:
+    """The ``Product`` of ``layers`` (plain float or quantized ``Linear``\\ s), kept on the
+    first one while the layers and their arrays are the same objects: views live as long as the
+    modules they view (quantizing a layer frees its float weights), and are rebuilt when an
+    array changes (``load_weights``)."""
+    key = (pooled, *map(id, layers[1:]), *(id(m[n]) for m in layers for n in _ARRAYS if n in m))
+    kept = layers[0].__dict__.get("_cpu_product")
+    if kept is None or kept[0] != key:
+        kept = (key, Product(layers, pooled))
+        layers[0].__dict__["_cpu_product"] = kept  # not a parameter: off the module tree
+    return kept[1]
+
+
+def _end_to_end(arrays: list) -> np.ndarray | None:
+    """One view of C-contiguous ``arrays`` (same dtype and row shape) that lie one after the
+    other in memory, stacked along the first axis; None if they do not."""
+    first = arrays[0]
+    for a, b in zip(arrays, arrays[1:]):
+        if not (b.dtype == first.dtype and b.shape[1:] == first.shape[1:]
+                and a.flags.c_contiguous and b.flags.c_contiguous
+                and b.ctypes.data == a.ctypes.data + a.nbytes):
+            return None
+    rows = sum(a.shape[0] for a in arrays)  # the bytes of ``arrays``, all of them valid
+    return np.lib.stride_tricks.as_strided(first, (rows, *first.shape[1:]), first.strides)
+
+
 def _layer(x: np.ndarray, cache, layer, tables, pooled: bool = False,
            continued: bool = False) -> np.ndarray:
     at = layer.self_attn
     h = _rms_norm(x, layer.input_layernorm)
-    q = _linear(at.q_proj, h, pooled).reshape(at.n_heads, -1)
-    k = _linear(at.k_proj, h, pooled).reshape(at.n_kv_heads, -1)
-    v = _linear(at.v_proj, h, pooled).reshape(at.n_kv_heads, -1)
+    q, k, v = product(pooled, at.q_proj, at.k_proj, at.v_proj)(h)
+    q, k, v = q.reshape(at.n_heads, -1), k.reshape(at.n_kv_heads, -1), v.reshape(at.n_kv_heads, -1)
     a, b, swap = tables
     pos = cache.offset
     a, b = np.asarray(a)[pos], np.asarray(b)[pos]  # views of evaluated tables: no MLX op
@@ -402,8 +499,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
 
 
 def _linear(layer: Linear, x: np.ndarray, pooled: bool) -> np.ndarray:
-    y = quant.gemv(layer, x) if "scales" in layer else _gemv(np.asarray(layer.weight), x, pooled)
-    return y + np.asarray(layer.bias) if "bias" in layer else y
+    return product(pooled, layer)(x)[0]
 
 
 def _gemv(w: np.ndarray, x: np.ndarray, pooled: bool) -> np.ndarray:
