@@ -196,7 +196,8 @@ def run_ours(spec: dict) -> dict:
     lm = model.language_model
     cache = make_prompt_cache(lm)
     step = cpu_step.decode_step(lm)  # the numpy decode step where it applies, as generation does
-    forward = step if step is not None and step.accepts(cache) else lm
+    if step is None or not step.accepts(cache):
+        step = None
     times, tokens = [], []
     t0 = time.perf_counter()
     logits = lm(lm.embed(mx.array([spec["token_ids"]])), cache, last_only=True)
@@ -205,7 +206,7 @@ def run_ours(spec: dict) -> dict:
         tokens.append(tok.item())
         times.append(time.perf_counter())
         if len(tokens) < spec["max_tokens"]:
-            logits = forward(lm.embed(tok), cache)
+            logits = step(step.embed(tokens[-1]), cache) if step else lm(lm.embed(tok), cache)
     out = _text_figures(t0, times, tokens, len(spec["token_ids"]), load_s)
     out["blas"] = mm1_mlx.backend_info()["blas"]
     return out

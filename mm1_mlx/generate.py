@@ -136,7 +136,7 @@ def generate_step(model, kv: list, logits: mx.array, history: mx.array, sampler:
     step = step if step is not None and step.accepts(kv) else None
 
     def forward(tok: mx.array) -> mx.array:
-        return step(lm.embed(tok[None]), kv) if step else model(tok[None], cache=kv)
+        return step(step.embed(tok.item()), kv) if step else model(tok[None], cache=kv)
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits[:, -1, :]

@@ -469,6 +469,9 @@ class Counting:
     def accepts(self, kv) -> bool:
         return self.step.accepts(kv)
 
+    def embed(self, token):
+        return self.step.embed(token)
+
     def __call__(self, *args):
         self.calls += 1
         return self.step(*args)

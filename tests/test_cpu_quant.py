@@ -319,17 +319,29 @@ def test_quantized_decode_step_gives_mlx_tokens(bits, group, moe, int16, monkeyp
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (8, 64), (8, 32), (None, 64)])
+def test_step_embeddings_are_mlx_lookups_bit_for_bit(bits, group):
+    lm = _lm(bits, group, False)
+    step = cpu_step.decode_step(lm)
+    assert type(lm.model.embed_tokens).__name__ == ("QuantizedEmbedding" if bits else "Embedding")
+    for token in range(lm.args.vocab_size):
+        want = np.array(lm.embed(mx.array([[token]])))
+        assert np.array_equal(step.embed(token), want), token
+    assert step.embed(lm.args.vocab_size + 5).shape == want.shape  # MLX's own lookup decides
+
+
 @pytest.mark.parametrize("bits", [4, 8, None])
 def test_packed_layers_multiply_q_k_v_and_gate_up_in_one_call(bits, monkeypatch):
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
     lm = _lm(bits, 64, False, packed=True)
     monkeypatch.setattr(cpu_quant, "FLOAT_BYTES", 0)  # the float model in the kernels' threads too
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
-    products = []  # the rows of each product call
-    for name, at in (("gemv_views", 1), ("gemv_float", 0)):
-        fn = getattr(cpu_quant, name)
-        monkeypatch.setattr(cpu_quant, name, lambda *a, fn=fn, at=at: products.append(
-            a[at].shape[0]) or fn(*a))
+    products, builds = [], cpu_quant.builds  # the rows of each product call
+
+    def counted(*a):
+        return tuple((lambda *b, fn=fn: products.append(b[0].shape[0]) or fn(*b))
+                     for fn in builds(*a))
+    monkeypatch.setattr(cpu_quant, "builds", counted)
     calls = []
     got = _greedy(lm, prompt, 4, calls)
     assert all(calls) and len(calls) == 4

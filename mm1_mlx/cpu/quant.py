@@ -202,6 +202,16 @@ def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) 
     return _dequantize(layer.bits, *(a[rows] for a in views(layer)), out)
 
 
+def dequantize_row(layer, row: int) -> np.ndarray:
+    """Row ``row`` of ``layer``'s float32 weight, bit for bit as MLX gives it (an embedding's
+    lookup): numpy, a multiply and then an add per value (the kernels' fused multiply-add rounds
+    once, ~1 ulp from MLX's). ~5 us, against ~180 us for the MLX lookup of a decode step."""
+    w, scales, biases = (a[row] for a in views(layer))
+    q = w if layer.bits == 8 else np.stack([w & 15, w >> 4], axis=-1).reshape(-1)
+    G = scales.shape[0]
+    return (q.astype(np.float32).reshape(G, -1) * scales[:, None] + biases[:, None]).reshape(-1)
+
+
 def matmul(layer, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Float32 ``x`` (M, K) times ``layer``'s weight transposed: (M, N), without the layer's bias
     (prefill), written into ``out`` if given (C-contiguous float32). Blocks of weight rows (a
@@ -232,7 +242,18 @@ def _scratch(size: int) -> np.ndarray:
     return buffer
 
 
-def _multi() -> bool:
+def builds(bits: int | None, w: np.ndarray, scales: np.ndarray | None = None) -> tuple:
+    """(the build for several threads, the serial build) of the product kernel ``gemv_views``
+    (``bits``) or ``gemv_float`` (None) would choose for ``w`` (and ``scales``): a caller that
+    makes many products of the same arrays picks one by ``multi()`` itself (``cpu.step.Product``).
+    A ``w`` under ``PARALLEL_BYTES`` gets the serial build for both."""
+    name = "gemv_f32" if bits is None else _gemv_name(bits, w, scales)
+    k = kernels()
+    serial = getattr(k, f"{name}_serial")
+    return (getattr(k, name) if w.nbytes >= PARALLEL_BYTES else serial), serial
+
+
+def multi() -> bool:
     """Whether the kernels called from this thread get more than one thread: numba's per-thread
     count, read once per thread and then kept by ``set_threads`` (reading it costs ~5 us, ~130
     times a decode step)."""
@@ -245,7 +266,7 @@ def _multi() -> bool:
 def _kernel(name: str, w: np.ndarray):
     """The parallel build of kernel ``name`` for large ``w`` with threads to spare, else the serial
     one (on one thread ~15% faster than the parallel build)."""
-    parallel = w.nbytes >= PARALLEL_BYTES and _multi()
+    parallel = w.nbytes >= PARALLEL_BYTES and multi()
     return getattr(kernels(), name if parallel else f"{name}_serial")
 
 

@@ -317,7 +317,7 @@ class Scheduler:
         toks = mx.array([[j.next_token] for j in self.active])
         step = self.cpu_step if len(self.active) == 1 else None
         if step is not None and step.accepts(self.cache):
-            logits = step(self.lm.embed(toks), self.cache)
+            logits = step(step.embed(self.active[0].next_token), self.cache)
         else:
             logits = self.lm(self.lm.embed(toks), self.cache)
         for job in self.active:
