@@ -94,6 +94,11 @@ def test_quantize_save_load_is_bit_exact(processor, inputs, tmp_path):
                                    rtol=2e-2, atol=2e-2)
         q_proj = loaded.language_model.model.layers[0].self_attn.q_proj
         assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.mode == mode
+        at = cpu_loaded.language_model.model.layers[0].self_attn  # packed as it loaded
+        for name in ("weight", "scales", "biases") if mode == "affine" else ("weight", "scales"):
+            views = [np.asarray(getattr(at, p)[name]) for p in ("q_proj", "k_proj", "v_proj")]
+            assert all(b.ctypes.data == a.ctypes.data + a.nbytes  # one after the other
+                       for a, b in zip(views, views[1:])), name
 
 
 def test_quantized_logits_close_to_float(processor, inputs):

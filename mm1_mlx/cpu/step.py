@@ -300,8 +300,8 @@ def pack_layer(layer) -> None:
     decode step went 40 -> 35 ms. And q, k, v (gate, up) lying end to end, the step multiplies
     them as one matrix (``Product``). Packing the lazily loaded tensors makes them temporaries, so
     memory grows by one layer at most. Views save, load and train like any array. Only these
-    arrays share a buffer (not biases or norms, which a quantized layer keeps): quantizing every
-    projection of a layer frees its float buffer."""
+    arrays share a buffer (not a ``Linear``'s bias or the norms, which a quantized layer keeps):
+    quantizing every projection of a layer frees its float buffer."""
     groups: dict = {}
     for _, m in tree_flatten(layer.leaf_modules(), is_leaf=nn.Module.is_module):
         if isinstance(m, (nn.Linear, SwitchLinear, nn.QuantizedLinear, QuantizedSwitchLinear)):
