@@ -6,7 +6,7 @@ model decoded 3x slower than the float one and ~10x slower than llama.cpp's Q4_0
 weights. The kernels in ``quant_kernels`` read the packed bytes once, unpack, scale and
 accumulate in registers, on every core, with no float copy of the weights (decode), and
 dequantize a layer's rows into a reused buffer that BLAS ``sgemm`` multiplies (prefill, ``matmul``).
-A large float decoder's step runs its products here too (``gemv_float``, ``pooled``).
+A large float decoder's step runs its products here too (``gemv_f32``: ``builds``, ``pooled``).
 
 They cover what ``mx.quantize`` makes by default: affine mode, 4 or 8 bits, any group size, float32
 scales and biases (what ``load`` gives a quantized model on the CPU), C-contiguous. Anything else,
