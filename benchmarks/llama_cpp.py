@@ -196,8 +196,7 @@ def run_ours(spec: dict) -> dict:
     lm = model.language_model
     cache = make_prompt_cache(lm)
     step = cpu_step.decode_step(lm)  # the numpy decode step where it applies, as generation does
-    if step is None or not step.accepts(cache):
-        step = None
+    step = step if step is not None and step.accepts(cache) else None
     times, tokens = [], []
     t0 = time.perf_counter()
     logits = lm(lm.embed(mx.array([spec["token_ids"]])), cache, last_only=True)

@@ -451,12 +451,13 @@ def test_layer_threads_one_thread_in_the_window_then_the_choice_with_a_timed_pro
     layers.close()
     assert pool.sets == [1, 2] and choice.recent == []
     choice.countdown = 1  # the next step tries one thread, on the probe layer only
+    choice.recent = [0.001] * 5  # two-thread probes of 1 ms
     pool.sets.clear()
     layers = cpu_step.LayerThreads(pool, choice, probe=3, until=0.0)
     for i in range(5):
         layers.enter(i)
         if i == 3:
-            time.sleep(0.002)  # slower than the recent two-thread probes below
+            time.sleep(0.002)  # slower than the recent two-thread probes
         assert pool.sets[-1:] == ([1] if i == 3 else [] if i < 3 else [2])
     layers.close()
     assert pool.sets == [1, 2] and choice.current == 2 and choice.wait == 16  # the try lost

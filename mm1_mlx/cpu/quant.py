@@ -247,10 +247,7 @@ def builds(bits: int | None, w: np.ndarray, scales: np.ndarray | None = None) ->
     (``bits``) or ``gemv_float`` (None) would choose for ``w`` (and ``scales``): a caller that
     makes many products of the same arrays picks one by ``multi()`` itself (``cpu.step.Product``).
     A ``w`` under ``PARALLEL_BYTES`` gets the serial build for both."""
-    name = "gemv_f32" if bits is None else _gemv_name(bits, w, scales)
-    k = kernels()
-    serial = getattr(k, f"{name}_serial")
-    return (getattr(k, name) if w.nbytes >= PARALLEL_BYTES else serial), serial
+    return _builds("gemv_f32" if bits is None else _gemv_name(bits, w, scales), w)
 
 
 def multi() -> bool:
@@ -266,8 +263,15 @@ def multi() -> bool:
 def _kernel(name: str, w: np.ndarray):
     """The parallel build of kernel ``name`` for large ``w`` with threads to spare, else the serial
     one (on one thread ~15% faster than the parallel build)."""
-    parallel = w.nbytes >= PARALLEL_BYTES and multi()
-    return getattr(kernels(), name if parallel else f"{name}_serial")
+    return _builds(name, w)[0 if multi() else 1]
+
+
+def _builds(name: str, w: np.ndarray) -> tuple:
+    """(the build of kernel ``name`` for several threads, its serial build); the serial one for
+    both where ``w`` is under ``PARALLEL_BYTES``."""
+    k = kernels()
+    serial = getattr(k, f"{name}_serial")
+    return (getattr(k, name) if w.nbytes >= PARALLEL_BYTES else serial), serial
 
 
 def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:

@@ -398,7 +398,8 @@ class Product:
         self.joined = same and len(layers) > 1 and all(j is not None for j in joined)
         kernels = pooled or bits is not None  # else BLAS sgemv
         self.calls = [(arrays, arrays[0].shape[0],
-                       quant.builds(bits, arrays[0], bits and arrays[1]) if kernels else None)
+                       quant.builds(bits, arrays[0], arrays[1] if bits else None) if kernels
+                       else None)
                       for arrays in ([tuple(joined)] if self.joined else parts)]
 
     def __call__(self, x: np.ndarray) -> list:
