@@ -413,7 +413,7 @@ def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
     pool = cpu_quant if bits else blas
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     most = pool.threads()
-    runs, init, layer = {}, cpu_step.ThreadChoice.__init__, cpu_step._layer
+    runs, init, layer = {}, cpu_step.ThreadChoice.__init__, cpu_step.LayerStep.__call__
     for n in (1, 2):
         def forced(self, most, n=n):  # every layer on n threads
             init(self, most)
@@ -421,7 +421,7 @@ def test_decode_step_threads_do_not_change_logits(bits, monkeypatch):
         monkeypatch.setattr(cpu_step.ThreadChoice, "__init__", forced)
         monkeypatch.setattr(cpu_step.ThreadChoice, "pick", lambda self: self.current)  # probe
         used = []
-        monkeypatch.setattr(cpu_step, "_layer", lambda *a, used=used, **k:
+        monkeypatch.setattr(cpu_step.LayerStep, "__call__", lambda *a, used=used, **k:
                             used.append(pool.threads()) or layer(*a, **k))
         calls = []
         runs[n] = _greedy(lm, prompt, 6, calls)
@@ -478,8 +478,8 @@ def test_layers_in_the_window_after_a_prefill_run_on_one_thread_untimed(window, 
     monkeypatch.setattr(cpu_step, "blas_settle_seconds", lambda: window)
     monkeypatch.setattr(cpu_quant, "PARALLEL_BYTES", 4096)
     lm = _lm(4, 64, False)
-    used, layer = [], cpu_step._layer
-    monkeypatch.setattr(cpu_step, "_layer",
+    used, layer = [], cpu_step.LayerStep.__call__
+    monkeypatch.setattr(cpu_step.LayerStep, "__call__",
                         lambda *a, **k: used.append(cpu_quant.threads()) or layer(*a, **k))
     most = cpu_quant.threads()
     calls = []
@@ -589,3 +589,60 @@ def test_attend_equals_softmax_attention(rep, parallel, monkeypatch):
     want = (s / s.sum(-1, keepdims=True)) @ allv
     got = cpu_quant.attend(q, keys, values, pos, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("traditional,dims", [(False, 16), (True, 16), (False, 8)])
+def test_compiled_glue_equals_numpy_glue(traditional, dims):
+    # the element-wise work between a step's products: one compiled call each where the step runs
+    # in the kernels' threads, numpy's operations elsewhere; the same values to float32 rounding
+
+    compiled, numpy = cpu_step.glue(True), cpu_step.NUMPY_GLUE
+    assert compiled is not numpy and cpu_step.glue(False) is numpy
+    rng = np.random.default_rng(3)
+    x, w = (rng.standard_normal(96).astype(np.float32) * 4 for _ in range(2))
+    eps = np.float32(1e-5)
+    got, want = np.empty_like(x), np.empty_like(x)
+    compiled.rms_norm(x, w, eps, got)
+    numpy.rms_norm(x, w, eps, want)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    rope = nn.RoPE(dims, traditional, base=500.0)
+    layer = cpu_step.LayerStep.__new__(cpu_step.LayerStep)  # only its RoPE tables
+    layer.rope, layer.heads, layer.rope_tables = rope, (3, 3, 16), None
+    a, b, partner = layer.tables(40)
+    heads = rng.standard_normal((3, 16)).astype(np.float32)
+    rows = [heads.copy(), heads.copy()]
+    compiled.rope(rows[0], a[37], b[37], partner)
+    numpy.rope(rows[1], a[37], b[37], partner)
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-6, atol=1e-6)
+    mlx = np.array(rope(mx.array(heads)[None, :, None], offset=37))[0, :, 0]
+    np.testing.assert_allclose(rows[0], mlx, rtol=1e-5, atol=1e-5)
+    g = np.concatenate([rng.standard_normal(60) * 8, [-1e4, -200.0, 0.0, 200.0]]).astype(np.float32)
+    u = rng.standard_normal(64).astype(np.float32)
+    want = np.empty_like(g)
+    numpy.silu_mul(g, u, want)
+    compiled.silu_mul(g, u, g)  # in place, as the step calls it
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
+    assert g[-4] == 0 and g[-3] == 0 and np.isfinite(g).all()  # 2^big is inf: x / inf = 0
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_step_rebuilds_the_layers_whose_arrays_were_replaced(bits, monkeypatch):
+    # a layer's share of the step is gathered once; replacing any array under it (a norm here) or
+    # under the head (the tied table) makes the step gather that part again, and only that part
+    monkeypatch.setattr(cpu_quant, "FLOAT_BYTES", 0)
+    lm = _lm(bits, 64, False)
+    prompt = [3, 14, 15, 92, 65, 35]
+    _greedy(lm, prompt, 2)
+    step = cpu_step.decode_step(lm)
+    built, head = list(step.layers), step.head
+    assert all(built) and head is not None
+    norm, table = lm.layers[1].post_attention_layernorm, lm.model.embed_tokens
+    norm.weight = norm.weight * 1.5 + 0.25
+    name = "scales" if bits else "weight"
+    table[name] = table[name] * 1.2
+    mx.eval(lm.parameters())
+    got = _greedy(lm, prompt, 3)
+    assert cpu_step.decode_step(lm) is step  # the same modules: the same step
+    assert step.layers[0] is built[0] and step.layers[1] is not built[1] and step.head is not head
+    monkeypatch.setattr(cpu_step, "ENABLED", False)
+    np.testing.assert_allclose(got, _greedy(lm, prompt, 3), rtol=1e-4, atol=1e-4)

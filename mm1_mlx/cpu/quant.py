@@ -105,6 +105,10 @@ def warm_up(model) -> None:
     w = np.zeros((2, 4), np.float32)
     for fn in (k.gemv_f32, k.gemv_f32_serial):  # float products (a head, a router, a model)
         fn(w, np.ones(4, np.float32), np.empty(2, np.float32))
+    x = np.ones(4, np.float32)  # the element-wise work between the products
+    k.rms_norm(x, x, np.float32(1e-5), np.empty_like(x))
+    k.rope(np.ones((2, 4), np.float32), x, x, np.arange(4, dtype=np.intp))
+    k.silu_mul(x, x, np.empty_like(x))
 
 
 def pooled(lm) -> bool:

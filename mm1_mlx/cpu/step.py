@@ -3,10 +3,11 @@
 MLX on the CPU spends ~15-80 us per evaluated op (each is handed to a worker thread), and a decode
 step is ~50 small ops per layer around its 7 products: on the 2-core development machine 18 ms of
 a 50 ms step of the benchmark's 16-layer decoder, against 30 ms of reading the weights. Here the
-same step runs as numpy operations on zero-copy views of the MLX weights, reading each weight
-once with ``cpu.quant``'s numba kernels (quantized layers, and the products and attention of a
-float decoder of at least ``quant.FLOAT_BYTES``: ``quant.pooled``) or else the bound OpenBLAS's
-``sgemv``. The KV caches stay mlx-lm's: after the layer attended to
+same step runs on zero-copy numpy views of the MLX weights, gathered once per layer
+(``LayerStep``), reading each weight once with ``cpu.quant``'s numba kernels (quantized layers,
+and the products and attention of a float decoder of at least ``quant.FLOAT_BYTES``:
+``quant.pooled``; the element-wise work between them too, ``glue``) or else the bound OpenBLAS's
+``sgemv`` and numpy. The KV caches stay mlx-lm's: after the layer attended to
 them, the new keys and values are written with its ``update_and_fetch`` (evaluated once per step)
 at the first step after a prefill, and then straight into the cache's buffers (``_store``).
 
@@ -25,7 +26,9 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import fields
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -163,8 +166,10 @@ class DecodeStep:
 
     def __init__(self, lm):
         self.lm = lm
-        self.tables = [None] * len(lm.layers)  # per layer: RoPE tables, grown on demand
         self.pooled = quant.pooled(lm)  # products and attention in the kernels' threads
+        self.glue = glue(self.pooled)
+        self.layers: list[LayerStep | None] = [None] * len(lm.layers)  # built at first use
+        self.head: Head | None = None
         self.threads: ThreadChoice | None = None  # for the kernels' pool, made at the first step
         self.advanced: tuple | None = None  # (weak reference to cache[0], offset) this step left
         # last: weak, as the cache would keep a reply's KV buffers alive
@@ -220,24 +225,25 @@ class DecodeStep:
             layers.close()
 
     def _run(self, embeds: mx.array, cache, continued: bool = False, enter=None) -> mx.array:
-        x = np.array(embeds, dtype=np.float32).reshape(-1)
+        x, lazy = np.array(embeds, dtype=np.float32).reshape(-1), False
         for i, (layer, c) in enumerate(zip(self.lm.layers, cache)):
             if enter is not None:
                 enter(i)
-            x = _layer(x, c, layer, self._tables(i, c.offset + 1), self.pooled, continued)
+            x, queued = self._layer(i, layer)(x, c, continued)
+            lazy = lazy or queued
         if enter is not None:
             enter(len(self.lm.layers))  # the head
-        mx.eval([(c.keys, c.values) for c in cache])
-        head = _linear(_head(self.lm), _rms_norm(x, self.lm.model.norm), self.pooled)
-        return mx.array(head)[None, None]
+        if lazy:  # keys and values that went through mlx-lm's update
+            mx.eval([(c.keys, c.values) for c in cache])
+        if self.head is None or not self.head.current(self.lm):
+            self.head = Head(self.lm, self.pooled, self.glue)
+        return mx.array(self.head(x))[None, None]
 
-    def _tables(self, i: int, positions: int):
-        t = self.tables[i]
-        if t is None or t[0].shape[0] < positions:
-            at = self.lm.layers[i].self_attn
-            t = self.tables[i] = rope_tables(at.rope, at.q_proj.weight.shape[0] // at.n_heads,
-                                             positions)
-        return t
+    def _layer(self, i: int, layer) -> LayerStep:
+        s = self.layers[i]
+        if s is None or not s.current(layer):
+            s = self.layers[i] = LayerStep(layer, self.pooled, self.glue)
+        return s
 
 
 def decode_step(lm) -> DecodeStep | None:
@@ -331,36 +337,6 @@ def _ffn_ok(mlp) -> bool:
                  or (_ffn_ok(mlp.shared_expert) and _projection(mlp.shared_expert_gate))))
 
 
-def _ffn(mlp, h: np.ndarray, pooled: bool) -> np.ndarray:
-    """The layer's feed-forward: SwiGLU, or the routed mix of the top-k experts' SwiGLUs."""
-    if "switch_mlp" not in mlp:
-        g, u = product(pooled, mlp.gate_proj, mlp.up_proj)(h)
-        return _linear(mlp.down_proj, np_silu(g, g) * u, pooled)
-    logits = _linear(mlp.gate, h, pooled)
-    experts = np.argpartition(-logits, mlp.top_k - 1)[: mlp.top_k]
-    probs = np.exp(logits - logits.max())
-    scores = probs[experts] / probs.sum()
-    if mlp.norm_topk_prob:
-        scores /= scores.sum()
-    sw, y = mlp.switch_mlp, np.zeros_like(h)
-    for e, score in zip(experts, scores):
-        g = _expert(sw.gate_proj, e, h, pooled)
-        y += score * _expert(sw.down_proj, e, np_silu(g, g) * _expert(sw.up_proj, e, h, pooled),
-                             pooled)
-    if "shared_expert" in mlp:
-        gate = np_silu(np.float32(1), _linear(mlp.shared_expert_gate, h, pooled))  # sigmoid
-        y += gate * _ffn(mlp.shared_expert, h, pooled)
-    return y
-
-
-def _expert(layer, e: int, x: np.ndarray, pooled: bool) -> np.ndarray:
-    if "scales" in layer:
-        y = quant.gemv(layer, x, expert=e)
-    else:
-        y = _gemv(np.asarray(layer.weight)[e], x, pooled)
-    return y + np.asarray(layer.bias)[e] if "bias" in layer else y
-
-
 def _projection(layer) -> bool:
     """A plain (see ``_plain``) float or quantized ``Linear``."""
     return type(layer) in (Linear, QuantizedLinear) and _plain(layer)
@@ -385,7 +361,7 @@ class Product:
     else one call each. One call is one dispatch, one split of the input (``quant``'s int16
     kernels) and one parallel region instead of three: ~35 us of a ~1.1 ms 4-bit layer. The
     kernels are chosen once, here (~5 us a call). Called with the input (K,), it returns each
-    layer's output, plus its bias. Made by ``product``."""
+    layer's output, plus its bias. Made once per step and layer (``LayerStep``)."""
 
     def __init__(self, layers, pooled: bool):
         bits = layers[0].bits if "scales" in layers[0] else None
@@ -418,23 +394,6 @@ class Product:
         return [y if b is None else y + b for y, b in zip(ys, self.biases)]
 
 
-_ARRAYS = ("weight", "scales", "biases", "bias")
-
-
-def product(pooled: bool, *layers) -> Product:
-    """The ``Product`` of ``layers`` (plain float or quantized ``Linear``\\ s), kept on the
-    first one while the layers and their arrays are the same objects (and the kernels' choice
-    the same): views live as long as the modules they view (quantizing a layer frees its float
-    weights), and are rebuilt when an array changes (``load_weights``)."""
-    key = (pooled, quant.INT16, quant.PARALLEL_BYTES, *map(id, layers[1:]),
-           *(id(m[n]) for m in layers for n in _ARRAYS if n in m))
-    kept = layers[0].__dict__.get("_cpu_product")
-    if kept is None or kept[0] != key:
-        kept = (key, Product(layers, pooled))
-        layers[0].__dict__["_cpu_product"] = kept  # not a parameter: off the module tree
-    return kept[1]
-
-
 def _end_to_end(arrays: list) -> np.ndarray | None:
     """One view of C-contiguous ``arrays`` (same dtype and row shape) that lie one after the
     other in memory, stacked along the first axis; None if they do not."""
@@ -448,62 +407,54 @@ def _end_to_end(arrays: list) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(first, (rows, *first.shape[1:]), first.strides)
 
 
-def _layer(x: np.ndarray, cache, layer, tables, pooled: bool = False,
-           continued: bool = False) -> np.ndarray:
-    at = layer.self_attn
-    h = _rms_norm(x, layer.input_layernorm)
-    q, k, v = product(pooled, at.q_proj, at.k_proj, at.v_proj)(h)
-    q, k, v = q.reshape(at.n_heads, -1), k.reshape(at.n_kv_heads, -1), v.reshape(at.n_kv_heads, -1)
-    a, b, swap = tables
-    pos = cache.offset
-    a, b = np.asarray(a)[pos], np.asarray(b)[pos]  # views of evaluated tables: no MLX op
-    q, k = q * a + swap(q) * b, k * a + swap(k) * b
-    o = _attend(q, k, v, cache, at.scale, pooled)
-    _store(cache, k, v, continued)
-    x = x + _linear(at.o_proj, o.reshape(-1), pooled)
-    return x + _ffn(layer.mlp, _rms_norm(x, layer.post_attention_layernorm), pooled)
+def _views(cache) -> tuple | None:
+    """Numpy views (1, Hkv, capacity, D) of ``cache``'s keys and values (None while empty)."""
+    return None if cache.keys is None else (np.asarray(cache.keys), np.asarray(cache.values))
 
 
-def _store(cache, k: np.ndarray, v: np.ndarray, continued: bool) -> None:
-    """Append the token's keys and values (Hkv, D) to ``cache``. On a cache this step advanced last
-    (``continued``) with room left, they are written straight into its evaluated buffers: no MLX
-    op (~1.8 ms of a ~25 ms 4-bit step of the benchmark's decoder went to 32 of them and their
-    evaluation). Else by mlx-lm's ``update_and_fetch`` (lazy, evaluated once per step).
+def _store(cache, kv: tuple | None, k: np.ndarray, v: np.ndarray, continued: bool) -> bool:
+    """Append the token's keys and values (Hkv, D) to ``cache`` (``kv``: its ``_views``). On a
+    cache this step advanced last (``continued``) with room left, they are written straight into
+    its evaluated buffers: no MLX op (~1.8 ms of a ~25 ms 4-bit step of the benchmark's decoder
+    went to 32 of them and their evaluation). Else by mlx-lm's ``update_and_fetch`` (lazy,
+    evaluated once per step): True.
 
     Writing into an MLX buffer is safe here because only position ``offset`` changes, which no
     holder of the buffer has yet: each step after a prefill or a trim (not ``continued``) goes
     through MLX, whose update copies a buffer that another array shares (a copied cache), and
     a copy of the cache taken since sees only the positions before its own offset."""
     pos = cache.offset
-    if continued and pos < cache.keys.shape[2]:
-        keys, values = np.asarray(cache.keys), np.asarray(cache.values)
+    if continued and pos < kv[0].shape[2]:
+        keys, values = kv
         if all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values)):
             keys[0, :, pos] = k
             values[0, :, pos] = v
             cache.offset = pos + 1
-            return
-    cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])  # lazy
+            return False
+    cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])
+    return True  # lazy: the step evaluates them at its end
 
 
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
-            pooled: bool = False) -> np.ndarray:
-    """Attention of the new token (q (Hq, D), its k/v (Hkv, D)) over the cached positions and
-    itself, before the cache holds it: (Hq, D). In a layer whose products run in ``cpu.quant``'s
-    kernels (``pooled``), on their threads too, as many as the step gives them (``ThreadChoice``):
-    BLAS's own threads fought the kernels' over 2 cores (35 vs 49 ms a step at 2 threads), and
-    with another busy process, BLAS's at 2 threads beside the kernels' at one took 185 ms a step."""
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: tuple | None, pos: int,
+            scale: float, pooled: bool = False) -> np.ndarray:
+    """Attention of the new token (q (Hq, D), its k/v (Hkv, D)) over the ``pos`` cached positions
+    (``kv``: the cache's ``_views``) and itself, before the cache holds it: (Hq, D). In a layer
+    whose products run in ``cpu.quant``'s kernels (``pooled``), on their threads too, as many as
+    the step gives them (``ThreadChoice``): BLAS's own threads fought the kernels' over 2 cores
+    (35 vs 49 ms a step at 2 threads), and with another busy process, BLAS's at 2 threads beside
+    the kernels' at one took 185 ms a step."""
     Hkv, D = k.shape
     q = q.reshape(Hkv, -1, D) * np.float32(scale * LOG2E)  # base-2 scores
-    rep, pos = q.shape[1], cache.offset
+    rep = q.shape[1]
     if pooled and pos:
-        keys, values = np.asarray(cache.keys)[0], np.asarray(cache.values)[0]
+        keys, values = kv[0][0], kv[1][0]
         if keys.flags.c_contiguous and values.flags.c_contiguous:
             return quant.attend(q, keys, values, pos, k, v).reshape(-1, D)
     s = np.empty((Hkv, rep, pos + 1), np.float32)  # cached positions, then the new one
     s[..., pos] = (q * k[:, None]).sum(-1)
     batched = None
     if pos:  # views of the evaluated cache
-        keys, values = np.asarray(cache.keys), np.asarray(cache.values)
+        keys, values = kv
         if keys.flags.c_contiguous and values.flags.c_contiguous:
             batched = blas.sgemm_batch_strided()
         stride = keys.shape[2] * D  # one head of the (1, Hkv, capacity, D) cache
@@ -524,15 +475,195 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, scale: float,
     return (o / s.sum(axis=-1, keepdims=True)).reshape(-1, D)
 
 
-def _linear(layer: Linear, x: np.ndarray, pooled: bool) -> np.ndarray:
-    return product(pooled, layer)(x)[0]
-
-
 def _gemv(w: np.ndarray, x: np.ndarray, pooled: bool) -> np.ndarray:
     """A float weight's product: in the kernels' threads (``pooled``), else BLAS ``sgemv``."""
     return quant.gemv_float(w, x) if pooled else gemv_numpy(w, x)
 
 
-def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
-    return x * (np.float32(1) / np.sqrt(np.dot(x, x) / np.float32(x.size)
-                                        + np.float32(norm.eps))) * np.asarray(norm.weight)
+class LayerStep:
+    """One decoder layer's share of a decode step, gathered once from its modules: the products
+    (``Product``: q|k|v, o, the feed-forward's), the norms' weights, the heads, RoPE's tables as
+    numpy. ``DecodeStep`` builds it at the layer's first step and again when a module or array
+    under the layer was replaced (``current``, ~3 us: by identity). Reading all this through the
+    modules' attributes at every step (~0.7 us each) and the element-wise work as numpy operations
+    took ~150 us a layer, ~2.5 ms of a 4-bit step of the benchmark's decoder (~17 ms); now ~65.
+    It holds views of the layer's arrays until it is rebuilt, or its step is (``decode_step``
+    prepares a new one when layers were replaced: quantized, LoRA-wrapped)."""
+
+    def __init__(self, layer, pooled: bool, glue: Glue):
+        at = layer.self_attn
+        self.module, self.entries = layer, _entries(layer)
+        self.norms = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        self.qkv = Product([at.q_proj, at.k_proj, at.v_proj], pooled)
+        self.o = Product([at.o_proj], pooled)
+        self.ffn = (Experts if "switch_mlp" in layer.mlp else FeedForward)(layer.mlp, pooled, glue)
+        D = at.q_proj.weight.shape[0] // at.n_heads
+        self.heads, self.rope, self.rope_tables = (at.n_heads, at.n_kv_heads, D), at.rope, None
+        self.scale, self.pooled, self.glue = at.scale, pooled, glue
+
+    def current(self, layer) -> bool:
+        """Whether ``layer`` and everything under it are still the objects this was built from."""
+        return layer is self.module and all(c[k] is v for c, k, v in self.entries)
+
+    def __call__(self, x: np.ndarray, cache, continued: bool) -> tuple:
+        """(the layer's output for ``x`` (D,), whether the cache update is lazy: ``_store``)."""
+        glue, (Hq, Hkv, D) = self.glue, self.heads
+        pos = cache.offset
+        a, b, partner = self.tables(pos + 1)
+        h = np.empty_like(x)
+        glue.rms_norm(x, *self.norms[0], h)
+        q, k, v = self.qkv(h)
+        q, k, v = q.reshape(Hq, D), k.reshape(Hkv, D), v.reshape(Hkv, D)
+        glue.rope(q, a[pos], b[pos], partner)
+        glue.rope(k, a[pos], b[pos], partner)
+        kv = _views(cache)
+        o = _attend(q, k, v, kv, pos, self.scale, self.pooled)
+        lazy = _store(cache, kv, k, v, continued)
+        x = x + self.o(o.reshape(-1))[0]
+        glue.rms_norm(x, *self.norms[1], h)
+        return x + self.ffn(h), lazy
+
+    def tables(self, positions: int) -> tuple:
+        """RoPE's (A, B) rows for at least ``positions`` positions, as numpy views (``rope_tables``),
+        and each feature's partner in its rotated pair."""
+        t = self.rope_tables
+        if t is None or t[0].shape[0] < positions:
+            D = self.heads[2]
+            a, b, swap = rope_tables(self.rope, D, positions)
+            partner = np.ascontiguousarray(swap(np.arange(D)), dtype=np.intp)
+            t = self.rope_tables = (np.asarray(a), np.asarray(b), partner)
+        return t
+
+
+class FeedForward:
+    """A SwiGLU feed-forward's share of a step: gate|up as one product, then down."""
+
+    def __init__(self, mlp, pooled: bool, glue: Glue):
+        self.gate_up = Product([mlp.gate_proj, mlp.up_proj], pooled)
+        self.down = Product([mlp.down_proj], pooled)
+        self.silu_mul = glue.silu_mul
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        g, u = self.gate_up(h)
+        self.silu_mul(g, u, g)
+        return self.down(g)[0]
+
+
+class Experts:
+    """A top-k mixture of SwiGLU experts' share of a step (mlx-lm's ``SwitchGLU`` behind a
+    router), plus a shared expert behind a sigmoid gate where the block has one."""
+
+    def __init__(self, mlp, pooled: bool, glue: Glue):
+        sw = mlp.switch_mlp
+        self.router = Product([mlp.gate], pooled)
+        self.top_k, self.renormalize = mlp.top_k, mlp.norm_topk_prob
+        self.gate, self.up, self.down = (ExpertProducts(m, pooled)
+                                         for m in (sw.gate_proj, sw.up_proj, sw.down_proj))
+        self.shared = ((FeedForward(mlp.shared_expert, pooled, glue),
+                        Product([mlp.shared_expert_gate], pooled))
+                       if "shared_expert" in mlp else None)
+        self.silu_mul = glue.silu_mul
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        logits = self.router(h)[0]
+        experts = np.argpartition(-logits, self.top_k - 1)[: self.top_k]
+        probs = np.exp(logits - logits.max())
+        scores = probs[experts] / probs.sum()
+        if self.renormalize:
+            scores /= scores.sum()
+        y = np.zeros_like(h)
+        for e, score in zip(experts, scores):
+            g = self.gate(e, h)
+            self.silu_mul(g, self.up(e, h), g)
+            y += score * self.down(e, g)
+        if self.shared is not None:
+            ffn, gate = self.shared
+            y += np_silu(np.float32(1), gate(h)[0]) * ffn(h)  # a sigmoid
+        return y
+
+
+class ExpertProducts:
+    """One projection of every expert (mlx-lm's ``SwitchLinear`` or its quantized form):
+    ``(e, x)`` gives expert ``e``'s product, plus its bias."""
+
+    def __init__(self, layer, pooled: bool):
+        self.bits = layer.bits if "scales" in layer else None
+        self.arrays = quant.views(layer) if self.bits else (np.asarray(layer.weight),)
+        self.bias = np.asarray(layer.bias) if "bias" in layer else None
+        self.pooled = pooled
+
+    def __call__(self, e: int, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.bits:
+            y = quant.gemv_views(self.bits, *(a[e] for a in self.arrays), x)
+        else:
+            y = _gemv(self.arrays[0][e], x, self.pooled)
+        return y if self.bias is None else y + self.bias[e]
+
+
+class Head:
+    """The final norm and the head's product (``lm_head``, or the tied embedding table)."""
+
+    def __init__(self, lm, pooled: bool, glue: Glue):
+        owner, name = (lm.model, "embed_tokens") if lm.args.tie_word_embeddings else (lm, "lm_head")
+        self.entries = [(lm, "model", lm.model), *_entries(lm.model, "norm"),
+                        *_entries(owner, name)]
+        self.norm, self.product = _norm(lm.model.norm), Product([owner[name]], pooled)
+        self.rms_norm = glue.rms_norm
+
+    def current(self, lm) -> bool:
+        return all(c[k] is v for c, k, v in self.entries)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        h = np.empty_like(x)
+        self.rms_norm(x, *self.norm, h)
+        return self.product(h)[0]
+
+
+def _entries(parent, key=None) -> list:
+    """(container, key, value) for every module, array, list and dict under ``parent[key]``
+    (under ``parent`` for no key), and for ``parent[key]`` itself: what a step's views and
+    products were gathered from, compared by identity (``current``)."""
+    if key is not None:
+        value = parent[key]
+        return [(parent, key, value), *_entries(value)] if isinstance(value, (dict, list)) \
+            else [(parent, key, value)]
+    keys = parent.keys() if isinstance(parent, dict) else range(len(parent))
+    return [e for k in keys for e in _entries(parent, k)]
+
+
+def _norm(norm: nn.RMSNorm) -> tuple:
+    return np.asarray(norm.weight), np.float32(norm.eps)
+
+
+class Glue(NamedTuple):
+    """The element-wise work between a step's products, each writing its result in place
+    (``rms_norm(x, w, eps, out)``, ``rope(x, a, b, partner)`` on x itself, ``silu_mul(g, u, out)``):
+    ``cpu.quant``'s compiled kernels, or numpy (``glue``)."""
+
+    rms_norm: Callable
+    rope: Callable
+    silu_mul: Callable
+
+
+def glue(pooled: bool) -> Glue:
+    """The compiled kernels in a step that runs in their threads (numba is loaded there anyway: one
+    call each instead of 4-8 numpy operations); else numpy's operations, the same arithmetic."""
+    k = quant.kernels() if pooled else None
+    return NUMPY_GLUE if k is None else Glue(k.rms_norm, k.rope, k.silu_mul)
+
+
+def _np_rms_norm(x: np.ndarray, w: np.ndarray, eps: np.float32, out: np.ndarray) -> None:
+    scale = np.float32(1) / np.sqrt(np.dot(x, x) / np.float32(x.size) + eps)
+    np.multiply(np.multiply(x, scale, out=out), w, out=out)
+
+
+def _np_rope(x: np.ndarray, a: np.ndarray, b: np.ndarray, partner: np.ndarray) -> None:
+    x[...] = x * a + x[:, partner] * b
+
+
+def _np_silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
+    np.multiply(np_silu(g, g), u, out=out)
+
+
+NUMPY_GLUE = Glue(_np_rms_norm, _np_rope, _np_silu_mul)
