@@ -188,9 +188,15 @@ def run_generate(systems: list[str], paths: dict, opts: dict, timeout: float) ->
     return runs
 
 
+def rep_order(pairs: list, rep: int) -> list:
+    """The systems of repetition ``rep``: pair by pair, ours first in even repetitions."""
+    return [s for pair in pairs for s in (pair if rep % 2 == 0 else pair[::-1])]
+
+
 def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) -> dict:
-    """llama.cpp beside our decoder, text only, the same prompt ids (``llama_cpp.py``); pairs
-    alternate within each repetition."""
+    """llama.cpp beside our decoder, text only, the same prompt ids (``llama_cpp.py``); the two of
+    each pair run one after the other, and which goes first alternates by repetition (the VM's
+    speed drifts within minutes: a fixed order would hand one side the drift)."""
     from . import llama_cpp
 
     ggufs, notes, llama = llama_cpp.gguf_files(paths["hf"], cache, timeout, log)
@@ -200,7 +206,7 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
     sources = {**{s: paths.get(m) for s, m in llama_cpp.OURS.items()}, **ggufs}
     runs = {s: [] for pair in llama_cpp.PAIRS for s in pair}
     for rep in range(opts["reps"]):
-        for s in runs:
+        for s in rep_order(llama_cpp.PAIRS, rep):
             src = sources.get(s)
             if not isinstance(src, Path):
                 runs[s].append({"error": f"no model: {src}"})

@@ -181,3 +181,16 @@ def test_llama_peer_text_checkpoint_targets_and_report(tmp_path):
     assert "as on MLX's own quantized kernels: mm1-mlx-q4-text: 2/3" in table
     report.bandwidth_chart(res, tmp_path / "bw.png")
     assert (tmp_path / "bw.png").stat().st_size > 1000
+
+
+def test_llama_peer_pairs_alternate_which_runs_first():
+    # the VM's speed drifts within minutes: each pair runs back to back, each side first by turns
+    from benchmarks import llama_cpp
+    from benchmarks.run import rep_order
+
+    first, second = rep_order(llama_cpp.PAIRS, 0), rep_order(llama_cpp.PAIRS, 1)
+    assert first[:2] == ["mm1-mlx-text", "llama.cpp-F32"] and second[:2] == first[1::-1]
+    assert sorted(first) == sorted(second) == sorted(s for p in llama_cpp.PAIRS for s in p)
+    for a, b in llama_cpp.PAIRS:  # back to back in both orders
+        assert abs(first.index(a) - first.index(b)) == 1 == abs(second.index(a) - second.index(b))
+    assert rep_order(llama_cpp.PAIRS, 2) == first
