@@ -149,7 +149,7 @@ def gemv(layer, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     arrays = views(layer)
     if expert is not None:
         arrays = [a[expert] for a in arrays]
-    return gemv_views(layer.bits, *arrays, np.ascontiguousarray(x, dtype=np.float32))
+    return _gemv_views(layer.bits, *arrays, np.ascontiguousarray(x, dtype=np.float32))
 
 
 def gemv_float(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -247,7 +247,7 @@ def _scratch(size: int) -> np.ndarray:
 
 
 def builds(bits: int | None, w: np.ndarray, scales: np.ndarray | None = None) -> tuple:
-    """(the build for several threads, the serial build) of the product kernel ``gemv_views``
+    """(the build for several threads, the serial build) of the product kernel ``_gemv_views``
     (``bits``) or ``gemv_float`` (None) would choose for ``w`` (and ``scales``): a caller that
     makes many products of the same arrays picks one by ``multi()`` itself (``cpu.step.Product``).
     A ``w`` under ``PARALLEL_BYTES`` gets the serial build for both."""
@@ -285,7 +285,7 @@ def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
     return f"gemv{bits}_g64_i16" if INT16 and kernels().INT16 else f"gemv{bits}_g64"
 
 
-def gemv_views(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+def _gemv_views(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
                x: np.ndarray) -> np.ndarray:
     """W x for ``w`` as bytes (``views``), float32 ``x`` C-contiguous, without a bias."""
     out = np.empty(w.shape[0], np.float32)

@@ -235,7 +235,7 @@ class DecodeStep:
             enter(len(self.lm.layers))  # the head
         if lazy:  # keys and values that went through mlx-lm's update
             mx.eval([(c.keys, c.values) for c in cache])
-        if self.head is None or not self.head.current(self.lm):
+        if self.head is None or not self.head.current():
             self.head = Head(self.lm, self.pooled, self.glue)
         return mx.array(self.head(x))[None, None]
 
@@ -587,17 +587,16 @@ class ExpertProducts:
     ``(e, x)`` gives expert ``e``'s product, plus its bias."""
 
     def __init__(self, layer, pooled: bool):
-        self.bits = layer.bits if "scales" in layer else None
-        self.arrays = quant.views(layer) if self.bits else (np.asarray(layer.weight),)
+        self.layer, self.quantized = layer, "scales" in layer
+        self.weight = None if self.quantized else np.asarray(layer.weight)
         self.bias = np.asarray(layer.bias) if "bias" in layer else None
         self.pooled = pooled
 
     def __call__(self, e: int, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.bits:
-            y = quant.gemv_views(self.bits, *(a[e] for a in self.arrays), x)
+        if self.quantized:
+            y = quant.gemv(self.layer, x, expert=e)
         else:
-            y = _gemv(self.arrays[0][e], x, self.pooled)
+            y = _gemv(self.weight[e], x, self.pooled)
         return y if self.bias is None else y + self.bias[e]
 
 
@@ -611,7 +610,8 @@ class Head:
         self.norm, self.product = _norm(lm.model.norm), Product([owner[name]], pooled)
         self.rms_norm = glue.rms_norm
 
-    def current(self, lm) -> bool:
+    def current(self) -> bool:
+        """Whether the head, the final norm and their arrays are still the ones gathered."""
         return all(c[k] is v for c, k, v in self.entries)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
