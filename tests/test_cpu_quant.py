@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import mlx.core as mx
@@ -20,6 +21,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from mm1_mlx.cpu import blas
+from mm1_mlx.cpu import ops as cpu_ops
 from mm1_mlx.cpu import quant as cpu_quant
 from mm1_mlx.cpu import step as cpu_step
 from mm1_mlx.cpu.ops import Linear, on_cpu
@@ -44,6 +46,7 @@ def _quantized_linear(n, k, bits, group, seed=0, bias=False):
     lin = Linear(k, n, bias=bias)
     lin.weight = mx.random.normal((n, k)) * 0.05 + 0.01  # off-centre: biases matter
     q = lin.to_quantized(group, bits)
+    q.eval()  # inference: the kernels' products (training keeps MLX's, for QLoRA)
     mx.eval(q.parameters())
     return q
 
@@ -62,11 +65,12 @@ def test_gemv_and_dequantize_equal_mlx(bits, group, int16, parallel, rows, monke
     want = mx.quantized_matmul(x[None], *args, transpose=True, group_size=group, bits=bits)[0]
     got = cpu_quant.gemv(q, np.array(x))
     np.testing.assert_allclose(got, np.array(want), rtol=2e-5, atol=2e-5)
-    w = mx.dequantize(*args, group_size=group, bits=bits)
-    np.testing.assert_allclose(cpu_quant.dequantize(q), np.array(w), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(cpu_quant.dequantize(q, slice(3, 9)), np.array(w[3:9]),
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.array(q._dequantized()), np.array(w), rtol=1e-6, atol=1e-6)
+    w = np.array(mx.dequantize(*args, group_size=group, bits=bits))
+    assert np.array_equal(cpu_quant.dequantize(q), w)  # bit for bit
+    assert np.array_equal(cpu_quant.dequantize(q, slice(3, 9)), w[3:9])
+    out = np.full((6, 384), np.nan, np.float32)
+    cpu_quant.dequantize(q, slice(60, 66), out=out)
+    assert np.array_equal(out, w[60:66])
 
 
 def test_int16_pieces_rebuild_the_activations():
@@ -173,19 +177,32 @@ def test_quantized_linear_layer_equals_mlx(rows, monkeypatch):
     np.testing.assert_allclose(got, np.array(q(x)), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("sgemm", [True, False])
+@pytest.mark.parametrize("lent", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_prefill_matmul_in_blocks_equals_mlx(bits, sgemm, monkeypatch):
-    # prefill: blocks of 16 dequantized rows (the last one short) multiplied into their columns,
-    # by the bound OpenBLAS's sgemm or (none bound) numpy
-    monkeypatch.setattr(cpu_quant, "BLOCK_BYTES", 16 * 4 * 256)
-    if not sgemm:
-        monkeypatch.setattr(cpu_quant.blas, "sgemm", lambda: None)
-    q = _quantized_linear(70, 256, bits, 64)
-    x = mx.random.normal((9, 256), key=mx.random.key(4))
+def test_prefill_product_in_blocks_equals_mlx(bits, lent, monkeypatch):
+    # prefill: blocks of 16 dequantized rows (the last one short) in one reused MLX buffer, each
+    # multiplied by MLX; or (MLX lends no buffer) a fresh array per block
+    monkeypatch.setattr(cpu_ops, "BLOCK_BYTES", 16 * 4 * 256)
+    monkeypatch.setattr(cpu_ops, "_BLOCKS", threading.local())
+    if not lent:
+        monkeypatch.setattr(cpu_ops, "shared_view", lambda a: None)
+    q = _quantized_linear(70, 256, bits, 64, bias=True)
+    x = mx.random.normal((1, 9, 256), key=mx.random.key(4))
     w = mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=bits)
-    got = cpu_quant.matmul(q, np.array(x))
-    np.testing.assert_allclose(got, np.array(x @ w.T), rtol=2e-5, atol=2e-5)
+    got = q(x)
+    np.testing.assert_allclose(np.array(got), np.array(x @ w.T + q.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_products_do_not_share_the_block_buffer(monkeypatch):
+    # the next product overwrites the buffer: a result made from it must already be its own
+    monkeypatch.setattr(cpu_ops, "_BLOCKS", threading.local())
+    a, b = _quantized_linear(64, 256, 4, 64, seed=1), _quantized_linear(64, 256, 8, 64, seed=2)
+    x = mx.random.normal((1, 9, 256), key=mx.random.key(5))
+    ya = a(x)
+    yb = b(x)
+    for layer, y in ((a, ya), (b, yb)):
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=layer.bits)
+        assert np.array_equal(np.array(y), np.array(x @ w.T))  # one block: MLX's own product
 
 
 def test_handles_only_what_the_kernels_read():

@@ -410,12 +410,6 @@ def sgemv():
     return _blas_function("cblas_sgemv", "iiiifpipifpi")
 
 
-def sgemm():
-    """The bound OpenBLAS's ``cblas_sgemm`` (ctypes), or None: quantized prefill multiplies each
-    freshly dequantized block of weight rows with it, in place in the result (``cpu.quant``)."""
-    return _blas_function("cblas_sgemm", "iiiiiifpipifpi")
-
-
 def sgemm_batch_strided():
     """The bound OpenBLAS's ``cblas_sgemm_batch_strided`` (ctypes; OpenBLAS >= 0.3.28), or None.
     A decode step's attention reads each head's cached keys and values with it: its threads split

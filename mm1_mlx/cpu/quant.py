@@ -5,7 +5,8 @@ MLX's ``quantized_matmul`` reads ~1 GB/s per thread on the development machine's
 model decoded 3x slower than the float one and ~10x slower than llama.cpp's Q4_0 on the same
 weights. The kernels in ``quant_kernels`` read the packed bytes once, unpack, scale and
 accumulate in registers, on every core, with no float copy of the weights (decode), and
-dequantize a layer's rows into a reused buffer that BLAS ``sgemm`` multiplies (prefill, ``matmul``).
+dequantize blocks of a layer's rows, bit for bit as MLX does, into a reused buffer that BLAS
+multiplies (prefill: ``dequantize``, called by ``cpu.ops.QuantizedLinear``).
 A large float decoder's step runs its products here too (``gemv_f32``: ``builds``, ``pooled``).
 
 They cover what ``mx.quantize`` makes by default: affine mode, 4 or 8 bits, any group size, float32
@@ -30,8 +31,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import blas
-
 BITS = (4, 8)
 # groups of 64 on an x86 CPU with AVX2 multiply int16 pieces of the activations
 # (``quant_kernels.gemv{4,8}_g64_i16``: the same sums to float32 rounding, ~1.6x faster at 4 bits);
@@ -39,9 +38,7 @@ BITS = (4, 8)
 INT16 = os.environ.get("MM1_MLX_QUANT_KERNELS", "").lower() != "float"
 PARALLEL_BYTES = 1 << 18  # packed weights at least this large are split over the cores
 FLOAT_BYTES = 1 << 28  # a float decoder at least this large decodes in the kernels' threads
-BLOCK_BYTES = 1 << 24  # prefill: dequantized weight rows per block (a whole layer here)
 _KERNELS: list = []
-_SCRATCH = threading.local()  # per thread: the block buffer prefill reuses
 _POOL = threading.local()  # per thread: whether the kernels run on several threads (``_multi``)
 
 
@@ -98,7 +95,7 @@ def warm_up(model) -> None:
                         np.empty((rows, group), np.float32))
         for suffix in ("", "_serial") if large else ("_serial",):  # a step may run on one thread
             getattr(k, _gemv_name(b, w, scales) + suffix)(w, scales, biases, x, out)
-            getattr(k, f"dequantize{b}{suffix}")(w, scales, biases, full)
+        getattr(k, f"dequantize{b}")(w, scales, biases, full)  # prefill's
     q, kv = np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)
     for fn in (k.attend, k.attend_serial):  # the attention, in both forms
         fn(q, kv, kv, 1, kv[:, 0], kv[:, 0], np.empty_like(q))
@@ -201,49 +198,9 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.
 
 
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
-    """``layer``'s float32 weight (rows ``rows``), as ``mx.dequantize`` gives it,
-    written into ``out`` if given (C-contiguous float32 of that shape)."""
+    """``layer``'s float32 weight (rows ``rows``), bit for bit as ``mx.dequantize`` gives it,
+    written into ``out`` if given (C-contiguous float32 of that shape). In the calling thread."""
     return _dequantize(layer.bits, *(a[rows] for a in views(layer)), out)
-
-
-def dequantize_row(layer, row: int) -> np.ndarray:
-    """Row ``row`` of ``layer``'s float32 weight, bit for bit as MLX gives it (an embedding's
-    lookup): numpy, a multiply and then an add per value (the kernels' fused multiply-add rounds
-    once, ~1 ulp from MLX's). ~5 us, against ~180 us for the MLX lookup of a decode step."""
-    w, scales, biases = (a[row] for a in views(layer))
-    q = w if layer.bits == 8 else np.stack([w & 15, w >> 4], axis=-1).reshape(-1)
-    G = scales.shape[0]
-    return (q.astype(np.float32).reshape(G, -1) * scales[:, None] + biases[:, None]).reshape(-1)
-
-
-def matmul(layer, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Float32 ``x`` (M, K) times ``layer``'s weight transposed: (M, N), without the layer's bias
-    (prefill), written into ``out`` if given (C-contiguous float32). Blocks of weight rows (a
-    whole layer of the benchmark decoder) are dequantized into one reused per-thread buffer of
-    ``BLOCK_BYTES`` and multiplied by BLAS ``sgemm`` straight into their columns of the result:
-    no float copy of the model, no fresh pages per call (a fresh whole dequantized weight per
-    call made prefill 0.6x the float model's). The buffer stays: 16 MB per thread that prefills."""
-    n, k = layer["weight"].shape[0], x.shape[1]
-    rows = max(16, BLOCK_BYTES // (4 * k))
-    buffer = _scratch(min(rows, n) * k)
-    y = np.empty((x.shape[0], n), np.float32) if out is None else out
-    sgemm = blas.sgemm()
-    for a in range(0, n, rows):
-        b = min(n, a + rows)
-        w = dequantize(layer, slice(a, b), out=buffer[: (b - a) * k].reshape(b - a, k))
-        if sgemm is None:
-            y[:, a:b] = x @ w.T
-            continue
-        sgemm(101, 111, 112, x.shape[0], b - a, k, 1.0, x.ctypes.data, k,  # row-major, x w^T
-              w.ctypes.data, k, 0.0, y.ctypes.data + 4 * a, n)
-    return y
-
-
-def _scratch(size: int) -> np.ndarray:
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.size < size:
-        buffer = _SCRATCH.buffer = np.empty(size, np.float32)
-    return buffer
 
 
 def builds(bits: int | None, w: np.ndarray, scales: np.ndarray | None = None) -> tuple:
@@ -298,5 +255,5 @@ def _dequantize(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray
     """scale * q + bias for ``w`` as bytes."""
     if out is None:
         out = np.empty((w.shape[0], w.shape[1] * 8 // bits), np.float32)
-    _kernel(f"dequantize{bits}", w)(w, scales, biases, out)
+    getattr(kernels(), f"dequantize{bits}")(w, scales, biases, out)
     return out

@@ -191,7 +191,7 @@ class DecodeStep:
         elif type(table) is nn.Embedding and table.weight.dtype == mx.float32:
             row = np.array(np.asarray(table.weight)[token])
         elif type(table) is nn.QuantizedEmbedding and quant.handles(table):
-            row = quant.dequantize_row(table, token)
+            row = quant.dequantize(table, slice(token, token + 1))
         else:
             row = None
         if row is None:  # anything else: MLX's lookup
