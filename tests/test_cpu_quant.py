@@ -608,6 +608,17 @@ def test_attend_equals_softmax_attention(rep, parallel, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_exp2_is_libm_exp2_to_float32_rounding():
+    # the softmax's vectorizable 2^x (x <= 0): ~1e-7 relative down to 2^-126, then ~2^-126
+    exp2 = cpu_quant.kernels()._exp2_nonpositive
+    xs = np.concatenate([np.linspace(-126, 0, 4001), [-0.5, -1e-7, -1.5, -63.5]]).astype(np.float32)
+    got = np.array([exp2(x) for x in xs], np.float64)
+    want = np.exp2(xs.astype(np.float64))
+    assert (np.abs(got - want) <= 2e-7 * want).all()
+    assert exp2(np.float32(0)) == 1 and exp2(np.float32(-1)) == 0.5
+    assert 0 < exp2(np.float32(-1e4)) <= 2.0 ** -125 and 0 < exp2(np.float32(-np.inf)) <= 2.0 ** -125
+
+
 @pytest.mark.parametrize("traditional,dims", [(False, 16), (True, 16), (False, 8)])
 def test_compiled_glue_equals_numpy_glue(traditional, dims):
     # the element-wise work between a step's products: one compiled call each where the step runs

@@ -483,6 +483,38 @@ def dequantize8(w, scales, biases, out):
                 o[base + i] = s * np.float32(row[base + i]) + c
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits`` (a bitcast, which LLVM vectorizes)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+# Cephes' exp2f: 2^f = 1 + f P(f) on [-1/2, 1/2], within ~1e-7 relative
+_P0, _P1, _P2 = np.float32(1.535336188319500e-4), np.float32(1.339887440266574e-3), \
+    np.float32(9.618437357674640e-3)
+_P3, _P4, _P5 = np.float32(5.550332471162809e-2), np.float32(2.402264791363012e-1), \
+    np.float32(6.931472028550421e-1)
+
+
+@njit(**_INLINE)
+def _exp2_nonpositive(x):
+    """2^x for x <= 0 (a softmax's shifted scores): 2^f for the remainder f to the nearest
+    integer n, by Cephes' polynomial, times 2^n made from its bits. Within ~1e-7 relative of
+    libm's exp2 down to 2^-126; below that it gives ~2^-126 (nothing, beside a sum that holds a
+    1). Unlike the call to libm, LLVM vectorizes it: ~2x faster over a row of scores."""
+    x = max(x, np.float32(-126))
+    n = np.round(x)
+    f = x - n
+    p = np.float32(1) + f * (((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5)
+    return p * _float_from_bits(np.left_shift(np.int32(n + np.float32(127)), np.int32(23)))
+
+
 @njit(**_OPTIONS)
 def attend(q, keys, values, pos, k, v, out):
     """One new token's attention for a decode step whose products run in these kernels: ``q``
@@ -506,7 +538,7 @@ def attend(q, keys, values, pos, k, v, out):
             top = s.max()
             total = np.float32(0)
             for p in range(pos + 1):
-                s[p] = np.exp2(s[p] - top)
+                s[p] = _exp2_nonpositive(s[p] - top)
                 total += s[p]
             acc = np.zeros(D, np.float32)
             for p in range(pos):
