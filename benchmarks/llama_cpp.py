@@ -19,10 +19,14 @@ import sys
 import tarfile
 from pathlib import Path
 
-LLAMA = {"llama.cpp-F32": "f32", "llama.cpp-Q8_0": "q8_0", "llama.cpp-Q4_0": "q4_0"}
+# llama.cpp keeps its KV cache in F16 by default; "F32 KV" is the F32 file with a float32 cache,
+# as ours (and MLX's) is: run beside the float pair with --llama-f32-kv, for bytes read alike
+F32_KV = "llama.cpp-F32-kvF32"
+LLAMA = {"llama.cpp-F32": "f32", "llama.cpp-Q8_0": "q8_0", "llama.cpp-Q4_0": "q4_0", F32_KV: "f32"}
 OURS = {"mm1-mlx-text": "mm1-mlx", "mm1-mlx-q8-text": "mm1-mlx-q8", "mm1-mlx-q4-text": "mm1-mlx-q4"}
 PAIRS = [("mm1-mlx-text", "llama.cpp-F32"), ("mm1-mlx-q8-text", "llama.cpp-Q8_0"),
          ("mm1-mlx-q4-text", "llama.cpp-Q4_0")]
+GGML_TYPE_F32 = 0
 QUANTIZED = ("mm1-mlx-q8-text", "mm1-mlx-q4-text")  # rerun once on MLX's kernels: same tokens?
 PROMPT_TOKENS = 632  # the issue's measurement: image + question of the generate suite
 LLAMA_FTYPE_MOSTLY_Q4_0 = 2
@@ -118,6 +122,8 @@ def gguf_files(hf_llava: Path, cache: Path, timeout: float, log) -> tuple[dict, 
         return {s: e for s in LLAMA}, notes, llama
     stamp = (hf_llava / "benchmark_model.json").read_text()
     for system, outtype in LLAMA.items():
+        if system == F32_KV:  # the F32 file, with another cache
+            continue
         path = cache / f"llama-text-{outtype}.gguf"
         marker = path.with_suffix(".source.json")
         if path.exists() and marker.exists() and marker.read_text() == stamp:
@@ -141,7 +147,14 @@ def gguf_files(hf_llava: Path, cache: Path, timeout: float, log) -> tuple[dict, 
             out[system] = path
         except Exception as e:
             out[system] = e
+    out[F32_KV] = out["llama.cpp-F32"]
     return out, notes, llama
+
+
+def groups(f32_kv: bool = False) -> list:
+    """Each of our decoders with its llama.cpp peers: ``PAIRS``, and the F32 file with a float32
+    KV cache beside the float pair where asked (``--llama-f32-kv``)."""
+    return [(*pair, F32_KV) if f32_kv and pair[1] == "llama.cpp-F32" else pair for pair in PAIRS]
 
 
 def _quantize(f32: Path, dst: Path) -> None:
@@ -165,9 +178,10 @@ def run_llama(spec: dict) -> dict:
     import llama_cpp
 
     t = time.perf_counter()
+    kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if spec.get("kv") == "f32" else {}
     llm = llama_cpp.Llama(spec["gguf"], n_ctx=2048, n_batch=1024, n_ubatch=512,
                           n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                          verbose=False)
+                          verbose=False, **kv)
     load_s = time.perf_counter() - t
     ids, times, tokens = spec["token_ids"], [], []
     t0 = time.perf_counter()
@@ -242,7 +256,11 @@ def targets(summary: dict, same_as_mlx: dict | None = None) -> dict:
         "4-bit decode >= 2x our float decode": ("mm1-mlx-q4-text", "mm1-mlx-text", 2.0),
         "float decode >= 1.0x llama.cpp F32": ("mm1-mlx-text", "llama.cpp-F32", 1.0),
         "8-bit decode vs llama.cpp Q8_0 (no target)": ("mm1-mlx-q8-text", "llama.cpp-Q8_0", None),
+        "float decode vs llama.cpp F32 with an F32 KV cache (no target)": (
+            "mm1-mlx-text", F32_KV, None),
     }.items():
+        if b == F32_KV and b not in summary:  # asked for with --llama-f32-kv only
+            continue
         v = ratio(a, b)
         out[name] = {"value": v, "met": None if v is None or least is None else v >= least}
     if same_as_mlx:
@@ -268,12 +286,13 @@ def _tokens(runs: list) -> list | None:
 
 
 def same_tokens(runs: dict) -> dict:
-    """Leading greedy tokens each of our decoders shares with its llama.cpp peer (first runs)."""
+    """Leading greedy tokens each of our decoders shares with its llama.cpp peers (first runs)."""
     out = {}
-    for ours, theirs in PAIRS:
-        a, b = _tokens(runs.get(ours, [])), _tokens(runs.get(theirs, []))
-        if a and b:
-            out[f"{ours} vs {theirs}"] = _leading(a, b)
+    for ours, *peers in groups(F32_KV in runs):
+        for theirs in peers:
+            a, b = _tokens(runs.get(ours, [])), _tokens(runs.get(theirs, []))
+            if a and b:
+                out[f"{ours} vs {theirs}"] = _leading(a, b)
     return out
 
 

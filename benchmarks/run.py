@@ -188,9 +188,10 @@ def run_generate(systems: list[str], paths: dict, opts: dict, timeout: float) ->
     return runs
 
 
-def rep_order(pairs: list, rep: int) -> list:
-    """The systems of repetition ``rep``: pair by pair, ours first in even repetitions."""
-    return [s for pair in pairs for s in (pair if rep % 2 == 0 else pair[::-1])]
+def rep_order(groups: list, rep: int) -> list:
+    """The systems of repetition ``rep``: group by group (ours, then its peers), ours first in
+    even repetitions and last in odd ones."""
+    return [s for group in groups for s in (group if rep % 2 == 0 else group[::-1])]
 
 
 def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) -> dict:
@@ -204,16 +205,19 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
             "max_tokens": opts["max_tokens"], "threads": opts.get("threads") or os.cpu_count(),
             "probe_mb": opts["probe_mb"]}
     sources = {**{s: paths.get(m) for s, m in llama_cpp.OURS.items()}, **ggufs}
-    runs = {s: [] for pair in llama_cpp.PAIRS for s in pair}
+    groups = llama_cpp.groups(opts.get("llama_f32_kv", False))
+    runs = {s: [] for group in groups for s in group}
     for rep in range(opts["reps"]):
-        for s in rep_order(llama_cpp.PAIRS, rep):
+        for s in rep_order(groups, rep):
             src = sources.get(s)
             if not isinstance(src, Path):
                 runs[s].append({"error": f"no model: {src}"})
                 continue
             key = "gguf" if s in llama_cpp.LLAMA else "mlx_path"
             log(f"rep {rep + 1}/{opts['reps']}: {s}")
-            r = child(["benchmarks.worker", s, json.dumps(dict(spec, **{key: str(src)}))], timeout)
+            kv = {"kv": "f32"} if s == llama_cpp.F32_KV else {}
+            r = child(["benchmarks.worker", s, json.dumps(dict(spec, **kv, **{key: str(src)}))],
+                      timeout)
             log(f"  {s} failed: {r['error']}" if "error" in r else
                 f"  prefill {r['first']['prefill_tps']:.0f} tok/s, decode "
                 f"{r['first']['decode_tps'] or 0:.1f} tok/s, read {r['read_gbps']:.1f} GB/s")
@@ -315,6 +319,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "(default: all cores; 1 on a shared machine, where threads wait their turn)")
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp text-decoder peer in the generate suite (auto: if installed)")
+    p.add_argument("--llama-f32-kv", action="store_true",
+                   help="also run llama.cpp's F32 file with a float32 KV cache (its default is "
+                        "F16; ours, like MLX's, is float32) beside our float decoder")
     p.add_argument("--cpu", choices=["native", "avx2"], default="native",
                    help="avx2: our children compile and pick kernels as on a CPU without AVX-512 "
                         "(numba: Haswell's features; OpenBLAS: its Haswell kernels); build the "
@@ -345,7 +352,7 @@ def main(argv=None) -> dict:
         opts["threads"] = args.threads
         for var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # the children's
-    opts["cpu"] = args.cpu
+    opts["cpu"], opts["llama_f32_kv"] = args.cpu, args.llama_f32_kv
     if args.cpu == "avx2":
         os.environ.update(HASWELL)  # the children's
     if args.cache:

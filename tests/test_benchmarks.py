@@ -194,3 +194,27 @@ def test_llama_peer_pairs_alternate_which_runs_first():
     for a, b in llama_cpp.PAIRS:  # back to back in both orders
         assert abs(first.index(a) - first.index(b)) == 1 == abs(second.index(a) - second.index(b))
     assert rep_order(llama_cpp.PAIRS, 2) == first
+    # --llama-f32-kv: the F32 file with a float32 cache joins the float pair, ours first or last
+    groups = llama_cpp.groups(f32_kv=True)
+    assert groups[0] == ("mm1-mlx-text", "llama.cpp-F32", llama_cpp.F32_KV)
+    assert groups[1:] == llama_cpp.PAIRS[1:] and llama_cpp.groups() == llama_cpp.PAIRS
+    assert rep_order(groups, 0)[:3] == list(groups[0]) and rep_order(groups, 1)[:3] == [
+        llama_cpp.F32_KV, "llama.cpp-F32", "mm1-mlx-text"]
+
+
+def test_llama_peer_f32_kv_run_reports_beside_the_float_pair():
+    from benchmarks import llama_cpp
+
+    def r(tps, tokens):
+        return {"status": "ok", "decode_tps": tps, "tokens": tokens}
+
+    summary = {"mm1-mlx-text": r(15.0, [1, 2]), "llama.cpp-F32": r(16.0, [1, 2]),
+               llama_cpp.F32_KV: r(12.0, [1, 3])}
+    targets = llama_cpp.targets(summary)
+    assert targets["float decode >= 1.0x llama.cpp F32"]["met"] is False  # the target: F16 KV
+    extra = "float decode vs llama.cpp F32 with an F32 KV cache (no target)"
+    assert targets[extra] == {"value": 1.25, "met": None}
+    assert extra not in llama_cpp.targets({k: summary[k] for k in list(summary)[:2]})
+    same = llama_cpp.same_tokens({k: [{"tokens": v["tokens"]}] for k, v in summary.items()})
+    assert same == {"mm1-mlx-text vs llama.cpp-F32": "2/2",
+                    f"mm1-mlx-text vs {llama_cpp.F32_KV}": "1/2"}
