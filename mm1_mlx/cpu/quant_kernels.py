@@ -450,7 +450,7 @@ def dequantize4(w, scales, biases, out):
     spread into 16-bit words, low nibble in the low byte and high nibble in the high one, so that
     those words' bytes (little-endian, as everywhere here) are the values in order: the group loop
     then reads bytes and writes floats contiguously, and LLVM vectorizes both loops (writing the
-    two nibbles of a byte to interleaved places did not vectorize: ~1.3-1.5x slower)."""
+    two nibbles of a byte to interleaved places did not vectorize: ~1.1-1.4x slower)."""
     N, B = w.shape
     G = scales.shape[1]
     per = 2 * B // G  # values a group
