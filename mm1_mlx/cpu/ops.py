@@ -318,9 +318,8 @@ def _numpy_attention_grad(q, k, v, mask, d_out, out) -> tuple:
 _SHARES: list = []
 
 
-def shared_view(a: mx.array) -> np.ndarray | None:
-    """A writable numpy view of evaluated, contiguous ``a``'s own buffer (writes change ``a``), or
-    None where this MLX hands numpy a copy. Only for arrays nothing else has seen yet."""
+def lends_buffers() -> bool:
+    """Whether this MLX hands numpy its arrays' own buffers (probed once), not copies."""
     if not _SHARES:
         probe = mx.zeros((4,))
         mx.eval(probe)
@@ -328,7 +327,13 @@ def shared_view(a: mx.array) -> np.ndarray | None:
         if view.flags.writeable:
             view[1] = 1
         _SHARES.append(probe[1].item() == 1)
-    if not _SHARES[0]:
+    return _SHARES[0]
+
+
+def shared_view(a: mx.array) -> np.ndarray | None:
+    """A writable numpy view of evaluated, contiguous ``a``'s own buffer (writes change ``a``), or
+    None where this MLX hands numpy a copy. Only for arrays nothing else has seen yet."""
+    if not lends_buffers():
         return None
     view = np.asarray(a)
     return view if view.flags.writeable and view.flags.c_contiguous else None
@@ -499,7 +504,10 @@ def streams() -> list:
 
 def _block(size: int) -> tuple:
     """This thread's float32 MLX buffer of at least ``size`` values and a writable numpy view of
-    it (None where MLX does not lend its buffers). It stays: 16 MB per thread that prefills."""
+    it, or (None, None) where MLX does not lend its buffers. It stays: 16 MB per thread that
+    prefills."""
+    if not lends_buffers():
+        return None, None
     buffer, view = getattr(_BLOCKS, "buffer", (None, None))
     if buffer is None or buffer.size < size:
         buffer = mx.zeros((size,))

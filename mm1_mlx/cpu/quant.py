@@ -200,7 +200,11 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, k: np.
 def dequantize(layer, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
     """``layer``'s float32 weight (rows ``rows``), bit for bit as ``mx.dequantize`` gives it,
     written into ``out`` if given (C-contiguous float32 of that shape). In the calling thread."""
-    return _dequantize(layer.bits, *(a[rows] for a in views(layer)), out)
+    w, scales, biases = (a[rows] for a in views(layer))
+    if out is None:
+        out = np.empty((w.shape[0], w.shape[1] * 8 // layer.bits), np.float32)
+    getattr(kernels(), f"dequantize{layer.bits}")(w, scales, biases, out)
+    return out
 
 
 def builds(bits: int | None, w: np.ndarray, scales: np.ndarray | None = None) -> tuple:
@@ -243,17 +247,8 @@ def _gemv_name(bits: int, w: np.ndarray, scales: np.ndarray) -> str:
 
 
 def _gemv_views(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
-               x: np.ndarray) -> np.ndarray:
+                x: np.ndarray) -> np.ndarray:
     """W x for ``w`` as bytes (``views``), float32 ``x`` C-contiguous, without a bias."""
     out = np.empty(w.shape[0], np.float32)
     _kernel(_gemv_name(bits, w, scales), w)(w, scales, biases, x, out)
-    return out
-
-
-def _dequantize(bits: int, w: np.ndarray, scales: np.ndarray, biases: np.ndarray,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """scale * q + bias for ``w`` as bytes."""
-    if out is None:
-        out = np.empty((w.shape[0], w.shape[1] * 8 // bits), np.float32)
-    getattr(kernels(), f"dequantize{bits}")(w, scales, biases, out)
     return out
