@@ -243,9 +243,11 @@ def weight_bytes(gguf: Path, llama: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors if t.name != "token_embd.weight")
 
 
-def targets(summary: dict, same_as_mlx: dict | None = None) -> dict:
-    """The issue's targets for the text-only decoders; answers unchanged: every greedy token of
-    each quantized decoder equal to the same model's on MLX's own kernels (``same_as_mlx_kernels``)."""
+def targets(summary: dict, same_as_mlx: dict | None = None, runs: dict | None = None) -> dict:
+    """The issue's targets for the text-only decoders: each ratio of medians, and with ``runs``
+    the ratio within each repetition (``reps``: the two ran back to back, so the VM's drift over
+    minutes, 10-30% here, moves both); answers unchanged: every greedy token of each quantized
+    decoder equal to the same model's on MLX's own kernels (``same_as_mlx_kernels``)."""
     def ratio(a, b):
         x, y = summary.get(a, {}).get("decode_tps"), summary.get(b, {}).get("decode_tps")
         return x / y if x and y else None
@@ -263,11 +265,21 @@ def targets(summary: dict, same_as_mlx: dict | None = None) -> dict:
             continue
         v = ratio(a, b)
         out[name] = {"value": v, "met": None if v is None or least is None else v >= least}
+        if runs is not None:
+            out[name]["reps"] = rep_ratios(runs.get(a, []), runs.get(b, []))
     if same_as_mlx:
         equal = [_fraction(v) for v in same_as_mlx.values()]
         out["answers unchanged (greedy tokens = MLX's own quantized kernels)"] = {
             "value": min(equal), "met": min(equal) == 1.0}
     return out
+
+
+def rep_ratios(ours: list, theirs: list) -> list:
+    """Decode rate ratio of each repetition both runs of which succeeded (None for the others)."""
+    def tps(r):
+        return r.get("first", {}).get("decode_tps") if "error" not in r else None
+
+    return [x / y if x and y else None for x, y in ((tps(a), tps(b)) for a, b in zip(ours, theirs))]
 
 
 def _leading(a: list, b: list) -> str:

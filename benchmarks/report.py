@@ -72,7 +72,8 @@ def llama_table(text: dict) -> list[str]:
     rows += ["", "| target | measured | met |", "|---|---|---|"]
     for k, t in text.get("targets", {}).items():
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-        rows.append(f"| {k} | {_f(t['value'])} | {met} |")
+        reps = ", ".join(_f(r) for r in t.get("reps", []))
+        rows.append(f"| {k} | {_f(t['value'])}{f' (each rep: {reps})' if reps else ''} | {met} |")
     rows.append("")
     rows += [f"- same leading greedy tokens: {k}: {v}" for k, v in text.get("same_tokens", {}).items()]
     rows += [f"- same leading greedy tokens as on MLX's own quantized kernels: {k}: {v}"

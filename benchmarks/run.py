@@ -240,7 +240,7 @@ def run_text(paths: dict, cache: Path, opts: dict, size: str, timeout: float) ->
             r["decode_bound_tps"] = r["read_gbps"] * 1e9 / r["decode_weight_bytes"]
             r["decode_fraction_of_bound"] = r["decode_tps"] / r["decode_bound_tps"]
     same_as_mlx = llama_cpp.same_as_mlx_kernels(runs, reference)
-    return {"runs": runs, "summary": summary, "targets": llama_cpp.targets(summary, same_as_mlx),
+    return {"runs": runs, "summary": summary, "targets": llama_cpp.targets(summary, same_as_mlx, runs),
             "same_tokens": llama_cpp.same_tokens(runs), "same_as_mlx_kernels": same_as_mlx,
             "mlx_kernels_runs": reference, "workarounds": notes,
             "prompt_tokens": len(spec["token_ids"])}

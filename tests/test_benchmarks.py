@@ -174,9 +174,19 @@ def test_llama_peer_text_checkpoint_targets_and_report(tmp_path):
     assert llama_cpp.targets(summary, same_mlx)[unchanged] == {"value": 2 / 3, "met": False}
     assert llama_cpp.targets(summary, {"mm1-mlx-q4-text": "3/3"})[unchanged]["met"] is True
     assert unchanged not in targets  # no reference runs: no verdict
+    # each repetition's own ratio: its two runs ran back to back (a failed run gives None)
+    reps = {"mm1-mlx-text": [{"first": {"decode_tps": t}} for t in (15.0, 12.0)] + [{"error": "x"}],
+            "llama.cpp-F32": [{"first": {"decode_tps": t}} for t in (14.0, 13.0, 11.0)]}
+    per_rep = llama_cpp.targets(summary, None, reps)["float decode >= 1.0x llama.cpp F32"]["reps"]
+    assert per_rep == [15 / 14, 12 / 13, None]
+    assert "reps" not in targets["float decode >= 1.0x llama.cpp F32"]
+    assert llama_cpp.targets(summary, None, reps)["4-bit decode >= 0.7x llama.cpp Q4_0"]["reps"] == []
+    targets["float decode >= 1.0x llama.cpp F32"]["reps"] = per_rep
     res = {"summary": summary, "targets": targets, "same_tokens": same, "workarounds": ["w"],
            "prompt_tokens": 632, "same_as_mlx_kernels": same_mlx}
     table = "\n".join(report.llama_table(res))
+    assert "| float decode >= 1.0x llama.cpp F32 | 1.07 (each rep: 1.07, 0.92, -) | yes |" in table
+    assert "| 4-bit decode >= 0.7x llama.cpp Q4_0 | 0.70 | yes |" in table  # no reps: none shown
     assert "| llama.cpp-Q4_0 | 100 | 40.0 | 0.150 |" in table and "harness workaround: w" in table
     assert "as on MLX's own quantized kernels: mm1-mlx-q4-text: 2/3" in table
     report.bandwidth_chart(res, tmp_path / "bw.png")
