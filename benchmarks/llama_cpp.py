@@ -245,9 +245,10 @@ def weight_bytes(gguf: Path, llama: Path) -> int:
 
 def targets(summary: dict, same_as_mlx: dict | None = None, runs: dict | None = None) -> dict:
     """The issue's targets for the text-only decoders: each ratio of medians, and with ``runs``
-    the ratio within each repetition (``reps``: the two ran back to back, so the VM's drift over
-    minutes, 10-30% here, moves both); answers unchanged: every greedy token of each quantized
-    decoder equal to the same model's on MLX's own kernels (``same_as_mlx_kernels``)."""
+    the ratio within each repetition (``reps``: a llama.cpp pair's two runs went back to back, so
+    the VM's drift over minutes, 10-30% here, moves both sides); answers unchanged: every greedy
+    token of each quantized decoder equal to the same model's on MLX's own kernels
+    (``same_as_mlx_kernels``)."""
     def ratio(a, b):
         x, y = summary.get(a, {}).get("decode_tps"), summary.get(b, {}).get("decode_tps")
         return x / y if x and y else None
@@ -275,7 +276,7 @@ def targets(summary: dict, same_as_mlx: dict | None = None, runs: dict | None = 
 
 
 def rep_ratios(ours: list, theirs: list) -> list:
-    """Decode rate ratio of each repetition both runs of which succeeded (None for the others)."""
+    """Each repetition's decode-rate ratio, ours / theirs (None where either run failed)."""
     def tps(r):
         return r.get("first", {}).get("decode_tps") if "error" not in r else None
 
